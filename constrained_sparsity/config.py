@@ -1,0 +1,378 @@
+"""Typed run configuration: dataclasses validated on construction, built from nested dicts.
+
+YAML is read at the edge (:func:`load_config`); ``key.sub=value`` overrides are applied to
+the nested dict before validation. Unknown keys are refused with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .data import DATASETS
+from .errors import ConfigError
+from .hard_concrete import GATE_STRUCTURES
+from .problem import MEASURES, MODES, SCHEMES
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SparsityConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+]
+
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 needs ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+MODELS = ("mlp", "lenet5")
+METHODS = ("l0", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise _fail(key, value, f"should be one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise _fail(key, value, "should be a number > 0")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None
+    download: bool = False
+    cache_dir: Optional[str] = None
+    mirror: Optional[str] = None
+    val_fraction: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, DATASETS)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise _fail("data.val_fraction", self.val_fraction, "should be in [0, 1)")
+        _check_positive("data.batch_size", self.batch_size)
+        _check_positive("data.eval_batch_size", self.eval_batch_size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [300, 100])
+
+    def __post_init__(self) -> None:
+        _check_choice("model.name", self.name, MODELS)
+        for width in self.hidden:
+            if width <= 0:
+                raise _fail("model.hidden", self.hidden, "widths should be positive integers")
+
+
+@dataclass
+class SparsityConfig:
+    method: str = "l0"
+    mode: str = "constrained"
+    targets: Union[float, list[float]] = 0.5
+    lambdas: Union[None, float, list[float]] = None
+    measure: Union[str, list[str]] = "exact"
+    structure: str = "auto"
+    droprate_init: float = 0.5
+    beta: float = 2.0 / 3.0
+    gamma: float = -0.1
+    zeta: float = 1.1
+    lambda_init: float = 0.0
+    dual_restarts: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("sparsity.method", self.method, METHODS)
+        _check_choice("sparsity.mode", self.mode, MODES)
+        _check_choice("sparsity.structure", self.structure, GATE_STRUCTURES)
+        for eps in self.target_list():
+            if not 0.0 <= eps <= 1.0:
+                raise _fail("sparsity.targets", self.targets, f"epsilon {eps} is outside [0, 1]")
+        lambdas = self.lambda_list()
+        for lam in lambdas or []:
+            if not (math.isfinite(lam) and lam >= 0):
+                raise _fail("sparsity.lambdas", self.lambdas, f"lambda {lam} should be >= 0")
+        if self.method == "l0" and self.mode == "penalized":
+            if lambdas is None:
+                raise _fail("sparsity.lambdas", None, "penalized mode needs a lambda per target")
+            if len(lambdas) not in (1, len(self.target_list())):
+                raise _fail("sparsity.lambdas", self.lambdas, f"needs 1 or {len(self.target_list())} values")
+        for m in self.measure_list():
+            _check_choice("sparsity.measure", m, MEASURES)
+        if isinstance(self.measure, list) and len(self.measure) != len(self.target_list()):
+            raise _fail("sparsity.measure", self.measure, f"needs one entry per target ({len(self.target_list())})")
+        if not 0.0 < self.droprate_init < 1.0:
+            raise _fail("sparsity.droprate_init", self.droprate_init, "should be in (0, 1)")
+        _check_positive("sparsity.beta", self.beta)
+        if self.gamma >= 0:
+            raise _fail("sparsity.gamma", self.gamma, "should be < 0")
+        if self.zeta <= 1:
+            raise _fail("sparsity.zeta", self.zeta, "should be > 1")
+        if self.lambda_init < 0:
+            raise _fail("sparsity.lambda_init", self.lambda_init, "should be >= 0")
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.targets, list)
+
+    def target_list(self) -> list[float]:
+        return [float(t) for t in self.targets] if isinstance(self.targets, list) else [float(self.targets)]
+
+    def lambda_list(self) -> Optional[list[float]]:
+        if self.lambdas is None:
+            return None
+        values = self.lambdas if isinstance(self.lambdas, list) else [self.lambdas]
+        if len(values) == 1:
+            values = values * len(self.target_list())
+        return [float(v) for v in values]
+
+    def measure_list(self) -> list[str]:
+        if isinstance(self.measure, list):
+            return list(self.measure)
+        return [self.measure] * len(self.target_list())
+
+
+@dataclass
+class PrimalConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    gate_lr: Optional[float] = None
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.primal.name", self.name, ("adam", "sgd"))
+        _check_positive("optim.primal.lr", self.lr)
+        if self.gate_lr is not None:
+            _check_positive("optim.primal.gate_lr", self.gate_lr)
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise _fail("optim.primal", (self.momentum, self.weight_decay), "momentum and weight_decay should be >= 0")
+
+
+@dataclass
+class DualConfig:
+    name: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.0
+    kp: float = 0.0
+    ki: float = 1.0
+    ema_nu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.dual.name", self.name, ("sgd", "adam", "nupi"))
+        _check_positive("optim.dual.lr", self.lr)
+        if not 0.0 <= self.ema_nu < 1.0:
+            raise _fail("optim.dual.ema_nu", self.ema_nu, "should be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    primal: PrimalConfig = field(default_factory=PrimalConfig)
+    dual: DualConfig = field(default_factory=DualConfig)
+    scheme: str = "alternating"
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.scheme", self.scheme, SCHEMES)
+        if self.scheme == "extrapolation" and self.dual.name == "nupi":
+            raise _fail("optim.dual.name", "nupi", "cannot be combined with optim.scheme=extrapolation")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    seed: int = 0
+    threads: Optional[int] = None
+    device: str = "cpu"
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise _fail("train.epochs", self.epochs, "should be >= 0")
+        if self.threads is not None and self.threads <= 0:
+            raise _fail("train.threads", self.threads, "should be a positive integer")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "auto"
+    project: str = "constrained_sparsity"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    job_type: Optional[str] = None
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("tracking.wandb", self.wandb, WANDB_MODES)
+
+
+@dataclass
+class Config:
+    """The whole run: data, model, sparsity declaration, optimizers, training, tracking."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.name == "lenet5" and self.data.name == "digits":
+            raise _fail("model.name", "lenet5", "needs 28x28 images (mnist or fashion_mnist), not digits")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- building from dicts ---------------------------------------------------------------------
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}={data!r}: should be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{full}.")
+        else:
+            if not _type_ok(value, hint):
+                raise ConfigError(f"{full}={value!r}: should be {_describe(hint)}")
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def config_from_dict(data: dict) -> Config:
+    """Validate a nested dict and build a :class:`Config` (raises :class:`ConfigError`)."""
+    return _build(Config, data, "")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_config_dict(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level should be a mapping of keys to values")
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (or start from the defaults), apply overrides, validate."""
+    data = read_config_dict(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, list(overrides or [])))

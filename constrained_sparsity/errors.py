@@ -1,0 +1,33 @@
+"""Exceptions raised for bad input and failed runs.
+
+Every error a user can cause by what they type (a config key, a data directory) derives from
+:class:`CSparseError`; the CLI turns those into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CSparseError", "ConfigError", "DataError", "TrainingDiverged", "TrainingInterrupted"]
+
+
+class CSparseError(Exception):
+    """Base class of the errors this package raises on purpose."""
+
+
+class ConfigError(CSparseError, ValueError):
+    """A configuration key or value is invalid. The message names the key and the value."""
+
+
+class DataError(CSparseError, ValueError):
+    """A dataset could not be found, downloaded, verified or parsed."""
+
+
+class TrainingDiverged(CSparseError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(CSparseError):
+    """Training stopped on SIGINT / SIGTERM after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

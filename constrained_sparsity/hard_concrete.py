@@ -1,0 +1,361 @@
+"""L0 regularisation with hard-concrete gates (Louizos, Welling & Kingma, ICLR 2018).
+
+Each gate j has a location parameter ``log_alpha_j``. During training a gate is sampled
+(Louizos et al. 2018, eq. 10)::
+
+    u ~ U(0, 1)
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1)
+
+so that z lies in [0, 1] and equals exactly 0 or exactly 1 with positive probability. The
+probability that a gate is active has a closed form (eq. 12)::
+
+    P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))
+
+and at test time the gate is deterministic (eq. 13)::
+
+    z_test = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1).
+
+Gates attach to ordinary ``nn.Linear`` / ``nn.Conv2d`` layers through
+:func:`torch.nn.utils.parametrize.register_parametrization`, so users keep their own model
+class. Three structures are supported:
+
+* ``"input"``: one gate per input neuron (a column of a linear weight, an input channel of a
+  convolution); the bias is not gated.
+* ``"output"``: one gate per output neuron / channel; the gate multiplies the weight rows and
+  the bias, so a closed gate silences the unit entirely.
+* ``"weight"``: one gate per weight entry (unstructured); the bias is not gated.
+
+One gate sample is drawn per forward pass of the host layer (a forward pre-hook draws it),
+and the weight and bias parametrizations of that layer share it.
+
+Sparsity measures (Gallego-Posada et al. 2021, constrained L0): the *expected* density is the
+mean of P(z != 0), the *exact* (test-time) density is the proportion of gates with
+``z_test > 0``. Model-wise measures weight every gate by the number of parameters it controls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "GATE_STRUCTURES",
+    "HardConcreteGate",
+    "L0Gates",
+    "LayerReport",
+    "attach_l0",
+]
+
+GATE_STRUCTURES = ("auto", "input", "output", "weight")
+_GATE_ATTR = "l0_gate"
+
+
+class HardConcreteGate(nn.Module):
+    r"""A vector of hard-concrete gates (Louizos et al. 2018, §4).
+
+    Args:
+        num_gates: number of gates.
+        droprate_init: initial probability of dropping a gate; ``log_alpha`` is initialised
+            around ``log(1 - droprate_init) - log(droprate_init)`` (std 0.01), as in the
+            reference implementation.
+        beta: temperature of the concrete distribution (2/3 in the paper).
+        gamma, zeta: stretch interval (gamma < 0 < 1 < zeta), -0.1 and 1.1 in the paper.
+    """
+
+    def __init__(
+        self,
+        num_gates: int,
+        droprate_init: float = 0.5,
+        beta: float = 2.0 / 3.0,
+        gamma: float = -0.1,
+        zeta: float = 1.1,
+    ) -> None:
+        super().__init__()
+        if num_gates <= 0:
+            raise ValueError(f"num_gates={num_gates} should be a positive integer")
+        if not 0.0 < droprate_init < 1.0:
+            raise ValueError(f"droprate_init={droprate_init} should be in (0, 1)")
+        if beta <= 0:
+            raise ValueError(f"beta={beta} should be > 0")
+        if not (gamma < 0.0 and zeta > 1.0):
+            raise ValueError(f"gamma={gamma}, zeta={zeta}: need gamma < 0 and zeta > 1")
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+        self.zeta = float(zeta)
+        mean = math.log(1.0 - droprate_init) - math.log(droprate_init)
+        self.log_alpha = nn.Parameter(torch.empty(num_gates).normal_(mean, 1e-2))
+        self._sample: Optional[torch.Tensor] = None
+
+    @property
+    def num_gates(self) -> int:
+        return self.log_alpha.numel()
+
+    def extra_repr(self) -> str:
+        return f"num_gates={self.num_gates}, beta={self.beta:.4g}, gamma={self.gamma}, zeta={self.zeta}"
+
+    # -- distribution ---------------------------------------------------------------------
+    def prob_nonzero(self) -> torch.Tensor:
+        """P(z != 0) = sigmoid(log_alpha - beta log(-gamma/zeta)), differentiable (eq. 12)."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw one reparametrised gate sample z in [0, 1] (eq. 10)."""
+        eps = 1e-6
+        u = torch.rand(
+            self.log_alpha.shape, generator=generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype
+        ).clamp_(eps, 1.0 - eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def deterministic(self) -> torch.Tensor:
+        """Test-time gate clamp(sigmoid(log_alpha)(zeta - gamma) + gamma, 0, 1) (eq. 13)."""
+        return torch.clamp(torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    @torch.no_grad()
+    def active(self) -> torch.Tensor:
+        """Boolean mask of gates that are non-zero at test time."""
+        return self.deterministic() > 0
+
+    def __getstate__(self) -> dict:
+        # The cached sample belongs to one forward pass (a non-leaf tensor): never copy it.
+        state = self.__dict__.copy()
+        state["_sample"] = None
+        return state
+
+    # -- one sample per forward pass -------------------------------------------------------
+    def resample(self) -> None:
+        self._sample = self.sample()
+
+    def forward(self) -> torch.Tensor:
+        """Current gate values: the sample of this forward pass in training mode, else z_test."""
+        if not self.training:
+            return self.deterministic()
+        if self._sample is None:
+            self.resample()
+        assert self._sample is not None
+        return self._sample
+
+
+class _GateMultiply(nn.Module):
+    """Parametrization ``X -> X * z`` with z broadcast to X's shape.
+
+    The gate is held outside the module registry (it is registered once, on the host layer),
+    so its ``log_alpha`` appears once in ``state_dict`` and ``parameters()``.
+    """
+
+    def __init__(self, gate: HardConcreteGate, view_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.__dict__["gate"] = gate
+        self.view_shape = tuple(view_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate().view(self.view_shape)
+
+
+def _resample_hook(module: nn.Module, args: object) -> None:
+    gate = getattr(module, _GATE_ATTR)
+    if gate.training:
+        gate.resample()
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Per-layer state of the gates at test time."""
+
+    name: str
+    structure: str
+    gates: int
+    active_gates: int
+    params_per_gate: int
+    expected_density: float
+    exact_density: float
+
+    @property
+    def params(self) -> int:
+        return self.gates * self.params_per_gate
+
+    @property
+    def active_params(self) -> int:
+        return self.active_gates * self.params_per_gate
+
+
+@dataclass
+class _GatedLayer:
+    name: str
+    module: nn.Module
+    gate: HardConcreteGate
+    structure: str
+    params_per_gate: int
+    hook: torch.utils.hooks.RemovableHandle
+
+
+def _resolve_structure(module: nn.Module, structure: str, name: str) -> str:
+    if structure not in GATE_STRUCTURES:
+        raise ValueError(f"structure={structure!r} for layer {name!r} should be one of {GATE_STRUCTURES}")
+    if structure == "auto":
+        return "input" if isinstance(module, nn.Linear) else "output"
+    return structure
+
+
+def _gate_layout(module: nn.Module, structure: str, name: str) -> tuple[int, int, tuple[int, ...], bool]:
+    """Return (num_gates, params_per_gate, weight view shape, gates_bias)."""
+    weight = module.weight
+    extra = (1,) * (weight.dim() - 2)
+    out_dim, in_dim = weight.shape[0], weight.shape[1]
+    receptive = int(math.prod(weight.shape[2:]))
+    has_bias = getattr(module, "bias", None) is not None
+    if structure == "input":
+        if getattr(module, "groups", 1) != 1:
+            raise ValueError(f"layer {name!r}: input gates need groups=1")
+        return in_dim, out_dim * receptive, (1, in_dim, *extra), False
+    if structure == "output":
+        return out_dim, in_dim * receptive + int(has_bias), (out_dim, 1, *extra), has_bias
+    return weight.numel(), 1, tuple(weight.shape), False
+
+
+class L0Gates:
+    """The L0 gates attached to a model, with their sparsity measures.
+
+    Built by :func:`attach_l0`. Layer names are the model's ``named_modules`` names.
+    """
+
+    def __init__(self, layers: list[_GatedLayer]) -> None:
+        if not layers:
+            raise ValueError("no layer was gated: pass at least one nn.Linear / nn.Conv2d layer")
+        self._layers = layers
+
+    # -- introspection ---------------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def named_gates(self) -> Iterator[tuple[str, HardConcreteGate]]:
+        for layer in self._layers:
+            yield layer.name, layer.gate
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The gate parameters (``log_alpha`` of every gated layer)."""
+        for layer in self._layers:
+            yield layer.gate.log_alpha
+
+    def _select(self, layers: Optional[Iterable[str]]) -> list[_GatedLayer]:
+        if layers is None:
+            return self._layers
+        wanted = list(layers)
+        by_name = {layer.name: layer for layer in self._layers}
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ValueError(f"layers={unknown} are not gated; gated layers are {self.layer_names()}")
+        return [by_name[n] for n in wanted]
+
+    # -- measures --------------------------------------------------------------------------
+    def expected_density(self, layers: Optional[Iterable[str]] = None) -> torch.Tensor:
+        """Expected proportion of active parameters, sum_j k_j P(z_j != 0) / sum_j k_j.
+
+        k_j is the number of parameters gate j controls; over one layer this is the mean of
+        P(z != 0). Differentiable with respect to ``log_alpha``.
+        """
+        selected = self._select(layers)
+        num = sum(layer.gate.prob_nonzero().sum() * layer.params_per_gate for layer in selected)
+        den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
+        return num / den  # type: ignore[operator]
+
+    @torch.no_grad()
+    def exact_density(self, layers: Optional[Iterable[str]] = None) -> torch.Tensor:
+        """Proportion of parameters whose test-time gate is non-zero (no gradient)."""
+        selected = self._select(layers)
+        num = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
+        den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
+        return num.to(torch.get_default_dtype()) / den  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def report(self) -> list[LayerReport]:
+        rows = []
+        for layer in self._layers:
+            rows.append(
+                LayerReport(
+                    name=layer.name,
+                    structure=layer.structure,
+                    gates=layer.gate.num_gates,
+                    active_gates=int(layer.gate.active().sum()),
+                    params_per_gate=layer.params_per_gate,
+                    expected_density=float(layer.gate.prob_nonzero().mean()),
+                    exact_density=float(layer.gate.active().float().mean()),
+                )
+            )
+        return rows
+
+    def detach(self, leave_parametrized: bool = True) -> None:
+        """Remove the gates. With ``leave_parametrized`` the weights keep their test-time gating."""
+        for layer in self._layers:
+            layer.gate.eval()
+            for tensor_name in ("weight", "bias"):
+                if parametrize.is_parametrized(layer.module, tensor_name):
+                    parametrize.remove_parametrizations(layer.module, tensor_name, leave_parametrized=leave_parametrized)
+            layer.hook.remove()
+            delattr(layer.module, _GATE_ATTR)
+        self._layers = []
+
+
+LayerSpec = Union[None, Sequence[str], Mapping[str, str]]
+
+
+def attach_l0(
+    model: nn.Module,
+    layers: LayerSpec = None,
+    structure: str = "auto",
+    droprate_init: float = 0.5,
+    beta: float = 2.0 / 3.0,
+    gamma: float = -0.1,
+    zeta: float = 1.1,
+) -> L0Gates:
+    """Attach hard-concrete L0 gates to layers of ``model``.
+
+    Args:
+        model: any module.
+        layers: names (from ``model.named_modules()``) of the ``nn.Linear`` / ``nn.Conv2d``
+            layers to gate, a mapping name -> structure, or ``None`` for every such layer.
+        structure: ``"input"``, ``"output"``, ``"weight"`` or ``"auto"`` (input-neuron gates
+            for linear layers, output-channel gates for convolutions, as in Louizos et al.).
+        droprate_init, beta, gamma, zeta: see :class:`HardConcreteGate`.
+
+    Returns:
+        The :class:`L0Gates` handle, in the order the layers appear in the model.
+    """
+    modules = dict(model.named_modules())
+    if layers is None:
+        chosen = {n: structure for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    elif isinstance(layers, Mapping):
+        chosen = dict(layers)
+    else:
+        chosen = {n: structure for n in layers}
+    gated: list[_GatedLayer] = []
+    for name, module in modules.items():  # model order, whatever order the user gave
+        if name not in chosen:
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"layer {name!r} is a {type(module).__name__}; L0 gates attach to nn.Linear / nn.Conv2d")
+        if hasattr(module, _GATE_ATTR):
+            raise ValueError(f"layer {name!r} already has L0 gates")
+        kind = _resolve_structure(module, chosen[name], name)
+        num_gates, ppg, view_shape, gates_bias = _gate_layout(module, kind, name)
+        gate = HardConcreteGate(num_gates, droprate_init, beta, gamma, zeta).to(module.weight.device)
+        setattr(module, _GATE_ATTR, gate)
+        parametrize.register_parametrization(module, "weight", _GateMultiply(gate, view_shape))
+        if gates_bias:
+            parametrize.register_parametrization(module, "bias", _GateMultiply(gate, (-1,)))
+        hook = module.register_forward_pre_hook(_resample_hook)
+        gated.append(_GatedLayer(name, module, gate, kind, ppg, hook))
+    missing = sorted(set(chosen) - {g.name for g in gated})
+    if missing:
+        raise ValueError(f"layers={missing} not found in the model; available: {sorted(n for n in modules if n)}")
+    return L0Gates(gated)

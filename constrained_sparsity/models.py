@@ -1,0 +1,51 @@
+"""Reference networks of the L0 papers: an MLP and LeNet-5-Caffe."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["MLP", "LeNet5Caffe"]
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network; linear layers are named ``fc1 .. fcK``.
+
+    ``MLP(784, [300, 100], 10)`` is the 784-300-100 network of Louizos et al. (2018).
+    Inputs of any shape ``(N, ...)`` are flattened.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        widths = [in_features, *hidden]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            layers[f"fc{i}"] = nn.Linear(a, b)
+            layers[f"relu{i}"] = nn.ReLU()
+        layers[f"fc{len(widths)}"] = nn.Linear(widths[-1], num_classes)
+        super().__init__(layers)
+
+
+class LeNet5Caffe(nn.Sequential):
+    """LeNet-5-Caffe (20-50-800-500) for 1x28x28 inputs, as in Louizos et al. (2018).
+
+    conv1 5x5x20 -> ReLU -> maxpool 2 -> conv2 5x5x50 -> ReLU -> maxpool 2 -> fc1 800->500
+    -> ReLU -> fc2 500->classes.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__(
+            OrderedDict(
+                conv1=nn.Conv2d(in_channels, 20, 5),
+                relu1=nn.ReLU(),
+                pool1=nn.MaxPool2d(2),
+                conv2=nn.Conv2d(20, 50, 5),
+                relu2=nn.ReLU(),
+                pool2=nn.MaxPool2d(2),
+                flatten=nn.Flatten(),
+                fc1=nn.Linear(800, 500),
+                relu3=nn.ReLU(),
+                fc2=nn.Linear(500, num_classes),
+            )
+        )

@@ -1,0 +1,528 @@
+"""The training entry point: it owns data, logging, checkpoints and the console.
+
+``run(config)`` builds everything from a :class:`~constrained_sparsity.config.Config`, plays
+the game epoch by epoch, evaluates, logs (JSONL + W&B), checkpoints atomically after every
+epoch, and returns a :class:`RunResult`. ``run(resume=RUN_DIR)`` continues a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, apply_overrides, config_from_dict, read_config_dict
+from .data import Dataset, batches, load_dataset
+from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from .hard_concrete import L0Gates, attach_l0
+from .models import MLP, LeNet5Caffe
+from .problem import DualOptimizer, PrimalOptimizer, SparsityProblem, Target, build_optimizer, train_step
+from .tracking import Tracker
+
+__all__ = ["RunResult", "build_model", "build_sparsity", "error_rate", "format_report", "run"]
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+# Keys that may change when a run is resumed; anything else would change the experiment.
+RESUMABLE_KEYS = ("train.epochs", "tracking.")
+
+
+@dataclass
+class RunResult:
+    """What a finished run measured (also written to ``summary.json`` in the run directory)."""
+
+    run_dir: Path
+    epochs: int
+    test_error: float
+    val_error: Optional[float]
+    feasible: Optional[bool]
+    density: dict[str, float]
+    expected_density: dict[str, float]
+    targets: list[dict[str, Any]]
+    multipliers: dict[str, float]
+    wall_time_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    wandb_dir: Optional[str] = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "epochs": self.epochs,
+            "test_error": self.test_error,
+            "val_error": self.val_error,
+            "feasible": self.feasible,
+            "density": self.density,
+            "expected_density": self.expected_density,
+            "targets": self.targets,
+            "multipliers": self.multipliers,
+            "layers": self.layers,
+            "wall_time_s": self.wall_time_s,
+            "wandb_dir": self.wandb_dir,
+        }
+
+
+# -- building blocks -------------------------------------------------------------------------
+def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
+    shape = dataset.input_shape
+    if cfg.model.name == "mlp":
+        return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes)
+    if shape[1:] != (28, 28):
+        raise ConfigError(f"model.name='lenet5' needs 1x28x28 images; dataset {dataset.name!r} has {shape}")
+    return LeNet5Caffe(shape[0], dataset.num_classes)
+
+
+def build_sparsity(cfg: Config, model: nn.Module) -> tuple[Optional[L0Gates], list[Target]]:
+    """Attach the gates the config asks for and turn its budgets into :class:`Target`s."""
+    sp = cfg.sparsity
+    if sp.method == "none":
+        return None, []
+    gates = attach_l0(
+        model, structure=sp.structure, droprate_init=sp.droprate_init, beta=sp.beta, gamma=sp.gamma, zeta=sp.zeta
+    )
+    eps = sp.target_list()
+    lams = sp.lambda_list() or [None] * len(eps)
+    measures = sp.measure_list()
+    names = gates.layer_names()
+    if sp.per_layer:
+        if len(eps) != len(names):
+            raise ConfigError(
+                f"sparsity.targets={sp.targets!r}: {len(eps)} values for {len(names)} gated layers {names}"
+            )
+        targets = [
+            Target(e, layers=(n,), measure=m, lam=lam, name=f"l0_{n}")
+            for e, n, m, lam in zip(eps, names, measures, lams)
+        ]
+    else:
+        targets = [Target(eps[0], layers=None, measure=measures[0], lam=lams[0], name="l0_model")]
+    return gates, targets
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
+    """Classification error of ``model`` in eval mode (test-time gates)."""
+    was_training = model.training
+    model.eval()
+    wrong = 0
+    for xb, yb in batches(x, y, batch_size):
+        wrong += int((model(xb).argmax(dim=1) != yb).sum())
+    model.train(was_training)
+    return wrong / max(len(y), 1)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, Optional[int]]]:
+    """Turn SIGINT / SIGTERM into a flag checked after every step (main thread only)."""
+    flag: dict[str, Optional[int]] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.tracking.out_dir) / f"{cfg.tracking.run_name or cfg.name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    path.mkdir(parents=True)
+    return path
+
+
+def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            raise ConfigError(f"override {key!r} cannot change on --resume; only train.epochs and tracking.* can")
+    data = read_config_dict(run_dir / "config.yaml")
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+# -- the run ---------------------------------------------------------------------------------
+def run(
+    config: Optional[Config] = None,
+    resume: Optional[str | Path] = None,
+    overrides: Optional[list[str]] = None,
+    run_dir: Optional[str | Path] = None,
+) -> RunResult:
+    """Train a sparse network as the config declares, or resume the run in ``resume``.
+
+    Raises:
+        ConfigError / DataError: bad input (nothing is trained).
+        TrainingDiverged: the loss became NaN or infinite (the last checkpoint is kept).
+        TrainingInterrupted: SIGINT / SIGTERM; a checkpoint of the current step was written.
+    """
+    start = time.perf_counter()
+    checkpoint = None
+    if resume is not None:
+        out = Path(resume)
+        if not (out / CHECKPOINT).is_file():
+            raise ConfigError(f"--resume {out}: no {CHECKPOINT} there")
+        cfg = _resume_config(out, list(overrides or []))
+        checkpoint = load_checkpoint(out / CHECKPOINT)
+    else:
+        if config is None:
+            raise ValueError("run() needs a config or resume=RUN_DIR")
+        cfg = config_from_dict(apply_overrides(config.to_dict(), list(overrides or []))) if overrides else config
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = torch.device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+
+    dataset = load_dataset(
+        cfg.data.name,
+        root=cfg.data.root,
+        download=cfg.data.download,
+        cache_dir=cfg.data.cache_dir,
+        mirror=cfg.data.mirror,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.train.seed,
+    ).to(device)
+    model = build_model(cfg, dataset).to(device)
+    gates, targets = build_sparsity(cfg, model)
+    problem = SparsityProblem(model, gates, targets, mode=cfg.sparsity.mode, lambda_init=cfg.sparsity.lambda_init)
+    problem.to(device)
+    p, d = cfg.optim.primal, cfg.optim.dual
+    optimizers = build_optimizer(
+        problem,
+        PrimalOptimizer(p.name, p.lr, p.gate_lr, p.momentum, p.weight_decay),
+        DualOptimizer(d.name, d.lr, d.momentum, d.kp, d.ki, d.ema_nu),
+        scheme=cfg.optim.scheme,
+    )
+    data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    if checkpoint is None:  # everything validated: only now create the run directory
+        out = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    epoch_data_state = data_gen.get_state()
+    wandb_id = None
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        problem.load_state_dict(checkpoint["cmp"])
+        optimizers.cooper_optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng_torch"])
+        epoch_data_state = checkpoint["epoch_data_rng"]
+        epoch, step_in_epoch, global_step = checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]
+        wandb_id = checkpoint.get("wandb_id") or None
+        history = _read_history(out / "metrics.jsonl")
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    tracker = Tracker(
+        out,
+        cfg.to_dict(),
+        wandb_mode=cfg.tracking.wandb,
+        project=cfg.tracking.project,
+        entity=cfg.tracking.entity,
+        group=cfg.tracking.group,
+        job_type=cfg.tracking.job_type or cfg.sparsity.mode,
+        name=cfg.tracking.run_name or out.name,
+        run_id=wandb_id,
+    )
+    state = _Loop(cfg, out, dataset, model, gates, problem, optimizers, data_gen, tracker, history)
+    exit_code = 1
+    try:
+        with _stop_on_signals() as stop:
+            state.train(epoch, step_in_epoch, global_step, epoch_data_state, stop)
+        exit_code = 0
+    except TrainingInterrupted:
+        exit_code = 0  # a clean stop: the run can be resumed
+        raise
+    finally:
+        result = state.result(time.perf_counter() - start)
+        tracker.summary(_wandb_summary(result))
+        tracker.finish(exit_code=exit_code)
+        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+    return result
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wandb_summary(result: RunResult) -> dict[str, Any]:
+    summary: dict[str, Any] = {"final/test_error": result.test_error, "final/epochs": result.epochs}
+    if result.feasible is not None:
+        summary["final/feasible"] = result.feasible
+    for key, value in result.density.items():
+        summary[f"final/density/{key}"] = value
+    if result.layers:
+        summary["final/params_gated"] = sum(r["params"] for r in result.layers)
+        summary["final/params_active"] = sum(r["active_params"] for r in result.layers)
+    return summary
+
+
+class _Loop:
+    """The epoch loop and its bookkeeping (kept out of :func:`run` for readability)."""
+
+    def __init__(self, cfg, out, dataset, model, gates, problem, optimizers, data_gen, tracker, history):  # type: ignore[no-untyped-def]
+        self.cfg: Config = cfg
+        self.out: Path = out
+        self.dataset: Dataset = dataset
+        self.model: nn.Module = model
+        self.gates: Optional[L0Gates] = gates
+        self.problem: SparsityProblem = problem
+        self.optimizers = optimizers
+        self.data_gen: torch.Generator = data_gen
+        self.tracker: Tracker = tracker
+        self.history: list[dict[str, Any]] = history
+        self.epoch = 0
+
+    # -- checkpoints --
+    def _save(self, epoch: int, step_in_epoch: int, global_step: int, epoch_data_state: torch.Tensor) -> None:
+        save_checkpoint(
+            {
+                "version": CHECKPOINT_VERSION,
+                "config": self.cfg.to_dict(),
+                "model": self.model.state_dict(),
+                "cmp": self.problem.state_dict(),
+                "optimizer": dict(self.optimizers.cooper_optimizer.state_dict()),
+                "rng_torch": torch.get_rng_state(),
+                "epoch_data_rng": epoch_data_state,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": global_step,
+                "wandb_id": self.tracker.wandb_id or "",
+            },
+            self.out / CHECKPOINT,
+        )
+
+    # -- training --
+    def train(self, epoch: int, step_in_epoch: int, global_step: int, epoch_data_state: torch.Tensor, stop) -> None:  # type: ignore[no-untyped-def]
+        cfg = self.cfg
+        n_train = len(self.dataset.train_y)
+        steps_per_epoch = math.ceil(n_train / cfg.data.batch_size)
+        self.epoch = epoch
+        progress = None
+        if cfg.tracking.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(
+                total=cfg.train.epochs * steps_per_epoch,
+                initial=min(epoch * steps_per_epoch + step_in_epoch, cfg.train.epochs * steps_per_epoch),
+                desc=cfg.name,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        self.model.train()
+        try:
+            while epoch < cfg.train.epochs:
+                t0 = time.perf_counter()
+                self.data_gen.set_state(epoch_data_state)
+                loss_sum = torch.zeros(())
+                lagr_sum = torch.zeros(())
+                restarts: dict[str, int] = {}
+                steps = 0
+                for xb, yb in batches(
+                    self.dataset.train_x, self.dataset.train_y, cfg.data.batch_size, self.data_gen, start=step_in_epoch
+                ):
+                    result = train_step(self.problem, self.optimizers, xb, yb, cfg.sparsity.dual_restarts)
+                    loss = result["loss"]
+                    if not math.isfinite(float(loss)):
+                        last = f"{self.out / CHECKPOINT} (epoch {epoch})" if (self.out / CHECKPOINT).exists() else "none"
+                        raise TrainingDiverged(
+                            f"loss became {float(loss)} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                            f"training stopped; last good checkpoint: {last}"
+                        )
+                    loss_sum += loss
+                    lagr_sum += result["lagrangian"]
+                    for name in result["restarted"]:
+                        restarts[name] = restarts.get(name, 0) + 1
+                    steps += 1
+                    step_in_epoch += 1
+                    global_step += 1
+                    if progress is not None:
+                        progress.update(1)
+                    if stop["signum"] is not None:
+                        self._save(epoch, step_in_epoch, global_step, epoch_data_state)
+                        sig = signal.Signals(stop["signum"]).name
+                        raise TrainingInterrupted(
+                            f"{sig}: stopped at epoch {epoch + 1}, step {step_in_epoch}; checkpoint written. "
+                            f"Continue with: csparse train --resume {self.out}",
+                            stop["signum"],
+                        )
+                epoch += 1
+                self.epoch = epoch
+                step_in_epoch = 0
+                epoch_data_state = self.data_gen.get_state()
+                metrics = self._epoch_metrics(epoch, loss_sum, lagr_sum, steps, restarts, time.perf_counter() - t0)
+                self.tracker.log(metrics)
+                self.history.append(metrics)
+                self._save(epoch, 0, global_step, epoch_data_state)
+                if progress is not None:
+                    progress.set_postfix(self._postfix(metrics), refresh=False)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _epoch_metrics(self, epoch, loss_sum, lagr_sum, steps, restarts, seconds) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        ds = self.dataset
+        bs = self.cfg.data.eval_batch_size
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics["train/loss"] = float(loss_sum) / max(steps, 1)
+        metrics["train/lagrangian"] = float(lagr_sum) / max(steps, 1)
+        test_error = error_rate(self.model, ds.test_x, ds.test_y, bs)
+        if ds.val_x is not None:
+            metrics["val/error"] = error_rate(self.model, ds.val_x, ds.val_y, bs)
+        else:
+            metrics["val/error"] = test_error  # no validation split: the test set stands in
+        metrics["test/error"] = test_error
+        metrics.update(self._measures())
+        for name, count in restarts.items():
+            metrics[f"constraint/{name}/restarts"] = count
+        metrics["time/epoch_s"] = seconds
+        return metrics
+
+    @torch.no_grad()
+    def _measures(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if self.gates is None:
+            return metrics
+        for row in self.gates.report():
+            metrics[f"density/{row.name}"] = row.exact_density
+            metrics[f"density_expected/{row.name}"] = row.expected_density
+        metrics["density/model"] = float(self.gates.exact_density())
+        metrics["density_expected/model"] = float(self.gates.expected_density())
+        multipliers = self.problem.multiplier_values()
+        for target, _ in self.problem.ordered_constraints():
+            expected = float(self.gates.expected_density(target.layers))
+            exact = float(self.gates.exact_density(target.layers))
+            strict = exact if target.measure == "exact" else expected
+            metrics[f"constraint/{target.name}/violation"] = expected - target.epsilon
+            metrics[f"constraint/{target.name}/strict_violation"] = strict - target.epsilon
+            metrics[f"constraint/{target.name}/multiplier"] = multipliers[target.name]
+            metrics[f"constraint/{target.name}/feasible"] = bool(strict <= target.epsilon)
+        return metrics
+
+    def _postfix(self, m: dict[str, Any]) -> dict[str, str]:
+        post = {"loss": f"{m['train/loss']:.3f}", "err": f"{100 * m['test/error']:.1f}%"}
+        if "density/model" in m:
+            post["dens"] = f"{m['density/model']:.3f}"
+        for target, _ in self.problem.ordered_constraints()[:2]:
+            post[f"λ[{target.name}]"] = f"{m[f'constraint/{target.name}/multiplier']:.3g}"
+        return post
+
+    def result(self, wall: float) -> RunResult:
+        last = self.history[-1] if self.history else {}
+        measures = self._measures()
+        ds = self.dataset
+        test_error = last.get("test/error") if last.get("epoch") == self.epoch else None
+        if test_error is None:
+            test_error = error_rate(self.model, ds.test_x, ds.test_y, self.cfg.data.eval_batch_size)
+        targets = []
+        for target, _ in self.problem.ordered_constraints():
+            targets.append(
+                {
+                    "name": target.name,
+                    "layers": list(target.layers) if target.layers else "model",
+                    "epsilon": target.epsilon,
+                    "measure": target.measure,
+                    "exact_density": measures[f"constraint/{target.name}/strict_violation"] + target.epsilon
+                    if target.measure == "exact"
+                    else float(self.gates.exact_density(target.layers)),  # type: ignore[union-attr]
+                    "expected_density": measures[f"constraint/{target.name}/violation"] + target.epsilon,
+                    "feasible": measures[f"constraint/{target.name}/feasible"],
+                    "multiplier": measures[f"constraint/{target.name}/multiplier"],
+                }
+            )
+        layers = []
+        if self.gates is not None:
+            for row in self.gates.report():
+                layers.append(
+                    {
+                        "name": row.name,
+                        "structure": row.structure,
+                        "gates": row.gates,
+                        "active_gates": row.active_gates,
+                        "params": row.params,
+                        "active_params": row.active_params,
+                        "exact_density": row.exact_density,
+                        "expected_density": row.expected_density,
+                    }
+                )
+        density = {k.split("/", 1)[1]: v for k, v in measures.items() if k.startswith("density/")}
+        expected = {k.split("/", 1)[1]: v for k, v in measures.items() if k.startswith("density_expected/")}
+        return RunResult(
+            run_dir=self.out,
+            epochs=self.epoch,
+            test_error=float(test_error),
+            val_error=last.get("val/error") if ds.val_x is not None else None,
+            feasible=all(t["feasible"] for t in targets) if targets else None,
+            density=density,
+            expected_density=expected,
+            targets=targets,
+            multipliers=self.problem.multiplier_values(),
+            wall_time_s=wall,
+            history=list(self.history),
+            layers=layers,
+            wandb_dir=self.tracker.wandb_dir,
+        )
+
+
+def format_report(result: RunResult) -> str:
+    """A short human-readable report: densities per layer and model-wise, feasibility, error."""
+    lines = [f"run directory: {result.run_dir}", f"epochs: {result.epochs}   wall time: {result.wall_time_s:.1f} s"]
+    by_layer = {t["layers"][0]: t for t in result.targets if isinstance(t["layers"], list) and len(t["layers"]) == 1}
+    if result.layers:
+        lines.append(f"{'layer':<12}{'gates':>8}{'active':>8}{'density':>10}{'expected':>10}{'target':>8}")
+        for row in result.layers:
+            target = by_layer.get(row["name"])
+            eps = f"{target['epsilon']:.3f}" if target else "-"
+            lines.append(
+                f"{row['name']:<12}{row['gates']:>8}{row['active_gates']:>8}"
+                f"{row['exact_density']:>10.3f}{row['expected_density']:>10.3f}{eps:>8}"
+            )
+        model_target = next((t for t in result.targets if t["layers"] == "model"), None)
+        eps = f"{model_target['epsilon']:.3f}" if model_target else "-"
+        lines.append(
+            f"{'model':<12}{sum(r['params'] for r in result.layers):>8}{sum(r['active_params'] for r in result.layers):>8}"
+            f"{result.density['model']:>10.3f}{result.expected_density['model']:>10.3f}{eps:>8}   (parameters)"
+        )
+    for t in result.targets:
+        measured = t["exact_density"] if t["measure"] == "exact" else t["expected_density"]
+        verdict = "yes" if t["feasible"] else "NO"
+        lines.append(
+            f"constraint {t['name']}: {t['measure']} density {measured:.4f} <= {t['epsilon']:.4f}? {verdict}"
+            f"   (multiplier {t['multiplier']:.4g})"
+        )
+    if result.feasible is not None:
+        lines.append(f"feasible: {'yes' if result.feasible else 'NO'}")
+    lines.append(f"test error: {100 * result.test_error:.2f} %")
+    if result.wandb_dir:
+        lines.append(f"W&B files: {Path(result.wandb_dir).parent}")
+    return "\n".join(lines)
+

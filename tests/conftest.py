@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: W&B runs are offline or disabled.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def quiet(tmp_path):
+    """Overrides that keep a run in tmp_path, without W&B and without a progress bar."""
+    return ["tracking.wandb=disabled", "tracking.progress=false", f"tracking.out_dir={tmp_path / 'runs'}"]

@@ -1,0 +1,160 @@
+"""Hard-concrete gates against closed forms and Monte Carlo (Louizos et al. 2018, eqs. 10-13)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from constrained_sparsity import HardConcreteGate, attach_l0
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+N_SAMPLES = 200_000
+
+
+def _gate(log_alpha):
+    gate = HardConcreteGate(len(log_alpha))
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor(log_alpha))
+    return gate
+
+
+def _samples(log_alpha, n=N_SAMPLES):
+    """n independent samples of each gate, drawn in one vectorised call: shape (n, gates)."""
+    big = _gate(list(log_alpha) * n)
+    return big.sample().detach().view(n, len(log_alpha))
+
+
+def _mc_tolerance(p: torch.Tensor) -> torch.Tensor:
+    # 5 standard errors of a Bernoulli frequency, plus a floor for p near 0 or 1.
+    return 5 * torch.sqrt(p * (1 - p) / N_SAMPLES) + 1e-4
+
+
+def test_expected_l0_matches_monte_carlo():
+    torch.manual_seed(0)
+    gate = _gate([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+    samples = _samples(gate.log_alpha.tolist())
+    freq = (samples != 0).double().mean(0)
+    closed = gate.prob_nonzero().detach().double()
+    expected = torch.sigmoid(gate.log_alpha.detach().double() - BETA * math.log(-GAMMA / ZETA))
+    torch.testing.assert_close(closed, expected)
+    assert ((freq - closed).abs() <= _mc_tolerance(closed)).all(), (freq, closed)
+
+
+def test_probability_of_exact_one_matches_closed_form():
+    # z = 1 iff s >= (1 - gamma) / (zeta - gamma) = t, and P(s >= t) = sigmoid(log_alpha - beta * logit(t)).
+    torch.manual_seed(1)
+    gate = _gate([-1.0, 0.0, 1.5])
+    samples = _samples(gate.log_alpha.tolist())
+    t = (1 - GAMMA) / (ZETA - GAMMA)
+    closed = torch.sigmoid(gate.log_alpha.detach().double() - BETA * math.log(t / (1 - t)))
+    freq = (samples == 1).double().mean(0)
+    assert ((freq - closed).abs() <= _mc_tolerance(closed)).all(), (freq, closed)
+
+
+def test_samples_lie_in_unit_interval_and_hit_both_ends():
+    torch.manual_seed(2)
+    z = _samples([0.0], 20_000)
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z == 0).any() and (z == 1).any()
+    assert ((z > 0) & (z < 1)).any()
+
+
+def test_test_time_gate_rule():
+    log_alpha = torch.tensor([-10.0, -2.5, -2.3, 0.0, 10.0])
+    gate = _gate(log_alpha.tolist())
+    expected = torch.clamp(torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    torch.testing.assert_close(gate.deterministic().detach(), expected)
+    # z_test > 0 iff sigmoid(log_alpha) > -gamma / (zeta - gamma), i.e. log_alpha > logit(1/12) = -2.3979
+    assert gate.active().tolist() == [False, False, True, True, True]
+    assert gate.deterministic()[0] == 0 and gate.deterministic()[-1] == 1
+    gate.eval()
+    torch.testing.assert_close(gate().detach(), expected)
+
+
+def test_linear_input_gates_match_manual_forward():
+    torch.manual_seed(3)
+    layer = nn.Linear(5, 3)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    gates = attach_l0(nn.Sequential(layer), structure="input")
+    gate = dict(gates.named_gates())["0"]
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-5.0, 0.0, 1.0, -1.0, 5.0]))
+    x = torch.randn(4, 5)
+    layer.eval()
+    z = gate.deterministic().detach()
+    torch.testing.assert_close(layer(x), (x * z) @ w.T + b)
+    assert gates.report()[0].params_per_gate == 3
+
+
+def test_conv_output_gates_silence_channels_including_bias():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 4, 3)
+    conv.bias.data.fill_(0.7)
+    gates = attach_l0(conv_model := nn.Sequential(conv))
+    gate = dict(gates.named_gates())["0"]
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-20.0, 20.0, -20.0, 20.0]))
+    x = torch.randn(2, 2, 6, 6)
+    conv_model.train()  # sampled gates: channels 0 and 2 are exactly 0 with probability ~1
+    y = conv_model(x)
+    assert torch.all(y[:, [0, 2]] == 0)
+    assert torch.all(y[:, [1, 3]] != 0)
+    report = gates.report()[0]
+    assert report.structure == "output" and report.params_per_gate == 2 * 9 + 1
+
+
+def test_one_sample_per_forward_pass():
+    torch.manual_seed(5)
+    layer = nn.Linear(50, 2)
+    model = nn.Sequential(layer)
+    attach_l0(model)
+    gate = layer.l0_gate
+    model.train()
+    model(torch.randn(1, 50))
+    first = gate().detach().clone()
+    assert torch.equal(gate().detach(), first)  # no new sample outside a forward pass
+    model(torch.randn(1, 50))
+    assert not torch.equal(gate().detach(), first)
+
+
+def test_model_wise_density_weights_gates_by_parameters():
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2))
+    gates = attach_l0(model)
+    with torch.no_grad():
+        model[0].l0_gate.log_alpha.copy_(torch.tensor([5.0, 5.0, -5.0, -5.0]))  # 2 of 4 on, 10 params each
+        model[2].l0_gate.log_alpha.fill_(5.0)  # 10 of 10 on, 2 params each
+    assert gates.exact_density().item() == pytest.approx((2 * 10 + 10 * 2) / (4 * 10 + 10 * 2))
+    assert gates.exact_density(["0"]).item() == pytest.approx(0.5)
+    p0 = model[0].l0_gate.prob_nonzero().detach()
+    p2 = model[2].l0_gate.prob_nonzero().detach()
+    expected = (10 * p0.sum() + 2 * p2.sum()) / 60
+    torch.testing.assert_close(gates.expected_density().detach(), expected)
+    assert gates.expected_density().requires_grad
+
+
+def test_weight_gates_and_detach_bake_test_time_weights():
+    torch.manual_seed(6)
+    layer = nn.Linear(3, 2)
+    model = nn.Sequential(layer)
+    gates = attach_l0(model, structure="weight")
+    assert layer.l0_gate.num_gates == 6
+    model.eval()
+    x = torch.randn(5, 3)
+    before = model(x).detach()
+    gates.detach()
+    assert not hasattr(layer, "l0_gate")
+    assert isinstance(layer.weight, nn.Parameter)
+    torch.testing.assert_close(model(x), before)
+
+
+def test_attach_errors_name_the_layer():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(TypeError, match="layer '1' is a ReLU"):
+        attach_l0(model, layers=["1"])
+    with pytest.raises(ValueError, match=r"layers=\['nope'\] not found"):
+        attach_l0(model, layers=["nope"])
+    with pytest.raises(ValueError, match="structure='rows'"):
+        attach_l0(model, structure="rows")
+    with pytest.raises(ValueError, match="droprate_init=1.5"):
+        HardConcreteGate(3, droprate_init=1.5)

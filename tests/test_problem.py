@@ -1,0 +1,161 @@
+"""The Lagrangian game on Cooper: penalised == loss + lambda * g, multipliers, restarts."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from constrained_sparsity import (
+    DualOptimizer,
+    PrimalOptimizer,
+    SparsityProblem,
+    Target,
+    attach_l0,
+    build_optimizer,
+    train_step,
+)
+from constrained_sparsity.problem import SCHEMES
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    gates = attach_l0(model)
+    return model, gates
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+@pytest.mark.parametrize("scheme", ["alternating", "simultaneous", "alternating_primal_dual"])
+def test_penalized_step_equals_handwritten_loss_plus_lambda_g(scheme):
+    lam, lr = 0.7, 0.1
+    x, y = _batch()
+    model, gates = _model()
+    reference = copy.deepcopy(model)
+    ref_gates = [m.l0_gate for m in (reference[0], reference[2])]
+
+    problem = SparsityProblem(model, gates, [Target(0.3, lam=lam)], mode="penalized")
+    opt = build_optimizer(problem, PrimalOptimizer("sgd", lr=lr), scheme=scheme)
+    torch.manual_seed(42)
+    train_step(problem, opt, x, y)
+
+    # By hand: one SGD step on cross-entropy + lam * expected density, same gate sample.
+    torch.manual_seed(42)
+    reference.train()
+    loss = F.cross_entropy(reference(x), y)
+    num = sum(g.prob_nonzero().sum() * k for g, k in zip(ref_gates, (8, 3)))
+    density = num / (6 * 8 + 8 * 3)
+    (loss + lam * density).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= lr * p.grad
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_penalized_multipliers_never_change():
+    model, gates = _model()
+    targets = [Target(0.2, layers=("0",), lam=0.5, name="a"), Target(0.9, layers=("2",), lam=0.0, name="b")]
+    problem = SparsityProblem(model, gates, targets, mode="penalized")
+    opt = build_optimizer(problem, dual=DualOptimizer("adam", lr=1.0))
+    for seed in range(20):
+        train_step(problem, opt, *_batch(seed), dual_restarts=True)
+    assert problem.multiplier_values() == {"a": 0.5, "b": 0.0}
+
+
+def test_constrained_multiplier_grows_by_lr_times_strict_violation():
+    model, gates = _model()
+    problem = SparsityProblem(model, gates, [Target(0.25)], mode="constrained")
+    opt = build_optimizer(problem, dual=DualOptimizer("sgd", lr=0.5))
+    exact = gates.exact_density().item()
+    assert exact == 1.0  # log_alpha ~ 0 at init: every gate is on at test time
+    train_step(problem, opt, *_batch())
+    # alternating (dual first): lambda_1 = [0 + lr * (exact(x_0) - eps)]_+
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(0.5 * (1.0 - 0.25))
+
+
+def test_expected_measure_moves_the_multiplier_when_asked():
+    model, gates = _model()
+    problem = SparsityProblem(model, gates, [Target(0.25, measure="expected")])
+    opt = build_optimizer(problem, dual=DualOptimizer("sgd", lr=0.5))
+    expected = gates.expected_density().item()
+    train_step(problem, opt, *_batch())
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(0.5 * (expected - 0.25), rel=1e-5)
+
+
+def test_dual_restart_resets_multiplier_and_optimizer_state():
+    model, gates = _model()
+    problem = SparsityProblem(model, gates, [Target(0.5)], mode="constrained")
+    opt = build_optimizer(problem, dual=DualOptimizer("adam", lr=0.1))
+    train_step(problem, opt, *_batch())  # infeasible: lambda > 0, Adam has state
+    assert problem.multiplier_values()["l0_model"] > 0
+    weight = problem.l0_model.multiplier.weight
+    assert weight in opt.dual_optimizer.state
+    with torch.no_grad():  # close 6 of 6 first-layer gates: density (0 + 8*3) / 72 < 0.5
+        model[0].l0_gate.log_alpha.fill_(-10.0)
+    result = train_step(problem, opt, *_batch(2), dual_restarts=True)
+    assert result["restarted"] == ["l0_model"]
+    assert problem.multiplier_values()["l0_model"] == 0.0
+    assert weight not in opt.dual_optimizer.state
+
+
+def test_without_restarts_multiplier_decays_gradually():
+    model, gates = _model()
+    problem = SparsityProblem(model, gates, [Target(0.5)], mode="constrained", lambda_init=1.0)
+    opt = build_optimizer(problem, dual=DualOptimizer("sgd", lr=0.1))
+    with torch.no_grad():
+        model[0].l0_gate.log_alpha.fill_(-10.0)
+    train_step(problem, opt, *_batch(), dual_restarts=False)
+    exact = 24 / 72
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(1.0 + 0.1 * (exact - 0.5))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dual", ["sgd", "adam", "nupi"])
+def test_every_scheme_and_dual_optimizer_steps(scheme, dual):
+    if scheme == "extrapolation" and dual == "nupi":
+        with pytest.raises(ValueError, match="nupi"):
+            build_optimizer(SparsityProblem(*_model(), [Target(0.3)]), dual=DualOptimizer(dual), scheme=scheme)
+        return
+    model, gates = _model()
+    problem = SparsityProblem(model, gates, [Target(0.3)])
+    opt = build_optimizer(problem, dual=DualOptimizer(dual, lr=0.1, kp=1.0), scheme=scheme)
+    before = [p.detach().clone() for p in model.parameters()]
+    for seed in range(3):
+        result = train_step(problem, opt, *_batch(seed))
+    assert torch.isfinite(result["loss"])
+    assert problem.multiplier_values()["l0_model"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dense_problem_uses_unconstrained_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    problem = SparsityProblem(model, None, [])
+    opt = build_optimizer(problem)
+    assert opt.dual_optimizer is None
+    result = train_step(problem, opt, *_batch())
+    assert torch.isfinite(result["loss"])
+
+
+def test_bad_targets_and_problems_are_refused():
+    with pytest.raises(ValueError, match=r"epsilon=1.5 should be a number in \[0, 1\]"):
+        Target(1.5)
+    with pytest.raises(ValueError, match="lam=-1"):
+        Target(0.3, lam=-1.0)
+    with pytest.raises(ValueError, match="measure='mean'"):
+        Target(0.3, measure="mean")
+    model, gates = _model()
+    with pytest.raises(ValueError, match="penalized mode needs a lambda"):
+        SparsityProblem(model, gates, [Target(0.3)], mode="penalized")
+    with pytest.raises(ValueError, match="mode='lagrangian'"):
+        SparsityProblem(model, gates, [Target(0.3)], mode="lagrangian")
+    with pytest.raises(ValueError, match="not gated"):
+        SparsityProblem(model, gates, [Target(0.3, layers=("fc9",))])
+    with pytest.raises(ValueError, match="primal optimizer name='rmsprop'"):
+        build_optimizer(SparsityProblem(model, gates, [Target(0.3)], ), PrimalOptimizer("rmsprop"))

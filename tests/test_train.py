@@ -1,0 +1,189 @@
+"""End-to-end runs on the embedded digits data: targets met, resume, W&B, failures, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from constrained_sparsity import TrainingDiverged, load_config, run
+from constrained_sparsity.checkpoint import load_checkpoint, save_checkpoint
+
+from . import wandb_files
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits_mlp_l0.yaml"
+TOL = 0.02  # allowed excess density over the budget at the end of a run
+
+
+def _run(overrides, **kwargs):
+    return run(load_config(DIGITS, overrides), **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eps", [0.2, 0.5])
+def test_constrained_digits_meets_model_wise_target(quiet, eps):
+    result = _run([*quiet, f"sparsity.targets={eps}"])
+    assert result.density["model"] <= eps + TOL
+    assert result.test_error < 0.2
+    history = result.history
+    assert history[0]["constraint/l0_model/strict_violation"] > 0  # dense at the start ...
+    for row in history:  # ... and the multiplier pushes whenever the budget is clearly exceeded
+        if row["constraint/l0_model/strict_violation"] > 0.01:
+            assert row["constraint/l0_model/multiplier"] > 0, row["epoch"]
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["density"]["model"] == pytest.approx(result.density["model"])
+
+
+@pytest.mark.slow
+def test_layer_wise_targets_are_each_met(quiet):
+    eps = [0.5, 0.3, 0.8]
+    result = _run([*quiet, f"sparsity.targets={eps}"])
+    assert [t["name"] for t in result.targets] == ["l0_fc1", "l0_fc2", "l0_fc3"]
+    for layer, e in zip(["fc1", "fc2", "fc3"], eps):
+        assert result.density[layer] <= e + TOL, (layer, result.density)
+
+
+def test_penalized_run_keeps_multiplier_frozen(quiet):
+    result = _run([*quiet, "sparsity.mode=penalized", "sparsity.lambdas=0.25", "train.epochs=3"])
+    assert [row["constraint/l0_model/multiplier"] for row in result.history] == [0.25] * 3
+
+
+def test_dense_baseline_runs(quiet):
+    result = _run([*quiet, "sparsity.method=none", "train.epochs=2"])
+    assert result.feasible is None and result.density == {}
+    assert 0 <= result.test_error < 0.5
+
+
+def _state(run_dir):
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+    return ckpt["model"], ckpt["cmp"], ckpt["optimizer"]
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("scheme,dual", [("alternating", "sgd"), ("extrapolation", "adam"), ("simultaneous", "nupi")])
+def test_resume_equals_uninterrupted(tmp_path, quiet, scheme, dual):
+    common = [*quiet, f"optim.scheme={scheme}", f"optim.dual.name={dual}", "train.deterministic=true"]
+    full = _run([*common, "train.epochs=4"], run_dir=tmp_path / "full")
+    _run([*common, "train.epochs=2"], run_dir=tmp_path / "part")
+    resumed = run(resume=tmp_path / "part", overrides=["train.epochs=4"])
+    assert resumed.epochs == 4
+    _assert_same(_state(tmp_path / "full"), _state(tmp_path / "part"))
+    strip = [{k: v for k, v in row.items() if k != "time/epoch_s"} for row in full.history]
+    again = [{k: v for k, v in row.items() if k != "time/epoch_s"} for row in resumed.history]
+    assert strip == again
+
+
+def test_resume_refuses_changing_the_experiment(tmp_path, quiet):
+    _run([*quiet, "train.epochs=1"], run_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match="override 'sparsity.targets' cannot change on --resume"):
+        run(resume=tmp_path / "r", overrides=["sparsity.targets=0.1"])
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    result = _run(["tracking.wandb=offline", "tracking.progress=false", "train.epochs=2"], run_dir=tmp_path / "r")
+    offline = wandb_files.offline_run_dir(tmp_path / "r")
+    rows = wandb_files.history(offline)
+    assert len(rows) == 2
+    keys = set().union(*rows)
+    for key in [
+        "epoch",
+        "train/loss",
+        "train/lagrangian",
+        "val/error",
+        "time/epoch_s",
+        "density/model",
+        "density/fc1",
+        "constraint/l0_model/violation",
+        "constraint/l0_model/strict_violation",
+        "constraint/l0_model/multiplier",
+        "constraint/l0_model/feasible",
+    ]:
+        assert key in keys, key
+    assert rows[-1]["density/model"] == pytest.approx(result.history[-1]["density/model"])
+    config = wandb_files.run_config(offline)
+    assert config["sparsity"]["targets"] == 0.3 and config["name"] == "digits_mlp_l0"
+    assert result.wandb_dir is not None and str(offline) in result.wandb_dir
+
+
+def test_nan_loss_stops_with_clear_error(quiet):
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1"):
+        _run([*quiet, "optim.primal.name=sgd", "optim.primal.lr=1e30", "sparsity.method=none"])
+
+
+def test_nan_loss_keeps_last_good_checkpoint(tmp_path, quiet):
+    _run([*quiet, "train.epochs=1"], run_dir=tmp_path / "r")
+    ckpt_path = tmp_path / "r" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["model"]["fc2.parametrizations.weight.original"].fill_(float("inf"))
+    save_checkpoint(ckpt, ckpt_path)
+    before = ckpt_path.read_bytes()
+    with pytest.raises(TrainingDiverged, match=f"last good checkpoint: {ckpt_path} \\(epoch 1\\)"):
+        run(resume=tmp_path / "r", overrides=["train.epochs=2"])
+    assert ckpt_path.read_bytes() == before
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def _cli(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "constrained_sparsity", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_cli_train_prints_report(tmp_path):
+    proc = _cli(["train", str(DIGITS), "train.epochs=3", "tracking.wandb=disabled", "--run-dir", str(tmp_path / "r")])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"run directory: {tmp_path / 'r'}" in out
+    assert "feasible:" in out and "test error:" in out and "fc1" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_checkpoint_and_resume_finishes(tmp_path, sig):
+    run_dir = tmp_path / "r"
+    args = ["train", str(DIGITS), "train.epochs=500", "tracking.wandb=disabled", "--run-dir", str(run_dir)]
+    proc = _cli(args)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "checkpoint written" in err and f"csparse train --resume {run_dir}" in err
+    assert "Traceback" not in err
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    done = ckpt["epoch"]
+    assert 2 <= done < 500
+    resumed = _cli(["train", "--resume", str(run_dir), f"train.epochs={done + 2}"])
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, done + 3))
