@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -35,7 +35,6 @@ __all__ = [
     "config_from_dict",
     "load_config",
 ]
-
 
 
 class _Loader(yaml.SafeLoader):
@@ -77,10 +76,10 @@ def _check_positive(key: str, value: Any) -> None:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    root: Optional[str] = None
+    root: str | None = None
     download: bool = False
-    cache_dir: Optional[str] = None
-    mirror: Optional[str] = None
+    cache_dir: str | None = None
+    mirror: str | None = None
     val_fraction: float = 0.0
     batch_size: int = 128
     eval_batch_size: int = 4096
@@ -109,9 +108,9 @@ class ModelConfig:
 class SparsityConfig:
     method: str = "l0"
     mode: str = "constrained"
-    targets: Union[float, list[float]] = 0.5
-    lambdas: Union[None, float, list[float]] = None
-    measure: Union[str, list[str]] = "exact"
+    targets: float | list[float] = 0.5
+    lambdas: None | float | list[float] = None
+    measure: str | list[str] = "exact"
     structure: str = "auto"
     droprate_init: float = 0.5
     beta: float = 2.0 / 3.0
@@ -157,7 +156,7 @@ class SparsityConfig:
     def target_list(self) -> list[float]:
         return [float(t) for t in self.targets] if isinstance(self.targets, list) else [float(self.targets)]
 
-    def lambda_list(self) -> Optional[list[float]]:
+    def lambda_list(self) -> list[float] | None:
         if self.lambdas is None:
             return None
         values = self.lambdas if isinstance(self.lambdas, list) else [self.lambdas]
@@ -175,7 +174,7 @@ class SparsityConfig:
 class PrimalConfig:
     name: str = "adam"
     lr: float = 1e-3
-    gate_lr: Optional[float] = None
+    gate_lr: float | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
 
@@ -220,9 +219,13 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 20
     seed: int = 0
-    threads: Optional[int] = None
+    threads: int | None = None
     device: str = "cpu"
     deterministic: bool = False
+    # Pruned units get exactly-zero gradients; Adam's moments then decay into subnormal
+    # floats, which x86 CPUs process tens of times slower. Flushing them to zero costs
+    # nothing measurable in accuracy (docs/benchmarks.md).
+    flush_denormal: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -235,11 +238,11 @@ class TrainConfig:
 class TrackingConfig:
     wandb: str = "auto"
     project: str = "constrained_sparsity"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    job_type: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
     out_dir: str = "runs"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -372,7 +375,7 @@ def read_config_dict(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from the defaults), apply overrides, validate."""
     data = read_config_dict(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, list(overrides or [])))

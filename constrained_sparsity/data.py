@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -61,7 +60,14 @@ MIRRORS = {
     "fashion_mnist": ("https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
 }
 DEFAULT_ROOTS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def default_cache_dir() -> Path:
@@ -78,8 +84,8 @@ class Dataset:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    val_x: Optional[torch.Tensor] = None
-    val_y: Optional[torch.Tensor] = None
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -159,7 +165,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _find_idx(root: Path, stem: str) -> Optional[Path]:
+def _find_idx(root: Path, stem: str) -> Path | None:
     for candidate in (root / stem, root / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
@@ -210,8 +216,8 @@ def _md5(path: Path) -> str:
 def download_idx(
     name: str,
     dest: str | Path,
-    mirrors: Optional[tuple[str, ...]] = None,
-    checksums: Optional[dict[str, str]] = None,
+    mirrors: tuple[str, ...] | None = None,
+    checksums: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Path:
     """Download the four IDX ``.gz`` files of ``name`` into ``dest`` and verify their MD5.
@@ -255,10 +261,10 @@ def download_idx(
 
 def load_dataset(
     name: str,
-    root: Optional[str] = None,
+    root: str | None = None,
     download: bool = False,
-    cache_dir: Optional[str] = None,
-    mirror: Optional[str] = None,
+    cache_dir: str | None = None,
+    mirror: str | None = None,
     val_fraction: float = 0.0,
     seed: int = 0,
 ) -> Dataset:
@@ -281,14 +287,16 @@ def load_dataset(
             found = download_idx(name, Path(root) if root else cache, mirrors=mirrors)
         if found is None:
             where = " or ".join(str(p) for p in dict.fromkeys(candidates))
-            hint = "set data.download=true" + (" or apt-get install dataset-fashion-mnist" if name == "fashion_mnist" else "")
+            hint = "set data.download=true" + (
+                " or apt-get install dataset-fashion-mnist" if name == "fashion_mnist" else ""
+            )
             raise DataError(f"{name} IDX files not found in {where}; {hint}")
         dataset = load_idx_dir(found, name)
     return dataset.split_validation(val_fraction, seed=seed)
 
 
 def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: Optional[torch.Generator] = None, start: int = 0
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None, start: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of in-memory tensors, shuffled with ``generator`` (in order if ``None``).
 

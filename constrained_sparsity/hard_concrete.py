@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -91,7 +90,7 @@ class HardConcreteGate(nn.Module):
         self.zeta = float(zeta)
         mean = math.log(1.0 - droprate_init) - math.log(droprate_init)
         self.log_alpha = nn.Parameter(torch.empty(num_gates).normal_(mean, 1e-2))
-        self._sample: Optional[torch.Tensor] = None
+        self._sample: torch.Tensor | None = None
 
     @property
     def num_gates(self) -> int:
@@ -105,7 +104,7 @@ class HardConcreteGate(nn.Module):
         """P(z != 0) = sigmoid(log_alpha - beta log(-gamma/zeta)), differentiable (eq. 12)."""
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one reparametrised gate sample z in [0, 1] (eq. 10)."""
         eps = 1e-6
         u = torch.rand(
@@ -247,7 +246,7 @@ class L0Gates:
         for layer in self._layers:
             yield layer.gate.log_alpha
 
-    def _select(self, layers: Optional[Iterable[str]]) -> list[_GatedLayer]:
+    def _select(self, layers: Iterable[str] | None) -> list[_GatedLayer]:
         if layers is None:
             return self._layers
         wanted = list(layers)
@@ -258,7 +257,7 @@ class L0Gates:
         return [by_name[n] for n in wanted]
 
     # -- measures --------------------------------------------------------------------------
-    def expected_density(self, layers: Optional[Iterable[str]] = None) -> torch.Tensor:
+    def expected_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
         """Expected proportion of active parameters, sum_j k_j P(z_j != 0) / sum_j k_j.
 
         k_j is the number of parameters gate j controls; over one layer this is the mean of
@@ -270,7 +269,7 @@ class L0Gates:
         return num / den  # type: ignore[operator]
 
     @torch.no_grad()
-    def exact_density(self, layers: Optional[Iterable[str]] = None) -> torch.Tensor:
+    def exact_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
         """Proportion of parameters whose test-time gate is non-zero (no gradient)."""
         selected = self._select(layers)
         num = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
@@ -300,13 +299,15 @@ class L0Gates:
             layer.gate.eval()
             for tensor_name in ("weight", "bias"):
                 if parametrize.is_parametrized(layer.module, tensor_name):
-                    parametrize.remove_parametrizations(layer.module, tensor_name, leave_parametrized=leave_parametrized)
+                    parametrize.remove_parametrizations(
+                        layer.module, tensor_name, leave_parametrized=leave_parametrized
+                    )
             layer.hook.remove()
             delattr(layer.module, _GATE_ATTR)
         self._layers = []
 
 
-LayerSpec = Union[None, Sequence[str], Mapping[str, str]]
+LayerSpec = Sequence[str] | Mapping[str, str] | None
 
 
 def attach_l0(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
 import cooper
 import torch
@@ -59,9 +58,9 @@ class Target:
     """
 
     epsilon: float
-    layers: Optional[tuple[str, ...]] = None
+    layers: tuple[str, ...] | None = None
     measure: str = "exact"
-    lam: Optional[float] = None
+    lam: float | None = None
     name: str = "l0_model"
 
     def __post_init__(self) -> None:
@@ -92,7 +91,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def __init__(
         self,
         model: nn.Module,
-        gates: Optional[L0Gates],
+        gates: L0Gates | None,
         targets: Sequence[Target] = (),
         mode: str = "constrained",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
@@ -167,7 +166,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=None, observed_constraints=self._constraint_states())
 
     @torch.no_grad()
-    def dual_restart_(self, cmp_state: cooper.CMPState, dual_optimizer: Optional[torch.optim.Optimizer]) -> list[str]:
+    def dual_restart_(self, cmp_state: cooper.CMPState, dual_optimizer: torch.optim.Optimizer | None) -> list[str]:
         """Reset to 0 the multipliers of strictly satisfied constraints, with their optimizer state.
 
         Dual restarts (Gallego-Posada et al. 2021; removed from Cooper 1.0): once a budget is
@@ -197,7 +196,7 @@ class PrimalOptimizer:
 
     name: str = "adam"
     lr: float = 1e-3
-    gate_lr: Optional[float] = None
+    gate_lr: float | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
 
@@ -217,12 +216,12 @@ class DualOptimizer:
 @dataclass
 class _OptimizerSet:
     cooper_optimizer: cooper.optim.CooperOptimizer
-    dual_optimizer: Optional[torch.optim.Optimizer]
+    dual_optimizer: torch.optim.Optimizer | None
     scheme: str
     extra: dict = field(default_factory=dict)
 
 
-def _primal_param_groups(model: nn.Module, gates: Optional[L0Gates], cfg: PrimalOptimizer) -> list[dict]:
+def _primal_param_groups(model: nn.Module, gates: L0Gates | None, cfg: PrimalOptimizer) -> list[dict]:
     gate_ids = {id(p) for p in gates.parameters()} if gates is not None else set()
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [{"params": weights, "weight_decay": cfg.weight_decay}]

@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["Tracker", "resolve_wandb_mode"]
 
@@ -44,11 +44,11 @@ class Tracker:
         config: dict,
         wandb_mode: str = "auto",
         project: str = "constrained_sparsity",
-        entity: Optional[str] = None,
-        group: Optional[str] = None,
-        job_type: Optional[str] = None,
-        name: Optional[str] = None,
-        run_id: Optional[str] = None,
+        entity: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        name: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -59,11 +59,11 @@ class Tracker:
             self.wandb_run = self._start_wandb(config, project, entity, group, job_type, name, run_id)
 
     @property
-    def wandb_id(self) -> Optional[str]:
+    def wandb_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     @property
-    def wandb_dir(self) -> Optional[str]:
+    def wandb_dir(self) -> str | None:
         return self.wandb_run.dir if self.wandb_run is not None else None
 
     def _start_wandb(self, config, project, entity, group, job_type, name, run_id):  # type: ignore[no-untyped-def]

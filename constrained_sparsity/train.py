@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -47,8 +47,8 @@ class RunResult:
     run_dir: Path
     epochs: int
     test_error: float
-    val_error: Optional[float]
-    feasible: Optional[bool]
+    val_error: float | None
+    feasible: bool | None
     density: dict[str, float]
     expected_density: dict[str, float]
     targets: list[dict[str, Any]]
@@ -56,7 +56,7 @@ class RunResult:
     wall_time_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
-    wandb_dir: Optional[str] = None
+    wandb_dir: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -85,7 +85,7 @@ def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
     return LeNet5Caffe(shape[0], dataset.num_classes)
 
 
-def build_sparsity(cfg: Config, model: nn.Module) -> tuple[Optional[L0Gates], list[Target]]:
+def build_sparsity(cfg: Config, model: nn.Module) -> tuple[L0Gates | None, list[Target]]:
     """Attach the gates the config asks for and turn its budgets into :class:`Target`s."""
     sp = cfg.sparsity
     if sp.method == "none":
@@ -124,9 +124,9 @@ def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[dict[str, Optional[int]]]:
+def _stop_on_signals() -> Iterator[dict[str, int | None]]:
     """Turn SIGINT / SIGTERM into a flag checked after every step (main thread only)."""
-    flag: dict[str, Optional[int]] = {"signum": None}
+    flag: dict[str, int | None] = {"signum": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -166,10 +166,10 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
 
 # -- the run ---------------------------------------------------------------------------------
 def run(
-    config: Optional[Config] = None,
-    resume: Optional[str | Path] = None,
-    overrides: Optional[list[str]] = None,
-    run_dir: Optional[str | Path] = None,
+    config: Config | None = None,
+    resume: str | Path | None = None,
+    overrides: list[str] | None = None,
+    run_dir: str | Path | None = None,
 ) -> RunResult:
     """Train a sparse network as the config declares, or resume the run in ``resume``.
 
@@ -193,6 +193,8 @@ def run(
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.flush_denormal:
+        torch.set_flush_denormal(True)  # returns False where the CPU cannot; harmless then
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = torch.device(cfg.train.device)
@@ -293,7 +295,7 @@ class _Loop:
         self.out: Path = out
         self.dataset: Dataset = dataset
         self.model: nn.Module = model
-        self.gates: Optional[L0Gates] = gates
+        self.gates: L0Gates | None = gates
         self.problem: SparsityProblem = problem
         self.optimizers = optimizers
         self.data_gen: torch.Generator = data_gen
@@ -353,7 +355,9 @@ class _Loop:
                     result = train_step(self.problem, self.optimizers, xb, yb, cfg.sparsity.dual_restarts)
                     loss = result["loss"]
                     if not math.isfinite(float(loss)):
-                        last = f"{self.out / CHECKPOINT} (epoch {epoch})" if (self.out / CHECKPOINT).exists() else "none"
+                        last = (
+                            f"{self.out / CHECKPOINT} (epoch {epoch})" if (self.out / CHECKPOINT).exists() else "none"
+                        )
                         raise TrainingDiverged(
                             f"loss became {float(loss)} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
                             f"training stopped; last good checkpoint: {last}"
@@ -508,8 +512,10 @@ def format_report(result: RunResult) -> str:
             )
         model_target = next((t for t in result.targets if t["layers"] == "model"), None)
         eps = f"{model_target['epsilon']:.3f}" if model_target else "-"
+        params = sum(r["params"] for r in result.layers)
+        active = sum(r["active_params"] for r in result.layers)
         lines.append(
-            f"{'model':<12}{sum(r['params'] for r in result.layers):>8}{sum(r['active_params'] for r in result.layers):>8}"
+            f"{'model':<12}{params:>8}{active:>8}"
             f"{result.density['model']:>10.3f}{result.expected_density['model']:>10.3f}{eps:>8}   (parameters)"
         )
     for t in result.targets:
@@ -525,4 +531,3 @@ def format_report(result: RunResult) -> str:
     if result.wandb_dir:
         lines.append(f"W&B files: {Path(result.wandb_dir).parent}")
     return "\n".join(lines)
-

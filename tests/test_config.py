@@ -92,7 +92,9 @@ def _cli(*args, cwd=ROOT):
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(override, message, tmp_path):
-    proc = _cli("train", "configs/digits_mlp_l0.yaml", override, f"tracking.out_dir={tmp_path}", "tracking.wandb=disabled")
+    proc = _cli(
+        "train", "configs/digits_mlp_l0.yaml", override, f"tracking.out_dir={tmp_path}", "tracking.wandb=disabled"
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: {message}"
     assert "Traceback" not in proc.stderr

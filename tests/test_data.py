@@ -138,7 +138,9 @@ def test_download_checksum_mismatch_leaves_no_file(tmp_path):
     checksums["train-images-idx3-ubyte.gz"] = "0" * 32
     dest = tmp_path / "cache"
     with _http_server(served) as url:
-        with pytest.raises(DataError, match="checksum mismatch for .*train-images-idx3-ubyte.gz: md5 [0-9a-f]{32}, expected 0{32}"):
+        with pytest.raises(
+            DataError, match="checksum mismatch for .*train-images-idx3-ubyte.gz: md5 [0-9a-f]{32}, expected 0{32}"
+        ):
             download_idx("mnist", dest, mirrors=(url,), checksums=checksums, timeout=10)
     assert not (dest / "train-images-idx3-ubyte.gz").exists()
     assert not list(dest.glob(".*part"))

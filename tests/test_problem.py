@@ -158,4 +158,11 @@ def test_bad_targets_and_problems_are_refused():
     with pytest.raises(ValueError, match="not gated"):
         SparsityProblem(model, gates, [Target(0.3, layers=("fc9",))])
     with pytest.raises(ValueError, match="primal optimizer name='rmsprop'"):
-        build_optimizer(SparsityProblem(model, gates, [Target(0.3)], ), PrimalOptimizer("rmsprop"))
+        build_optimizer(
+            SparsityProblem(
+                model,
+                gates,
+                [Target(0.3)],
+            ),
+            PrimalOptimizer("rmsprop"),
+        )
