@@ -280,7 +280,7 @@ def load_dataset(
         dataset = load_digits()
     else:
         cache = Path(cache_dir) if cache_dir else default_cache_dir() / name
-        candidates = [Path(root)] if root else [p for p in (Path(DEFAULT_ROOTS.get(name, cache)), cache)]
+        candidates = [Path(root)] if root else [Path(DEFAULT_ROOTS.get(name, cache)), cache]
         found = next((p for p in candidates if p.is_dir() and _find_idx(p, IDX_FILES["train_images"])), None)
         if found is None and download:
             mirrors = (mirror,) if mirror else None

@@ -280,15 +280,16 @@ class L0Gates:
     def report(self) -> list[LayerReport]:
         rows = []
         for layer in self._layers:
+            active = int(layer.gate.active().sum())
             rows.append(
                 LayerReport(
                     name=layer.name,
                     structure=layer.structure,
                     gates=layer.gate.num_gates,
-                    active_gates=int(layer.gate.active().sum()),
+                    active_gates=active,
                     params_per_gate=layer.params_per_gate,
                     expected_density=float(layer.gate.prob_nonzero().mean()),
-                    exact_density=float(layer.gate.active().float().mean()),
+                    exact_density=active / layer.gate.num_gates,
                 )
             )
         return rows

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cooper
 import torch
@@ -218,7 +218,6 @@ class _OptimizerSet:
     cooper_optimizer: cooper.optim.CooperOptimizer
     dual_optimizer: torch.optim.Optimizer | None
     scheme: str
-    extra: dict = field(default_factory=dict)
 
 
 def _primal_param_groups(model: nn.Module, gates: L0Gates | None, cfg: PrimalOptimizer) -> list[dict]:

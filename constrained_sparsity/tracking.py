@@ -108,12 +108,6 @@ class Tracker:
             for key, value in values.items():
                 self.wandb_run.summary[key] = value
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        if self.wandb_run is not None:
-            import wandb
-
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
-
     def finish(self, exit_code: int = 0) -> None:
         self._jsonl.close()
         if self.wandb_run is not None:

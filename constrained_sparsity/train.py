@@ -455,9 +455,7 @@ class _Loop:
                     "layers": list(target.layers) if target.layers else "model",
                     "epsilon": target.epsilon,
                     "measure": target.measure,
-                    "exact_density": measures[f"constraint/{target.name}/strict_violation"] + target.epsilon
-                    if target.measure == "exact"
-                    else float(self.gates.exact_density(target.layers)),  # type: ignore[union-attr]
+                    "exact_density": float(self.gates.exact_density(target.layers)),  # type: ignore[union-attr]
                     "expected_density": measures[f"constraint/{target.name}/violation"] + target.epsilon,
                     "feasible": measures[f"constraint/{target.name}/feasible"],
                     "multiplier": measures[f"constraint/{target.name}/multiplier"],
