@@ -33,6 +33,13 @@ def _run(config: str, overrides: list[str]) -> cs.RunResult:
     return cs.run(cfg)
 
 
+def _returned(r: dict, epochs: int) -> str:
+    last = r["last_iterate"]
+    if last is None or r["selected_epoch"] in (None, epochs):
+        return "last" if last is None or r["selected_epoch"] == epochs else "last (none feasible)"
+    return f"epoch {r['selected_epoch']} (last: density {last['density']:.4f}, error {100 * last['test_error']:.2f} %)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -76,6 +83,8 @@ def main() -> int:
             "feasible_epochs": sum(bool(row.get("constraint/l0_model/feasible")) for row in result.history),
             "layers": {row["name"]: f"{row['active_gates']}/{row['gates']}" for row in result.layers},
             "multiplier_final": result.multipliers.get("l0_model"),
+            "selected_epoch": result.selected_epoch,
+            "last_iterate": result.last_iterate,
             "run_dir": str(result.run_dir),
         }
         print(key, json.dumps(results[key]), flush=True)
@@ -94,8 +103,8 @@ def main() -> int:
         f"machine: {report['machine']}, epochs: {args.epochs}",
         "",
         "| run | s/epoch | test error | exact density | expected density | first epoch ≤ ε | feasible epochs | "
-        "feasible at end | active gates |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "feasible at end | returned iterate | active gates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         dens = "-" if r["density"] is None else f"{r['density']:.4f}"
@@ -103,6 +112,7 @@ def main() -> int:
         lines.append(
             f"| {key} | {r['s_per_epoch']:.2f} | {100 * r['test_error']:.2f} % | {dens} | {exp} | "
             f"{r['first_epoch_meeting_eps'] or '-'} | {r['feasible_epochs']}/{args.epochs} | {r['feasible']} | "
+            f"{_returned(r, args.epochs)} | "
             f"{' '.join(f'{k}:{v}' for k, v in r['layers'].items()) or '-'} |"
         )
     lines += [

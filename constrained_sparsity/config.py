@@ -96,12 +96,42 @@ class DataConfig:
 class ModelConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [300, 100])
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, MODELS)
+        _check_choice("model.activation", self.activation, ("relu", "tanh", "sigmoid"))
         for width in self.hidden:
             if width <= 0:
                 raise _fail("model.hidden", self.hidden, "widths should be positive integers")
+
+
+@dataclass
+class LayersConfig:
+    """Layer sparsity (Hebiri & Lederer 2020): at most ``max_layers`` linear layers after merging."""
+
+    max_layers: int | None = None  # null: layer sparsity off
+    lam: float | None = None  # the frozen multiplier in penalized mode
+    weights: float | list[float] = 1.0  # r_j, one for all regularised layers or one per layer
+    eligible: list[str] | None = None  # layers to regularise; null: every mergeable one
+    input_nonnegative: bool | None = None  # null: decided from the training data
+    dual_restarts: bool = False
+    refit_epochs: int = 0  # after training: merge, then retrain the shallower net this long
+
+    def __post_init__(self) -> None:
+        if self.max_layers is not None and self.max_layers < 0:
+            raise _fail("sparsity.layers.max_layers", self.max_layers, "should be >= 0")
+        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
+            raise _fail("sparsity.layers.lam", self.lam, "should be >= 0")
+        ws = self.weights if isinstance(self.weights, list) else [self.weights]
+        if any(w < 0 for w in ws):
+            raise _fail("sparsity.layers.weights", self.weights, "should be >= 0")
+        if self.refit_epochs < 0:
+            raise _fail("sparsity.layers.refit_epochs", self.refit_epochs, "should be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_layers is not None
 
 
 @dataclass
@@ -118,9 +148,12 @@ class SparsityConfig:
     zeta: float = 1.1
     lambda_init: float = 0.0
     dual_restarts: bool = True
+    layers: LayersConfig = field(default_factory=LayersConfig)
 
     def __post_init__(self) -> None:
         _check_choice("sparsity.method", self.method, METHODS)
+        if self.layers.enabled and self.mode == "penalized" and self.layers.lam is None:
+            raise _fail("sparsity.layers.lam", None, "penalized mode needs a lambda for the layer budget")
         _check_choice("sparsity.mode", self.mode, MODES)
         _check_choice("sparsity.structure", self.structure, GATE_STRUCTURES)
         for eps in self.target_list():
@@ -215,6 +248,9 @@ class OptimConfig:
             raise _fail("optim.dual.name", "nupi", "cannot be combined with optim.scheme=extrapolation")
 
 
+SELECT_MODES = ("last", "last_feasible", "best_feasible")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 20
@@ -226,8 +262,12 @@ class TrainConfig:
     # floats, which x86 CPUs process tens of times slower. Flushing them to zero costs
     # nothing measurable in accuracy (docs/benchmarks.md).
     flush_denormal: bool = True
+    # Which iterate the run returns: the last one, the last one that met every budget, or
+    # the feasible one with the lowest validation error (needs data.val_fraction > 0).
+    select: str = "last"
 
     def __post_init__(self) -> None:
+        _check_choice("train.select", self.select, SELECT_MODES)
         if self.epochs < 0:
             raise _fail("train.epochs", self.epochs, "should be >= 0")
         if self.threads is not None and self.threads <= 0:
@@ -264,6 +304,22 @@ class Config:
     def __post_init__(self) -> None:
         if self.model.name == "lenet5" and self.data.name == "digits":
             raise _fail("model.name", "lenet5", "needs 28x28 images (mnist or fashion_mnist), not digits")
+        if (self.sparsity.layers.enabled or self.sparsity.layers.refit_epochs) and self.model.activation != "relu":
+            raise _fail(
+                "model.activation", self.model.activation, "layer sparsity merges layers, which needs ReLU activations"
+            )
+        if self.sparsity.layers.refit_epochs and not self.sparsity.layers.enabled:
+            raise _fail(
+                "sparsity.layers.refit_epochs", self.sparsity.layers.refit_epochs, "needs sparsity.layers.max_layers"
+            )
+        if self.sparsity.layers.enabled and self.model.name != "mlp":
+            raise _fail(
+                "sparsity.layers.max_layers", self.sparsity.layers.max_layers, "layer sparsity needs model.name=mlp"
+            )
+        if self.train.select == "best_feasible" and self.data.val_fraction <= 0:
+            raise _fail(
+                "train.select", "best_feasible", "needs a validation split (data.val_fraction > 0) to rank iterates"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

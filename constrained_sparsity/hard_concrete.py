@@ -36,7 +36,9 @@ mean of P(z != 0), the *exact* (test-time) density is the proportion of gates wi
 
 from __future__ import annotations
 
+import copy
 import math
+import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +52,7 @@ __all__ = [
     "L0Gates",
     "LayerReport",
     "attach_l0",
+    "fold_l0",
 ]
 
 GATE_STRUCTURES = ("auto", "input", "output", "weight")
@@ -122,6 +125,19 @@ class HardConcreteGate(nn.Module):
         """Boolean mask of gates that are non-zero at test time."""
         return self.deterministic() > 0
 
+    @torch.no_grad()
+    def sample_with_derivative(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample z (as :meth:`sample`, no autograd) and ``dz/dlog_alpha`` elementwise.
+
+        ``dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta`` where the clamp is inactive, else 0.
+        """
+        u = torch.rand(self.log_alpha.shape, device=self.log_alpha.device, dtype=self.log_alpha.dtype)
+        s = torch.logit(u, eps=1e-6).add_(self.log_alpha).div_(self.beta).sigmoid_()
+        span = self.zeta - self.gamma
+        z = s.mul(span).add_(self.gamma)
+        dz = (s - s * s).mul_(span / self.beta).mul_((z > 0) & (z < 1))
+        return z.clamp_(0.0, 1.0), dz
+
     def __getstate__(self) -> dict:
         # The cached sample belongs to one forward pass (a non-leaf tensor): never copy it.
         state = self.__dict__.copy()
@@ -158,9 +174,76 @@ class _GateMultiply(nn.Module):
         return x * self.gate().view(self.view_shape)
 
 
+class _InputGatedLinear(torch.autograd.Function):
+    """``linear(x * z, W, b)`` with ``z`` a gate sample, on the columns where ``z != 0`` only.
+
+    Equal in value and gradients to the parametrized layer ``linear(x, W * z(log_alpha), b)``,
+    but one autograd node instead of about fifteen small ones, and cheaper as the layer gets
+    sparser: a column with ``z_j = 0`` contributes nothing to the output, receives a zero
+    weight gradient (``dW = G * z``), and its gate gets no gradient either, because a
+    hard-concrete gate is exactly 0 only where the clamp is active (``dz/dlog_alpha = 0``).
+    ``dz`` is ``dz/dlog_alpha`` of the sample (0 where clamped), computed with it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, log_alpha, z, dz):  # type: ignore[override]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        idx = torch.nonzero(z).squeeze(1)
+        full = idx.numel() == z.numel()
+        if full:
+            x_s, z_s, dz_s, w_s = x2, z, dz, weight
+        else:
+            x_s, z_s, dz_s = x2.index_select(1, idx), z.index_select(0, idx), dz.index_select(0, idx)
+            w_s = weight.index_select(1, idx)
+        w_eff = w_s * z_s
+        out = torch.nn.functional.linear(x_s, w_eff, bias)
+        ctx.save_for_backward(x_s, z_s, dz_s, w_s, w_eff, idx)
+        ctx.full = full
+        ctx.shapes = (x2.shape, weight.shape, z.shape)
+        ctx.has_bias = bias is not None
+        return out.reshape(*lead, out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x_s, z_s, dz_s, w_s, w_eff, idx = ctx.saved_tensors
+        x_shape, w_shape, z_shape = ctx.shapes
+        full = ctx.full
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = grad_la = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ w_eff
+            grad_x = gx if full else g.new_zeros(x_shape).index_copy_(1, idx, gx)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], x_shape[1])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            m = g.t() @ x_s  # gradient of the gated weight, active columns only
+            if ctx.needs_input_grad[1]:
+                gw = m * z_s
+                grad_w = gw if full else m.new_zeros(w_shape).index_copy_(1, idx, gw)
+            if ctx.needs_input_grad[3]:
+                gla = (m * w_s).sum(0).mul_(dz_s)
+                grad_la = gla if full else m.new_zeros(z_shape).index_copy_(0, idx, gla)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, grad_la, None, None
+
+
+def _input_gated_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # Bound as the instance's ``forward`` by attach_l0 (fast=True). In training mode the
+    # gate sample and its derivative are drawn here, without autograd, and the gated matrix
+    # product is one autograd node; ``self.weight`` (the parametrization) stays the public
+    # gated weight. In eval mode the parametrized path is used.
+    gate: HardConcreteGate = getattr(self, _GATE_ATTR)
+    if not gate.training:
+        return nn.functional.linear(x, self.weight, self.bias)
+    z, dz = gate.sample_with_derivative()
+    gate._sample = z
+    return _InputGatedLinear.apply(x, self.parametrizations.weight.original, self.bias, gate.log_alpha, z, dz)
+
+
 def _resample_hook(module: nn.Module, args: object) -> None:
     gate = getattr(module, _GATE_ATTR)
-    if gate.training:
+    if gate.training and "forward" not in module.__dict__:  # the fast forward samples itself
         gate.resample()
 
 
@@ -304,6 +387,7 @@ class L0Gates:
                         layer.module, tensor_name, leave_parametrized=leave_parametrized
                     )
             layer.hook.remove()
+            layer.module.__dict__.pop("forward", None)
             delattr(layer.module, _GATE_ATTR)
         self._layers = []
 
@@ -319,6 +403,7 @@ def attach_l0(
     beta: float = 2.0 / 3.0,
     gamma: float = -0.1,
     zeta: float = 1.1,
+    fast: bool = True,
 ) -> L0Gates:
     """Attach hard-concrete L0 gates to layers of ``model``.
 
@@ -329,6 +414,9 @@ def attach_l0(
         structure: ``"input"``, ``"output"``, ``"weight"`` or ``"auto"`` (input-neuron gates
             for linear layers, output-channel gates for convolutions, as in Louizos et al.).
         droprate_init, beta, gamma, zeta: see :class:`HardConcreteGate`.
+        fast: for input-gated ``nn.Linear`` layers, compute the forward and backward pass on
+            the columns whose gate is non-zero only (same values and gradients as the
+            parametrized weight; training gets faster as the layer gets sparser).
 
     Returns:
         The :class:`L0Gates` handle, in the order the layers appear in the model.
@@ -350,14 +438,40 @@ def attach_l0(
             raise ValueError(f"layer {name!r} already has L0 gates")
         kind = _resolve_structure(module, chosen[name], name)
         num_gates, ppg, view_shape, gates_bias = _gate_layout(module, kind, name)
-        gate = HardConcreteGate(num_gates, droprate_init, beta, gamma, zeta).to(module.weight.device)
+        gate = HardConcreteGate(num_gates, droprate_init, beta, gamma, zeta).to(
+            module.weight.device, module.weight.dtype
+        )
         setattr(module, _GATE_ATTR, gate)
         parametrize.register_parametrization(module, "weight", _GateMultiply(gate, view_shape))
         if gates_bias:
             parametrize.register_parametrization(module, "bias", _GateMultiply(gate, (-1,)))
         hook = module.register_forward_pre_hook(_resample_hook)
+        if kind == "input" and isinstance(module, nn.Linear) and fast:
+            module.forward = types.MethodType(_input_gated_linear_forward, module)
         gated.append(_GatedLayer(name, module, gate, kind, ppg, hook))
     missing = sorted(set(chosen) - {g.name for g in gated})
     if missing:
         raise ValueError(f"layers={missing} not found in the model; available: {sorted(n for n in modules if n)}")
     return L0Gates(gated)
+
+
+@torch.no_grad()
+def fold_l0(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every L0 gate folded into its weights at the test-time value.
+
+    The copy is a plain module of the original layer classes (no parametrization, no hook,
+    no gate parameter); the original is left untouched.
+    """
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not hasattr(module, _GATE_ATTR):
+            continue
+        for tensor_name in ("weight", "bias"):
+            if parametrize.is_parametrized(module, tensor_name):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _resample_hook:
+                del module._forward_pre_hooks[key]
+        module.__dict__.pop("forward", None)
+        delattr(module, _GATE_ATTR)
+    return folded

@@ -7,22 +7,26 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["MLP", "LeNet5Caffe"]
+__all__ = ["ACTIVATIONS", "MLP", "LeNet5Caffe"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 class MLP(nn.Sequential):
-    """Fully connected ReLU network; linear layers are named ``fc1 .. fcK``.
+    """Fully connected network (ReLU by default); linear layers are named ``fc1 .. fcK``.
 
     ``MLP(784, [300, 100], 10)`` is the 784-300-100 network of Louizos et al. (2018).
     Inputs of any shape ``(N, ...)`` are flattened.
     """
 
-    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "relu") -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} should be one of {sorted(ACTIVATIONS)}")
         layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         widths = [in_features, *hidden]
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
             layers[f"fc{i}"] = nn.Linear(a, b)
-            layers[f"relu{i}"] = nn.ReLU()
+            layers[f"relu{i}" if activation == "relu" else f"act{i}"] = ACTIVATIONS[activation]()
         layers[f"fc{len(widths)}"] = nn.Linear(widths[-1], num_classes)
         super().__init__(layers)
 

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hard_concrete import L0Gates
+from .layer_sparsity import LayerSparsity
 
 __all__ = [
     "DualOptimizer",
+    "LayerTarget",
     "PrimalOptimizer",
     "SCHEMES",
     "SparsityProblem",
@@ -74,6 +76,33 @@ class Target:
             object.__setattr__(self, "layers", tuple(self.layers))
 
 
+@dataclass(frozen=True)
+class LayerTarget:
+    """A budget on depth: at most ``max_layers`` linear layers once mergeable layers are merged.
+
+    The exact depth moves the multiplier (``strict_violation = depth - max_layers``); the
+    weights feel the budget through the proximal step on the negative parts, of strength
+    ``primal_lr * lambda * r_j`` (Hebiri & Lederer 2020), applied after every primal step.
+
+    Args:
+        max_layers: k, the most linear layers the merged network may have.
+        lam: the frozen multiplier in penalized mode.
+        restarts: reset the multiplier to 0 when the depth is strictly under k.
+        name: constraint name used in metrics.
+    """
+
+    max_layers: int
+    lam: float | None = None
+    restarts: bool = False
+    name: str = "layers"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_layers, bool) or not isinstance(self.max_layers, int) or self.max_layers < 0:
+            raise ValueError(f"max_layers={self.max_layers!r} should be an integer >= 0")
+        if self.lam is not None and (not math.isfinite(self.lam) or self.lam < 0):
+            raise ValueError(f"lam={self.lam!r} should be a finite number >= 0")
+
+
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     """Cooper CMP: task loss plus one inequality constraint per :class:`Target`.
 
@@ -92,29 +121,40 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         self,
         model: nn.Module,
         gates: L0Gates | None,
-        targets: Sequence[Target] = (),
+        targets: Sequence[Target | LayerTarget] = (),
         mode: str = "constrained",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
         lambda_init: float = 0.0,
+        layers: LayerSparsity | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} should be one of {MODES}")
         if lambda_init < 0:
             raise ValueError(f"lambda_init={lambda_init} should be >= 0")
-        if targets and gates is None:
-            raise ValueError("targets were declared but no gates are attached")
+        if any(isinstance(t, Target) for t in targets) and gates is None:
+            raise ValueError("L0 targets were declared but no gates are attached")
+        if any(isinstance(t, LayerTarget) for t in targets):
+            if layers is None:
+                raise ValueError("a LayerTarget was declared but no layer sparsity is attached (layers=...)")
+            for t in targets:
+                if isinstance(t, LayerTarget) and not layers.min_depth <= t.max_layers <= layers.num_linear:
+                    raise ValueError(
+                        f"max_layers={t.max_layers} should be between {layers.min_depth} (every regularised "
+                        f"layer merged) and {layers.num_linear} (the number of linear layers)"
+                    )
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ValueError(f"target names {names} must be unique")
         self.model = model
         self.gates = gates
+        self.layers = layers
         self.mode = mode
         self.loss_fn = loss_fn
         self.targets = tuple(targets)
         self._constraints_in_order: list[cooper.Constraint] = []
         for target in self.targets:
-            if gates is not None and target.layers is not None:
+            if isinstance(target, Target) and gates is not None and target.layers is not None:
                 gates.expected_density(target.layers)  # validates the layer names
             if mode == "penalized":
                 if target.lam is None:
@@ -134,7 +174,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def learns_multipliers(self) -> bool:
         return self.mode == "constrained"
 
-    def ordered_constraints(self) -> list[tuple[Target, cooper.Constraint]]:
+    def ordered_constraints(self) -> list[tuple[Target | LayerTarget, cooper.Constraint]]:
         """(target, constraint) pairs in declaration order (checkpoint slots follow it)."""
         return list(zip(self.targets, self._constraints_in_order))
 
@@ -142,9 +182,15 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return {t.name: float(c.multiplier.weight.detach()[0]) for t, c in self.ordered_constraints()}
 
     def _constraint_states(self) -> dict[cooper.Constraint, cooper.ConstraintState]:
-        assert self.gates is not None or not self.targets
         states = {}
         for target, constraint in self.ordered_constraints():
+            if isinstance(target, LayerTarget):
+                # No differentiable term: the regulariser acts through the proximal step.
+                excess = torch.tensor([float(self.layers.depth() - target.max_layers)])  # type: ignore[union-attr]
+                states[constraint] = cooper.ConstraintState(
+                    violation=excess, strict_violation=excess, contributes_to_dual_update=self.learns_multipliers
+                )
+                continue
             expected = self.gates.expected_density(target.layers)  # type: ignore[union-attr]
             strict = None
             if target.measure == "exact":
@@ -166,6 +212,17 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=None, observed_constraints=self._constraint_states())
 
     @torch.no_grad()
+    def proximal_step_(self, lr: float) -> None:
+        """The proximal step of every layer-sparsity target: threshold ``lr * lambda * r_j``."""
+        if self.layers is None:
+            return
+        for target, constraint in self.ordered_constraints():
+            if isinstance(target, LayerTarget):
+                lam = float(constraint.multiplier.weight.detach()[0])
+                if lam > 0:
+                    self.layers.prox_(lr * lam)
+
+    @torch.no_grad()
     def dual_restart_(self, cmp_state: cooper.CMPState, dual_optimizer: torch.optim.Optimizer | None) -> list[str]:
         """Reset to 0 the multipliers of strictly satisfied constraints, with their optimizer state.
 
@@ -177,6 +234,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             return []
         restarted = []
         for target, constraint in self.ordered_constraints():
+            if isinstance(target, LayerTarget) and not target.restarts:
+                continue
             state = cmp_state.observed_constraints.get(constraint)
             if state is None:
                 continue
@@ -219,6 +278,11 @@ class _OptimizerSet:
     dual_optimizer: torch.optim.Optimizer | None
     scheme: str
 
+    @property
+    def primal_lr(self) -> float:
+        """The learning rate of the weights (first parameter group), read at every step."""
+        return float(self.cooper_optimizer.primal_optimizers[0].param_groups[0]["lr"])
+
 
 def _primal_param_groups(model: nn.Module, gates: L0Gates | None, cfg: PrimalOptimizer) -> list[dict]:
     gate_ids = {id(p) for p in gates.parameters()} if gates is not None else set()
@@ -248,7 +312,7 @@ def build_optimizer(
     extra = scheme == "extrapolation"
     if primal.name == "adam":
         cls = cooper.optim.ExtraAdam if extra else torch.optim.Adam
-        primal_opt = cls(groups, lr=primal.lr)
+        primal_opt = cls(groups, lr=primal.lr, **({} if extra else {"fused": True}))
     elif primal.name == "sgd":
         cls = cooper.optim.ExtraSGD if extra else torch.optim.SGD
         primal_opt = cls(groups, lr=primal.lr, momentum=primal.momentum)
@@ -301,6 +365,8 @@ def train_step(
         rollout = optimizers.cooper_optimizer.roll(compute_cmp_state_kwargs=kwargs, compute_violations_kwargs=kwargs)
     else:
         rollout = optimizers.cooper_optimizer.roll(compute_cmp_state_kwargs=kwargs)
+    if problem.layers is not None:
+        problem.proximal_step_(optimizers.primal_lr)
     restarted: list[str] = []
     if dual_restarts:
         restarted = problem.dual_restart_(rollout.cmp_state, optimizers.dual_optimizer)

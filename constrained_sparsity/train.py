@@ -28,13 +28,23 @@ from .config import Config, apply_overrides, config_from_dict, read_config_dict
 from .data import Dataset, batches, load_dataset
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .hard_concrete import L0Gates, attach_l0
+from .layer_sparsity import LayerSparsity, attach_layer_sparsity, merge_layers
 from .models import MLP, LeNet5Caffe
-from .problem import DualOptimizer, PrimalOptimizer, SparsityProblem, Target, build_optimizer, train_step
+from .problem import (
+    DualOptimizer,
+    LayerTarget,
+    PrimalOptimizer,
+    SparsityProblem,
+    Target,
+    build_optimizer,
+    train_step,
+)
 from .tracking import Tracker
 
 __all__ = ["RunResult", "build_model", "build_sparsity", "error_rate", "format_report", "run"]
 
 CHECKPOINT = "checkpoint.pt"
+SELECTED = "selected_model.pt"
 CHECKPOINT_VERSION = 1
 # Keys that may change when a run is resumed; anything else would change the experiment.
 RESUMABLE_KEYS = ("train.epochs", "tracking.")
@@ -57,6 +67,12 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     wandb_dir: str | None = None
+    # Iterate selection (train.select): the epoch whose weights this result describes, and
+    # what the last iterate measured when another one was selected.
+    selected_epoch: int | None = None
+    last_iterate: dict[str, Any] | None = None
+    # Layer sparsity: the merged network and its refit (sparsity.layers.refit_epochs).
+    refit: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -72,6 +88,9 @@ class RunResult:
             "layers": self.layers,
             "wall_time_s": self.wall_time_s,
             "wandb_dir": self.wandb_dir,
+            "selected_epoch": self.selected_epoch,
+            "last_iterate": self.last_iterate,
+            "refit": self.refit,
         }
 
 
@@ -79,10 +98,36 @@ class RunResult:
 def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
     shape = dataset.input_shape
     if cfg.model.name == "mlp":
-        return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes)
+        return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
     if shape[1:] != (28, 28):
         raise ConfigError(f"model.name='lenet5' needs 1x28x28 images; dataset {dataset.name!r} has {shape}")
     return LeNet5Caffe(shape[0], dataset.num_classes)
+
+
+def build_layer_sparsity(
+    cfg: Config, model: nn.Module, dataset: Dataset | None = None
+) -> tuple[LayerSparsity | None, list[LayerTarget]]:
+    """The layer-sparsity declaration of the config (``sparsity.layers``), if any."""
+    lc = cfg.sparsity.layers
+    if not lc.enabled:
+        return None, []
+    nonneg = lc.input_nonnegative
+    if nonneg is None:
+        nonneg = dataset is not None and bool(dataset.train_x.min() >= 0)
+    try:
+        layers = attach_layer_sparsity(model, lc.eligible, lc.weights, input_nonnegative=nonneg)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        key = "sparsity.layers.weights" if "weights" in str(exc) else "sparsity.layers.eligible"
+        raise ConfigError(f"{key}: {exc}") from None
+    k = lc.max_layers
+    assert k is not None
+    if not layers.min_depth <= k <= layers.num_linear:
+        raise ConfigError(
+            f"sparsity.layers.max_layers={k}: should be between {layers.min_depth} (every regularised layer "
+            f"merged) and {layers.num_linear} (the model's linear layers)"
+        )
+    lam = lc.lam if cfg.sparsity.mode == "penalized" else None
+    return layers, [LayerTarget(k, lam=lam, restarts=lc.dual_restarts, name="layers")]
 
 
 def build_sparsity(cfg: Config, model: nn.Module) -> tuple[L0Gates | None, list[Target]]:
@@ -211,7 +256,15 @@ def run(
     ).to(device)
     model = build_model(cfg, dataset).to(device)
     gates, targets = build_sparsity(cfg, model)
-    problem = SparsityProblem(model, gates, targets, mode=cfg.sparsity.mode, lambda_init=cfg.sparsity.lambda_init)
+    layer_sparsity, layer_targets = build_layer_sparsity(cfg, model, dataset)
+    problem = SparsityProblem(
+        model,
+        gates,
+        [*targets, *layer_targets],
+        mode=cfg.sparsity.mode,
+        lambda_init=cfg.sparsity.lambda_init,
+        layers=layer_sparsity,
+    )
     problem.to(device)
     p, d = cfg.optim.primal, cfg.optim.dual
     optimizers = build_optimizer(
@@ -237,6 +290,7 @@ def run(
         epoch_data_state = checkpoint["epoch_data_rng"]
         epoch, step_in_epoch, global_step = checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]
         wandb_id = checkpoint.get("wandb_id") or None
+        selected = checkpoint.get("selected") or None
         history = _read_history(out / "metrics.jsonl")
     else:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -253,16 +307,23 @@ def run(
         run_id=wandb_id,
     )
     state = _Loop(cfg, out, dataset, model, gates, problem, optimizers, data_gen, tracker, history)
+    refit: dict[str, Any] | None = None
+    if checkpoint is not None:
+        state.selected = selected
     exit_code = 1
     try:
         with _stop_on_signals() as stop:
             state.train(epoch, step_in_epoch, global_step, epoch_data_state, stop)
         exit_code = 0
+        state.finish_selection()
+        if cfg.sparsity.layers.enabled:
+            refit = merge_and_refit(state.model, cfg, dataset, tracker, out, first_epoch=state.epoch + 1)
     except TrainingInterrupted:
         exit_code = 0  # a clean stop: the run can be resumed
         raise
     finally:
         result = state.result(time.perf_counter() - start)
+        result.refit = refit
         tracker.summary(_wandb_summary(result))
         tracker.finish(exit_code=exit_code)
         (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
@@ -272,13 +333,110 @@ def run(
 def _read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if "refit/epoch" not in row]
+
+
+def _count_linear(model: nn.Module) -> tuple[int, int]:
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return len(layers), sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in layers)
+
+
+def merge_and_refit(
+    model: nn.Module, cfg: Config, dataset: Dataset, tracker: Tracker | None, out: Path, first_epoch: int = 1
+) -> dict[str, Any]:
+    """Merge the mergeable layers of the trained ``model`` and refit the shallower network.
+
+    L0 gates are folded in first, and their zeros are kept through the refit (a fixed
+    ``torch.nn.utils.prune`` mask). Writes ``merged_model.pt`` (before refitting) and
+    ``refit_model.pt`` into ``out``: ``{"layers": [...], "state_dict": ...}``, plain
+    ``nn.Linear`` / ``nn.ReLU`` / ``nn.Flatten`` layers. Returns what it measured.
+    """
+    from torch.nn.utils import prune
+
+    from .hard_concrete import fold_l0
+
+    lc = cfg.sparsity.layers
+    nonneg = lc.input_nonnegative
+    if nonneg is None:
+        nonneg = bool(dataset.train_x.min() >= 0)
+    folded = fold_l0(model)
+    merged = merge_layers(folded, input_nonnegative=nonneg)  # type: ignore[arg-type]
+    bs = cfg.data.eval_batch_size
+    with torch.no_grad():
+        diff = 0.0
+        for xb, _ in batches(dataset.test_x, dataset.test_y, bs):
+            diff = max(diff, float((folded(xb) - merged(xb)).abs().max()))
+    depth_before, params_before = _count_linear(folded)
+    depth_after, params_after = _count_linear(merged)
+    info: dict[str, Any] = {
+        "depth_before": depth_before,
+        "depth_after": depth_after,
+        "params_before": params_before,
+        "params_after": params_after,
+        "test_error_before": error_rate(folded, dataset.test_x, dataset.test_y, bs),
+        "test_error_merged": error_rate(merged, dataset.test_x, dataset.test_y, bs),
+        "max_abs_diff_merged": diff,
+        "widths": [m.out_features for m in merged.modules() if isinstance(m, nn.Linear)],
+    }
+    _save_sequential(merged, out / "merged_model.pt")
+    info["refit_epochs"] = lc.refit_epochs
+    if lc.refit_epochs == 0:
+        return info
+    keep_zeros = cfg.sparsity.method != "none"
+    linears = [m for m in merged.modules() if isinstance(m, nn.Linear)]
+    if keep_zeros:
+        for m in linears:
+            prune.custom_from_mask(m, "weight", mask=(m.weight != 0))
+    merged.train()
+    opt = torch.optim.Adam(merged.parameters(), lr=cfg.optim.primal.lr)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 2)
+    for epoch in range(1, lc.refit_epochs + 1):
+        t0 = time.perf_counter()
+        loss_sum, steps = torch.zeros(()), 0
+        for xb, yb in batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(merged(xb), yb)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            steps += 1
+        row = {
+            "epoch": first_epoch - 1 + epoch,
+            "refit/epoch": epoch,
+            "refit/train_loss": float(loss_sum) / max(steps, 1),
+            "refit/test_error": error_rate(merged, dataset.test_x, dataset.test_y, bs),
+            "time/epoch_s": time.perf_counter() - t0,
+        }
+        if tracker is not None:
+            tracker.log(row)
+    if keep_zeros:
+        for m in linears:
+            prune.remove(m, "weight")
+    info["test_error_refit"] = error_rate(merged, dataset.test_x, dataset.test_y, bs)
+    _save_sequential(merged, out / "refit_model.pt")
+    return info
+
+
+def _save_sequential(model: nn.Sequential, path: Path) -> None:
+    layers = []
+    for name, m in model.named_children():
+        if isinstance(m, nn.Linear):
+            layers.append({"name": name, "type": "Linear", "in": m.in_features, "out": m.out_features})
+        else:
+            layers.append({"name": name, "type": type(m).__name__})
+    save_checkpoint({"layers": layers, "state_dict": model.state_dict()}, path)
 
 
 def _wandb_summary(result: RunResult) -> dict[str, Any]:
     summary: dict[str, Any] = {"final/test_error": result.test_error, "final/epochs": result.epochs}
     if result.feasible is not None:
         summary["final/feasible"] = result.feasible
+    if result.selected_epoch is not None:
+        summary["final/selected_epoch"] = result.selected_epoch
+    for key, value in (result.refit or {}).items():
+        if isinstance(value, (int, float)):
+            summary[f"final/refit/{key}"] = value
     for key, value in result.density.items():
         summary[f"final/density/{key}"] = value
     if result.layers:
@@ -302,6 +460,8 @@ class _Loop:
         self.tracker: Tracker = tracker
         self.history: list[dict[str, Any]] = history
         self.epoch = 0
+        # The iterate kept by train.select: {"epoch", "val_error"}; its weights are in SELECTED.
+        self.selected: dict[str, Any] | None = None
 
     # -- checkpoints --
     def _save(self, epoch: int, step_in_epoch: int, global_step: int, epoch_data_state: torch.Tensor) -> None:
@@ -318,6 +478,7 @@ class _Loop:
                 "step_in_epoch": step_in_epoch,
                 "global_step": global_step,
                 "wandb_id": self.tracker.wandb_id or "",
+                "selected": self.selected or {},
             },
             self.out / CHECKPOINT,
         )
@@ -386,12 +547,47 @@ class _Loop:
                 metrics = self._epoch_metrics(epoch, loss_sum, lagr_sum, steps, restarts, time.perf_counter() - t0)
                 self.tracker.log(metrics)
                 self.history.append(metrics)
+                self._maybe_select(metrics)
                 self._save(epoch, 0, global_step, epoch_data_state)
                 if progress is not None:
                     progress.set_postfix(self._postfix(metrics), refresh=False)
         finally:
             if progress is not None:
                 progress.close()
+
+    def _maybe_select(self, metrics: dict[str, Any]) -> None:
+        """Keep this epoch's weights if train.select prefers them to the kept ones."""
+        mode = self.cfg.train.select
+        if mode == "last" or not self.problem.targets:
+            return
+        names = [t.name for t in self.problem.targets]
+        if not all(metrics[f"constraint/{n}/feasible"] for n in names):
+            return
+        val_error = metrics["val/error"]
+        if mode == "best_feasible" and self.selected is not None and val_error >= self.selected["val_error"]:
+            return
+        save_checkpoint({"epoch": metrics["epoch"], "model": self.model.state_dict()}, self.out / SELECTED)
+        self.selected = {"epoch": metrics["epoch"], "val_error": val_error}
+
+    def finish_selection(self) -> None:
+        """After the last epoch: swap in the selected iterate's weights, noting the last one's."""
+        self.selected_epoch: int | None = self.epoch if self.history else None
+        self.last_iterate: dict[str, Any] | None = None
+        if self.cfg.train.select == "last" or not self.problem.targets or not self.history:
+            return
+        last = self.history[-1]
+        self.last_iterate = {
+            "epoch": last["epoch"],
+            "test_error": last["test/error"],
+            "density": last.get("density/model"),
+            "feasible": all(last[f"constraint/{t.name}/feasible"] for t in self.problem.targets),
+        }
+        if self.selected is None:  # no feasible iterate: keep the last one and say so
+            self.selected_epoch = None
+            return
+        self.selected_epoch = self.selected["epoch"]
+        if self.selected_epoch != self.epoch:
+            self.model.load_state_dict(load_checkpoint(self.out / SELECTED)["model"])
 
     def _epoch_metrics(self, epoch, loss_sum, lagr_sum, steps, restarts, seconds) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         ds = self.dataset
@@ -414,26 +610,42 @@ class _Loop:
     @torch.no_grad()
     def _measures(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
-        if self.gates is None:
-            return metrics
-        for row in self.gates.report():
-            metrics[f"density/{row.name}"] = row.exact_density
-            metrics[f"density_expected/{row.name}"] = row.expected_density
-        metrics["density/model"] = float(self.gates.exact_density())
-        metrics["density_expected/model"] = float(self.gates.expected_density())
+        if self.gates is not None:
+            for row in self.gates.report():
+                metrics[f"density/{row.name}"] = row.exact_density
+                metrics[f"density_expected/{row.name}"] = row.expected_density
+            metrics["density/model"] = float(self.gates.exact_density())
+            metrics["density_expected/model"] = float(self.gates.expected_density())
+        layers = self.problem.layers
+        if layers is not None:
+            metrics["layers/active"] = layers.depth()
+            metrics["layers/surrogate"] = float(layers.surrogate())
+            for name, norm in layers.negative_norms().items():
+                metrics[f"layers/neg_norm/{name}"] = float(norm)
         multipliers = self.problem.multiplier_values()
         for target, _ in self.problem.ordered_constraints():
+            prefix = f"constraint/{target.name}"
+            if isinstance(target, LayerTarget):
+                excess = metrics["layers/active"] - target.max_layers
+                metrics[f"{prefix}/violation"] = excess
+                metrics[f"{prefix}/strict_violation"] = excess
+                metrics[f"{prefix}/multiplier"] = multipliers[target.name]
+                metrics[f"{prefix}/feasible"] = bool(excess <= 0)
+                continue
+            assert self.gates is not None
             expected = float(self.gates.expected_density(target.layers))
             exact = float(self.gates.exact_density(target.layers))
             strict = exact if target.measure == "exact" else expected
-            metrics[f"constraint/{target.name}/violation"] = expected - target.epsilon
-            metrics[f"constraint/{target.name}/strict_violation"] = strict - target.epsilon
-            metrics[f"constraint/{target.name}/multiplier"] = multipliers[target.name]
-            metrics[f"constraint/{target.name}/feasible"] = bool(strict <= target.epsilon)
+            metrics[f"{prefix}/violation"] = expected - target.epsilon
+            metrics[f"{prefix}/strict_violation"] = strict - target.epsilon
+            metrics[f"{prefix}/multiplier"] = multipliers[target.name]
+            metrics[f"{prefix}/feasible"] = bool(strict <= target.epsilon)
         return metrics
 
     def _postfix(self, m: dict[str, Any]) -> dict[str, str]:
         post = {"loss": f"{m['train/loss']:.3f}", "err": f"{100 * m['test/error']:.1f}%"}
+        if "layers/active" in m:
+            post["layers"] = str(m["layers/active"])
         if "density/model" in m:
             post["dens"] = f"{m['density/model']:.3f}"
         for target, _ in self.problem.ordered_constraints()[:2]:
@@ -441,14 +653,31 @@ class _Loop:
         return post
 
     def result(self, wall: float) -> RunResult:
+        selected_epoch = getattr(self, "selected_epoch", None)
         last = self.history[-1] if self.history else {}
+        epoch = self.epoch
+        if selected_epoch is not None:  # the row of the iterate whose weights the model holds
+            last = next((row for row in self.history if row["epoch"] == selected_epoch), last)
+            epoch = selected_epoch
         measures = self._measures()
         ds = self.dataset
-        test_error = last.get("test/error") if last.get("epoch") == self.epoch else None
+        test_error = last.get("test/error") if last.get("epoch") == epoch else None
         if test_error is None:
             test_error = error_rate(self.model, ds.test_x, ds.test_y, self.cfg.data.eval_batch_size)
         targets = []
         for target, _ in self.problem.ordered_constraints():
+            if isinstance(target, LayerTarget):
+                targets.append(
+                    {
+                        "name": target.name,
+                        "layers": "depth",
+                        "max_layers": target.max_layers,
+                        "depth": measures["layers/active"],
+                        "feasible": measures[f"constraint/{target.name}/feasible"],
+                        "multiplier": measures[f"constraint/{target.name}/multiplier"],
+                    }
+                )
+                continue
             targets.append(
                 {
                     "name": target.name,
@@ -492,6 +721,8 @@ class _Loop:
             history=list(self.history),
             layers=layers,
             wandb_dir=self.tracker.wandb_dir,
+            selected_epoch=selected_epoch if self.cfg.train.select != "last" else None,
+            last_iterate=getattr(self, "last_iterate", None),
         )
 
 
@@ -517,6 +748,12 @@ def format_report(result: RunResult) -> str:
             f"{result.density['model']:>10.3f}{result.expected_density['model']:>10.3f}{eps:>8}   (parameters)"
         )
     for t in result.targets:
+        if t["layers"] == "depth":
+            lines.append(
+                f"constraint {t['name']}: active layers {t['depth']} <= {t['max_layers']}? "
+                f"{'yes' if t['feasible'] else 'NO'}   (multiplier {t['multiplier']:.4g})"
+            )
+            continue
         measured = t["exact_density"] if t["measure"] == "exact" else t["expected_density"]
         verdict = "yes" if t["feasible"] else "NO"
         lines.append(
@@ -525,7 +762,26 @@ def format_report(result: RunResult) -> str:
         )
     if result.feasible is not None:
         lines.append(f"feasible: {'yes' if result.feasible else 'NO'}")
+    if result.last_iterate is not None:
+        li = result.last_iterate
+        if result.selected_epoch is None:
+            lines.append("selected iterate: none met every budget; this is the last iterate")
+        elif result.selected_epoch != li["epoch"]:
+            density = "" if li["density"] is None else f"had density {li['density']:.4f}, "
+            lines.append(
+                f"selected iterate: epoch {result.selected_epoch} (the last iterate, epoch {li['epoch']}, "
+                f"{density}feasible {'yes' if li['feasible'] else 'no'}, test error {100 * li['test_error']:.2f} %)"
+            )
     lines.append(f"test error: {100 * result.test_error:.2f} %")
+    if result.refit is not None:
+        r = result.refit
+        lines.append(
+            f"merged: {r['depth_before']} -> {r['depth_after']} linear layers, {r['params_before']} -> "
+            f"{r['params_after']} parameters, widths {r['widths']}, max |output difference| "
+            f"{r['max_abs_diff_merged']:.2e}, test error {100 * r['test_error_merged']:.2f} %"
+        )
+        if "test_error_refit" in r:
+            lines.append(f"refit ({r['refit_epochs']} epochs): test error {100 * r['test_error_refit']:.2f} %")
     if result.wandb_dir:
         lines.append(f"W&B files: {Path(result.wandb_dir).parent}")
     return "\n".join(lines)

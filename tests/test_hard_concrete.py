@@ -158,3 +158,66 @@ def test_attach_errors_name_the_layer():
         attach_l0(model, structure="rows")
     with pytest.raises(ValueError, match="droprate_init=1.5"):
         HardConcreteGate(3, droprate_init=1.5)
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 9)
+        self.b = nn.Linear(9, 4, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("closed", [0.0, 0.5, 1.0])
+def test_fast_input_gated_linear_equals_parametrized_layer(closed):
+    """The column-skipping forward/backward gives the parametrized layer's values and gradients.
+
+    Float64, tolerance 1e-12: the two paths differ only in summation order (closed columns
+    contribute exact zeros). ``closed`` is the fraction of gates forced shut; 1.0 closes a
+    whole layer, which must still give an output (the bias).
+    """
+    torch.manual_seed(0)
+    fast, slow = _TwoLinear().double(), _TwoLinear().double()
+    slow.load_state_dict(fast.state_dict())
+    gates_fast, gates_slow = attach_l0(fast, fast=True), attach_l0(slow, fast=False)
+    assert "forward" in fast.a.__dict__ and "forward" not in slow.a.__dict__
+    for (_, gf), (_, gs) in zip(gates_fast.named_gates(), gates_slow.named_gates()):
+        with torch.no_grad():
+            gf.log_alpha.normal_(0.0, 2.0)
+            gf.log_alpha[: int(closed * gf.num_gates)] = -30.0  # z = 0 in every sample
+            gs.log_alpha.copy_(gf.log_alpha)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)  # extra leading dim
+    x2 = x.detach().clone().requires_grad_(True)
+    for _ in range(3):  # fresh samples each pass, the same in both models
+        torch.manual_seed(1)
+        out_fast = fast(x)
+        torch.manual_seed(1)
+        out_slow = slow(x2)
+        torch.testing.assert_close(out_fast, out_slow, rtol=1e-12, atol=1e-12)
+        weights = torch.randn_like(out_fast)
+        (out_fast * weights).sum().backward()
+        (out_slow * weights).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+        for (name, p), (_, q) in zip(fast.named_parameters(), slow.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+    fast.eval()
+    slow.eval()
+    torch.testing.assert_close(fast(x), slow(x2), rtol=1e-12, atol=1e-12)
+    gates_fast.detach()
+    assert "forward" not in fast.a.__dict__  # back to nn.Linear.forward
+
+
+def test_sample_with_derivative_matches_autograd():
+    gate = HardConcreteGate(500).double()
+    with torch.no_grad():
+        gate.log_alpha.normal_(0.0, 2.0)
+    torch.manual_seed(3)
+    z_ref = gate.sample()
+    (grad_ref,) = torch.autograd.grad(z_ref.sum(), gate.log_alpha)
+    torch.manual_seed(3)
+    z, dz = gate.sample_with_derivative()
+    torch.testing.assert_close(z, z_ref.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dz, grad_ref, rtol=1e-9, atol=1e-12)
+    assert (dz[(z == 0) | (z == 1)] == 0).all() and ((z == 0).any() and (z == 1).any())

@@ -187,3 +187,36 @@ def test_signal_writes_checkpoint_and_resume_finishes(tmp_path, sig):
     assert resumed.returncode == 0, err
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == list(range(1, done + 3))
+
+
+def test_select_last_feasible_returns_that_iterate(quiet):
+    # A budget that restarts make the run cross back and forth: keep the last epoch that met it.
+    result = _run([*quiet, "sparsity.targets=0.3", "train.epochs=12", "train.select=last_feasible"])
+    feasible_epochs = [row["epoch"] for row in result.history if row["constraint/l0_model/feasible"]]
+    assert feasible_epochs, "the run never met the budget; the test needs one that does"
+    assert result.selected_epoch == feasible_epochs[-1]
+    assert result.feasible is True
+    row = result.history[result.selected_epoch - 1]
+    assert result.test_error == row["test/error"]
+    assert result.density["model"] == pytest.approx(row["density/model"])
+    assert result.last_iterate["epoch"] == 12
+    saved = load_checkpoint(result.run_dir / "selected_model.pt")
+    assert saved["epoch"] == result.selected_epoch
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["selected_epoch"] == result.selected_epoch
+
+
+def test_select_best_feasible_ranks_by_validation_error(quiet):
+    result = _run(
+        [*quiet, "sparsity.targets=0.4", "train.epochs=10", "train.select=best_feasible", "data.val_fraction=0.2"]
+    )
+    feasible = [row for row in result.history if row["constraint/l0_model/feasible"]]
+    assert feasible
+    best = min(feasible, key=lambda row: row["val/error"])
+    assert result.selected_epoch == best["epoch"]
+    assert result.val_error == best["val/error"]
+
+
+def test_select_best_feasible_needs_a_validation_split():
+    with pytest.raises(ValueError, match=r"train.select.*best_feasible.*val_fraction"):
+        load_config(DIGITS, ["train.select=best_feasible"])
