@@ -24,7 +24,70 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 sparsity.targets=0.3")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--run-dir", metavar="DIR", help="write the run here instead of tracking.out_dir/NAME-TIME")
+    cmp = sub.add_parser("compare", help="penalised vs constrained training on one config, side by side")
+    cmp.add_argument("config", help="YAML config (its method and model are compared)")
+    cmp.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    cmp.add_argument(
+        "--targets",
+        nargs="+",
+        required=True,
+        metavar="EPS",
+        help="budgets: densities for L0 (a comma-separated list for per-layer targets), layer counts for layers",
+    )
+    cmp.add_argument("--lambdas", nargs="*", type=float, default=[], metavar="LAM", help="penalised λ grid")
+    cmp.add_argument("--bisect", action="store_true", help="search λ per target by bisection on a log scale")
+    cmp.add_argument("--tol", type=float, default=None, help="bisection tolerance on the measure (L0: 0.01)")
+    cmp.add_argument("--max-runs", type=int, default=8, help="bisection budget: runs per target (default 8)")
+    cmp.add_argument("--lambda-range", nargs=2, type=float, default=[1e-3, 1e2], metavar=("LO", "HI"))
+    cmp.add_argument("--out", metavar="DIR", help="comparison directory (default: tracking.out_dir/compare-NAME-TIME)")
+    comp = sub.add_parser("compact", help="write the smaller dense network of a run (state_dict + torch.export)")
+    comp.add_argument("run_dir", help="a run directory")
+    comp.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/compact)")
+    ev = sub.add_parser("eval", help="test error, parameters, FLOPs and latency of a run or a compact model")
+    ev.add_argument("path", help="a run directory, or a compact model.pt / model.pt2")
+    ev.add_argument("--batches", nargs="+", type=int, default=[1, 256])
+    ev.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ev.add_argument("--repeats", type=int, default=30)
     return parser
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from .compact import compact_run, format_compact_report
+
+    print(format_compact_report(compact_run(args.run_dir, args.out)))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .compact import evaluate, format_eval
+
+    if any(b <= 0 for b in args.batches) or any(t <= 0 for t in args.threads) or args.repeats <= 0:
+        raise CSparseError("--batches, --threads and --repeats take positive integers")
+    print(format_eval(evaluate(args.path, args.batches, args.threads, args.repeats)))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, parse_budget
+    from .config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    if any(lam < 0 for lam in args.lambdas):
+        raise CSparseError(f"--lambdas {args.lambdas}: every λ should be >= 0")
+    result = compare(
+        cfg,
+        [parse_budget(t) for t in args.targets],
+        lambdas=args.lambdas,
+        bisect=args.bisect,
+        tol=args.tol,
+        max_runs=args.max_runs,
+        lambda_range=tuple(args.lambda_range),
+        out_dir=args.out,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print((result.out_dir / "results.md").read_text())
+    print(f"comparison directory: {result.out_dir}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -52,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "compact":
+            return _compact(args)
+        if args.command == "eval":
+            return _eval(args)
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum

@@ -174,6 +174,10 @@ class _GateMultiply(nn.Module):
         return x * self.gate().view(self.view_shape)
 
 
+_SKIP_MIN_WEIGHTS = 65536  # smaller weights: multiply by z, skip nothing
+_SKIP_MAX_OPEN = 0.8  # skip columns only when at most this fraction is open
+
+
 class _InputGatedLinear(torch.autograd.Function):
     """``linear(x * z, W, b)`` with ``z`` a gate sample, on the columns where ``z != 0`` only.
 
@@ -190,7 +194,13 @@ class _InputGatedLinear(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         idx = torch.nonzero(z).squeeze(1)
-        full = idx.numel() == z.numel()
+        # Gathering the open columns and scattering their gradients back costs a few passes
+        # over the weight: worth it only for large layers with enough closed columns.
+        full = idx.numel() == z.numel() or (
+            weight.numel() < _SKIP_MIN_WEIGHTS or idx.numel() > _SKIP_MAX_OPEN * z.numel()
+        )
+        if full:
+            idx = idx[:0]
         if full:
             x_s, z_s, dz_s, w_s = x2, z, dz, weight
         else:
@@ -455,23 +465,58 @@ def attach_l0(
     return L0Gates(gated)
 
 
+def plain_layer_like(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new plain ``nn.Linear`` / ``nn.Conv2d`` shaped like ``weight``, with ``layer``'s other settings."""
+    kw = {"bias": bias is not None, "device": weight.device, "dtype": weight.dtype}
+    if isinstance(layer, nn.Linear):
+        plain: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], **kw)
+    else:
+        groups = layer.groups
+        plain = nn.Conv2d(
+            weight.shape[1] * groups,
+            weight.shape[0],
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            groups,
+            padding_mode=layer.padding_mode,
+            **kw,
+        )
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if bias is not None:
+            plain.bias.copy_(bias)
+    return plain
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A plain layer holding ``module``'s current (gated) weight and bias."""
+    bias = module.bias.detach() if module.bias is not None else None
+    return plain_layer_like(module, module.weight.detach(), bias)
+
+
 @torch.no_grad()
 def fold_l0(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every L0 gate folded into its weights at the test-time value.
 
-    The copy is a plain module of the original layer classes (no parametrization, no hook,
-    no gate parameter); the original is left untouched.
+    Gated layers are replaced by plain ``nn.Linear`` / ``nn.Conv2d`` layers (no
+    parametrization, hook or gate); the original model is left untouched. (The copy does not
+    call ``remove_parametrizations``: a deep copy shares the parametrized class with the
+    original, and removing a parametrization from one would remove it from both.)
     """
-    folded = copy.deepcopy(model).eval()
-    for module in folded.modules():
-        if not hasattr(module, _GATE_ATTR):
-            continue
-        for tensor_name in ("weight", "bias"):
-            if parametrize.is_parametrized(module, tensor_name):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is _resample_hook:
-                del module._forward_pre_hooks[key]
-        module.__dict__.pop("forward", None)
-        delattr(module, _GATE_ATTR)
-    return folded
+    was_training = model.training
+    model.eval()
+    try:
+        folded = copy.deepcopy(model)
+        for name, module in list(folded.named_modules()):
+            if not hasattr(module, _GATE_ATTR):
+                continue
+            plain = _plain_copy(module)
+            if not name:
+                return plain.eval()
+            parent_name, _, child = name.rpartition(".")
+            setattr(folded.get_submodule(parent_name) if parent_name else folded, child, plain)
+    finally:
+        model.train(was_training)
+    return folded.eval()

@@ -41,7 +41,7 @@ from .problem import (
 )
 from .tracking import Tracker
 
-__all__ = ["RunResult", "build_model", "build_sparsity", "error_rate", "format_report", "run"]
+__all__ = ["RunResult", "build_model", "build_trainer", "build_sparsity", "error_rate", "format_report", "run"]
 
 CHECKPOINT = "checkpoint.pt"
 SELECTED = "selected_model.pt"
@@ -156,6 +156,46 @@ def build_sparsity(cfg: Config, model: nn.Module) -> tuple[L0Gates | None, list[
     return gates, targets
 
 
+def dataset_for(cfg: Config) -> Dataset:
+    """The dataset a config names, with its split (downloads only if ``data.download``)."""
+    d = cfg.data
+    return load_dataset(
+        d.name,
+        root=d.root,
+        download=d.download,
+        cache_dir=d.cache_dir,
+        mirror=d.mirror,
+        val_fraction=d.val_fraction,
+        seed=cfg.train.seed,
+    )
+
+
+def build_trainer(
+    cfg: Config, dataset: Dataset, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, L0Gates | None, SparsityProblem, Any]:
+    """Model, gates, problem and optimizers of a config, as :func:`run` builds them."""
+    model = build_model(cfg, dataset).to(device)
+    gates, targets = build_sparsity(cfg, model)
+    layer_sparsity, layer_targets = build_layer_sparsity(cfg, model, dataset)
+    problem = SparsityProblem(
+        model,
+        gates,
+        [*targets, *layer_targets],
+        mode=cfg.sparsity.mode,
+        lambda_init=cfg.sparsity.lambda_init,
+        layers=layer_sparsity,
+    )
+    problem.to(device)
+    p, d = cfg.optim.primal, cfg.optim.dual
+    optimizers = build_optimizer(
+        problem,
+        PrimalOptimizer(p.name, p.lr, p.gate_lr, p.momentum, p.weight_decay),
+        DualOptimizer(d.name, d.lr, d.momentum, d.kp, d.ki, d.ema_nu),
+        scheme=cfg.optim.scheme,
+    )
+    return model, gates, problem, optimizers
+
+
 @torch.no_grad()
 def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
     """Classification error of ``model`` in eval mode (test-time gates)."""
@@ -245,34 +285,8 @@ def run(
     device = torch.device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
-    dataset = load_dataset(
-        cfg.data.name,
-        root=cfg.data.root,
-        download=cfg.data.download,
-        cache_dir=cfg.data.cache_dir,
-        mirror=cfg.data.mirror,
-        val_fraction=cfg.data.val_fraction,
-        seed=cfg.train.seed,
-    ).to(device)
-    model = build_model(cfg, dataset).to(device)
-    gates, targets = build_sparsity(cfg, model)
-    layer_sparsity, layer_targets = build_layer_sparsity(cfg, model, dataset)
-    problem = SparsityProblem(
-        model,
-        gates,
-        [*targets, *layer_targets],
-        mode=cfg.sparsity.mode,
-        lambda_init=cfg.sparsity.lambda_init,
-        layers=layer_sparsity,
-    )
-    problem.to(device)
-    p, d = cfg.optim.primal, cfg.optim.dual
-    optimizers = build_optimizer(
-        problem,
-        PrimalOptimizer(p.name, p.lr, p.gate_lr, p.momentum, p.weight_decay),
-        DualOptimizer(d.name, d.lr, d.momentum, d.kp, d.ki, d.ema_nu),
-        scheme=cfg.optim.scheme,
-    )
+    dataset = dataset_for(cfg).to(device)
+    model, gates, problem, optimizers = build_trainer(cfg, dataset, device)
     data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     if checkpoint is None:  # everything validated: only now create the run directory
         out = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from constrained_sparsity import HardConcreteGate, attach_l0
+from constrained_sparsity import HardConcreteGate, attach_l0, hard_concrete
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 N_SAMPLES = 200_000
@@ -170,14 +170,18 @@ class _TwoLinear(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-columns", "multiply"])
 @pytest.mark.parametrize("closed", [0.0, 0.5, 1.0])
-def test_fast_input_gated_linear_equals_parametrized_layer(closed):
+def test_fast_input_gated_linear_equals_parametrized_layer(closed, skip, monkeypatch):
     """The column-skipping forward/backward gives the parametrized layer's values and gradients.
 
     Float64, tolerance 1e-12: the two paths differ only in summation order (closed columns
     contribute exact zeros). ``closed`` is the fraction of gates forced shut; 1.0 closes a
     whole layer, which must still give an output (the bias).
     """
+    if skip:  # make these small layers take the column-skipping path
+        monkeypatch.setattr(hard_concrete, "_SKIP_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(hard_concrete, "_SKIP_MAX_OPEN", 1.0)
     torch.manual_seed(0)
     fast, slow = _TwoLinear().double(), _TwoLinear().double()
     slow.load_state_dict(fast.state_dict())

@@ -74,3 +74,12 @@ def run_config(run_dir: Path) -> dict:
             for item in record.config.update:
                 config[item.key] = json.loads(item.value_json)
     return config
+
+
+def run_record(run_dir: Path):
+    """The ``RunRecord`` (group, job type, name ...) of an offline run."""
+    (wandb_file,) = Path(run_dir).glob("run-*.wandb")
+    for record in iter_records(wandb_file):
+        if record.WhichOneof("record_type") == "run":
+            return record.run
+    raise AssertionError(f"no run record in {wandb_file}")

@@ -1,0 +1,518 @@
+"""Compaction: a trained sparse network becomes a smaller dense one of standard layers.
+
+Masks that multiply by zero save nothing; :func:`compact` removes what the zeros make dead:
+
+1. L0 gates are folded into the weights at their test-time values (:func:`fold_l0`), and
+   mergeable layers of a layer-sparsity run are merged (:func:`merge_layers`).
+2. In a chain of ``Linear`` / ``Conv2d`` layers separated by ReLU, max-pooling, flattening or
+   dropout, a hidden unit (a linear output neuron, a conv output channel) is *dead* when
+   nothing it computes is used -- every weight that reads it is 0 -- or when it computes a
+   constant -- its incoming weights are all 0. A dead unit is removed from both layers; a
+   constant unit ``relu(b_j)`` is first folded into the next layer's bias (for a conv,
+   only when the next layer is linear or the constant is 0, which keeps it exact).
+   Zero input columns of the first layer are removed only if ``prune_inputs`` (the
+   caller then feeds the kept input features, see :attr:`CompactModel.input_index`);
+   by default the input keeps its shape.
+3. The result is an ``nn.Sequential`` of standard layers; :func:`save_compact` writes it as a
+   state_dict plus an architecture description (weights of per-weight gated layers stored
+   as CSR where that is smaller) and as a ``torch.export`` program that loads without this
+   package.
+
+Per-weight (unstructured) zeros do not shrink a dense layer and dense kernels run no faster
+on them; the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hard_concrete import fold_l0, plain_layer_like
+from .layer_sparsity import merge_layers
+
+__all__ = [
+    "CompactModel",
+    "compact",
+    "count_flops",
+    "count_params",
+    "describe",
+    "load_compact",
+    "measure_latency",
+    "save_compact",
+]
+
+_BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+@dataclass
+class CompactModel:
+    """The compact network and what was removed."""
+
+    module: nn.Sequential
+    removed: dict[str, int] = field(default_factory=dict)  # layer -> units removed from its output
+    sparse_weights: list[str] = field(default_factory=list)  # layers with per-weight zeros left
+
+
+# -- counting ----------------------------------------------------------------------------------
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Parameters of ``model`` (or only the non-zero ones)."""
+    total = 0
+    for p in model.parameters():
+        total += int((p != 0).sum()) if nonzero else p.numel()
+    return total
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs per example of the ``Linear`` and ``Conv2d`` layers: 2 x multiply-accumulates.
+
+    Bias additions, activations and pooling are not counted. Zero weights count like any
+    other (a dense kernel multiplies them).
+    """
+    flops = 0
+    hooks = []
+
+    def linear_hook(m: nn.Linear, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal flops
+        flops += 2 * m.in_features * m.out_features * (out.numel() // out.shape[-1] // out.shape[0])
+
+    def conv_hook(m: nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal flops
+        kh, kw = m.kernel_size
+        flops += 2 * out.shape[1] * out.shape[2] * out.shape[3] * (m.in_channels // m.groups) * kh * kw
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+        model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return flops
+
+
+def describe(model: nn.Sequential, input_shape: Sequence[int]) -> str:
+    """Widths of the network, e.g. ``784-300-100-10`` or ``conv 20-50 | fc 800-500-10``."""
+    convs = [m.out_channels for m in model if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    fc = "-".join(str(w) for w in [linears[0].in_features, *(m.out_features for m in linears)]) if linears else ""
+    if convs:
+        return f"conv {'-'.join(str(c) for c in convs)} | fc {fc}"
+    return fc
+
+
+# -- compaction --------------------------------------------------------------------------------
+def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"compaction needs an nn.Sequential of Linear / Conv2d layers with ReLU, MaxPool2d, Flatten or "
+            f"Dropout between them (got {type(model).__name__})"
+        )
+    items = list(model.named_children())
+    for name, m in items:
+        if not isinstance(m, (nn.Linear, nn.Conv2d, *_BETWEEN)):
+            raise TypeError(
+                f"compaction cannot see through module {name!r} ({type(m).__name__}); supported between layers: "
+                "ReLU, MaxPool2d, Flatten, Dropout, Identity"
+            )
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise TypeError(f"layer {name!r}: grouped convolutions are not compacted")
+    return items
+
+
+@torch.no_grad()
+def compact(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    merge: bool = False,
+    input_nonnegative: bool = False,
+) -> CompactModel:
+    """The smaller dense network equivalent to ``model`` at test time (see the module doc).
+
+    Args:
+        model: an ``nn.Sequential`` (gated by :func:`attach_l0` or not); left untouched.
+        input_shape: shape of one example, e.g. ``(1, 28, 28)``.
+        merge: merge layers whose parameters are all non-negative first (layer sparsity).
+        input_nonnegative: for ``merge``: the input is >= 0, so the first layer may merge.
+    """
+    folded = fold_l0(model)
+    if merge:
+        folded = merge_layers(folded, input_nonnegative=input_nonnegative)  # type: ignore[arg-type]
+    items = _chain(folded)
+    positions = [i for i, (_, m) in enumerate(items) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    removed: dict[str, int] = {}
+    for i, j in zip(positions[:-1], positions[1:]):
+        (name, layer), (next_name, nxt) = items[i], items[j]
+        between = [m for _, m in items[i + 1 : j]]
+        units = layer.weight.shape[0]
+        # The next layer's weights grouped by the unit they read: (out, units, inputs per unit).
+        if isinstance(nxt, nn.Linear):
+            if nxt.in_features % units:
+                continue  # not a plain flatten of this layer's output
+            w_next = nxt.weight.view(nxt.out_features, units, nxt.in_features // units)
+            const_ok_anyway = True  # a constant input folds exactly into a linear bias
+        else:
+            w_next = nxt.weight.flatten(2)
+            const_ok_anyway = tuple(nxt.padding) == (0, 0)  # every window sees the whole constant map
+        unused = (w_next == 0).all(dim=2).all(dim=0)
+        zero_in = (layer.weight.flatten(1) == 0).all(dim=1)
+        bias = layer.bias if layer.bias is not None else torch.zeros(units, dtype=layer.weight.dtype)
+        const = torch.relu(bias) if any(isinstance(m, nn.ReLU) for m in between) else bias
+        constant = zero_in & ((const == 0) | const_ok_anyway)
+        dead = unused | constant
+        if not bool(dead.any()):
+            continue
+        fold = dead & ~unused & (const != 0)
+        if bool(fold.any()):  # the constant output of a unit with no input goes into the next bias
+            contribution = (w_next[:, fold, :].sum(dim=2) * const[fold]).sum(dim=1)
+            if nxt.bias is None:
+                nxt.bias = nn.Parameter(torch.zeros(nxt.weight.shape[0], dtype=nxt.weight.dtype))
+            nxt.bias.add_(contribution)
+        keep = (~dead).nonzero().squeeze(1)
+        items[i] = (name, _shrink_out(layer, keep))
+        items[j] = (next_name, _shrink_in(nxt, keep, w_next.shape[2] if isinstance(nxt, nn.Linear) else 1))
+        removed[name] = int(dead.sum())
+    module = nn.Sequential(OrderedDict(items)).eval()
+    sparse = [
+        n
+        for n, m in module.named_children()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() and float((m.weight == 0).float().mean()) > 0.5
+    ]
+    return CompactModel(module, removed, sparse)
+
+
+def _shrink_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+    bias = layer.bias.index_select(0, keep) if layer.bias is not None else None
+    return plain_layer_like(layer, layer.weight.index_select(0, keep), bias)
+
+
+def _shrink_in(layer: nn.Module, keep: torch.Tensor, per_unit: int) -> nn.Module:
+    if isinstance(layer, nn.Linear):  # each kept unit feeds per_unit consecutive inputs (Flatten)
+        keep = (keep.view(-1, 1) * per_unit + torch.arange(per_unit).view(1, -1)).reshape(-1)
+    return plain_layer_like(layer, layer.weight.index_select(1, keep), layer.bias)
+
+
+# -- saving and loading ------------------------------------------------------------------------
+def _architecture(module: nn.Sequential) -> list[dict[str, Any]]:
+    arch = []
+    for name, m in module.named_children():
+        if isinstance(m, nn.Linear):
+            arch.append(
+                {"name": name, "type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+            )
+        elif isinstance(m, nn.Conv2d):
+            arch.append(
+                {
+                    "name": name,
+                    "type": "Conv2d",
+                    "in": m.in_channels,
+                    "out": m.out_channels,
+                    "kernel": list(m.kernel_size),
+                    "stride": list(m.stride),
+                    "padding": list(m.padding),
+                    "bias": m.bias is not None,
+                }
+            )
+        elif isinstance(m, nn.MaxPool2d):
+            arch.append({"name": name, "type": "MaxPool2d", "kernel": m.kernel_size, "stride": m.stride})
+        elif isinstance(m, nn.Flatten):
+            arch.append({"name": name, "type": "Flatten"})
+        elif isinstance(m, nn.ReLU):
+            arch.append({"name": name, "type": "ReLU"})
+        else:  # Dropout / Identity are the identity at inference
+            arch.append({"name": name, "type": "Identity"})
+    return arch
+
+
+def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for spec in arch:
+        kind = spec["type"]
+        if kind == "Linear":
+            layers[spec["name"]] = nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+        elif kind == "Conv2d":
+            layers[spec["name"]] = nn.Conv2d(
+                spec["in"],
+                spec["out"],
+                tuple(spec["kernel"]),
+                tuple(spec["stride"]),
+                tuple(spec["padding"]),
+                bias=spec["bias"],
+            )
+        elif kind == "MaxPool2d":
+            layers[spec["name"]] = nn.MaxPool2d(spec["kernel"], spec["stride"])
+        elif kind == "Flatten":
+            layers[spec["name"]] = nn.Flatten()
+        elif kind == "ReLU":
+            layers[spec["name"]] = nn.ReLU()
+        else:
+            layers[spec["name"]] = nn.Identity()
+    return nn.Sequential(layers)
+
+
+def save_compact(
+    compacted: CompactModel, out_dir: str | Path, input_shape: Sequence[int], meta: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``model.pt`` (architecture + state_dict), ``model.pt2`` (torch.export) and ``architecture.json``.
+
+    Weights of layers with per-weight zeros are stored as CSR tensors when that is smaller.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = compacted.module.float().eval()
+    arch = _architecture(module)
+    state: dict[str, torch.Tensor] = {}
+    stored_sparse = []
+    for key, value in module.state_dict().items():
+        value = value.detach().clone()
+        if key.endswith("weight") and key.split(".")[0] in compacted.sparse_weights:
+            flat = value.reshape(value.shape[0], -1)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = flat.to_sparse_csr()
+            csr_bytes = sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+            if csr_bytes < value.numel() * value.element_size():
+                state[key] = csr
+                stored_sparse.append({"key": key, "shape": list(value.shape)})
+                continue
+        state[key] = value
+    info = {"architecture": arch, "input_shape": list(input_shape), "sparse": stored_sparse, "meta": meta or {}}
+    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
+    tmp = paths["model"].with_suffix(".tmp")
+    torch.save({**info, "state_dict": state}, tmp)
+    tmp.replace(paths["model"])
+    paths["architecture"].write_text(json.dumps(info, indent=2))
+    example = torch.zeros(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, paths["program"])
+    return paths
+
+
+def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Load ``model.pt`` written by :func:`save_compact`: the module and its description."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    module = _build(data["architecture"])
+    state = {}
+    shapes = {s["key"]: s["shape"] for s in data["sparse"]}
+    for key, value in data["state_dict"].items():
+        state[key] = value.to_dense().reshape(shapes[key]) if key in shapes else value
+    module.load_state_dict(state)
+    info = {k: v for k, v in data.items() if k != "state_dict"}
+    return module.eval(), info
+
+
+def _eval_mode(model: nn.Module) -> None:
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export program: already traced in inference mode
+        pass
+
+
+@torch.no_grad()
+def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    _eval_mode(model)
+    wrong = 0
+    for i in range(0, len(y), batch_size):
+        wrong += int((model(x[i : i + batch_size]).argmax(dim=1) != y[i : i + batch_size]).sum())
+    return wrong / max(len(y), 1)
+
+
+def measure_latency(
+    model: nn.Module, input_shape: Sequence[int], batch: int, threads: int, repeats: int = 30, warmup: int = 5
+) -> float:
+    """Median seconds of one forward pass (eval mode, no autograd) at ``batch`` on ``threads``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _eval_mode(model)
+        x = torch.rand(batch, *input_shape)
+        times = []
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# -- run directories ---------------------------------------------------------------------------
+def load_trained(run_dir: str | Path) -> tuple[Any, nn.Module, Any]:
+    """``(config, model, dataset)`` of a finished run: the returned iterate, gates attached.
+
+    The weights are those the run reported: ``selected_model.pt`` when ``train.select``
+    kept an earlier iterate, else the last checkpoint.
+    """
+    from .checkpoint import load_checkpoint
+    from .config import config_from_dict, read_config_dict
+    from .errors import ConfigError
+    from .train import CHECKPOINT, SELECTED, build_trainer, dataset_for
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (needs config.yaml and {CHECKPOINT})")
+    cfg = config_from_dict(read_config_dict(run_dir / "config.yaml"))
+    dataset = dataset_for(cfg)
+    model, _, _, _ = build_trainer(cfg, dataset)
+    summary = run_dir / "summary.json"
+    selected = json.loads(summary.read_text()).get("selected_epoch") if summary.is_file() else None
+    source = run_dir / SELECTED if selected is not None and (run_dir / SELECTED).is_file() else run_dir / CHECKPOINT
+    model.load_state_dict(load_checkpoint(source)["model"])
+    return cfg, model.eval(), dataset
+
+
+def active_inputs(module: nn.Sequential) -> list[int]:
+    """Input features of each linear layer that some weight still reads (the L0 paper's widths)."""
+    return [int((m.weight != 0).any(dim=0).sum()) for m in module if isinstance(m, nn.Linear)]
+
+
+def compact_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Compact the network of a run directory into ``out_dir`` (default ``RUN_DIR/compact``)."""
+    from .train import error_rate
+
+    run_dir = Path(run_dir)
+    cfg, model, dataset = load_trained(run_dir)
+    shape = tuple(dataset.input_shape)
+    nonneg = cfg.sparsity.layers.input_nonnegative
+    if nonneg is None:
+        nonneg = bool(dataset.train_x.min() >= 0)
+    compacted = compact(model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg)
+    folded = fold_l0(model)
+    x = dataset.test_x[:512]
+    with torch.no_grad():
+        diff = float((model(x) - compacted.module(x)).abs().max())
+    meta = {"run_dir": str(run_dir), "dataset": cfg.data.name, "root": cfg.data.root}
+    paths = save_compact(compacted, Path(out_dir) if out_dir else run_dir / "compact", shape, meta)
+    bs = cfg.data.eval_batch_size
+    report = {
+        "paths": {k: str(v) for k, v in paths.items()},
+        "architecture_before": describe(folded, shape),  # type: ignore[arg-type]
+        "architecture_after": describe(compacted.module, shape),
+        "active_inputs_before": active_inputs(folded),  # type: ignore[arg-type]
+        "params_before": count_params(folded),
+        "params_after": count_params(compacted.module),
+        "nonzero_params_after": count_params(compacted.module, nonzero=True),
+        "flops_before": count_flops(folded, shape),
+        "flops_after": count_flops(compacted.module, shape),
+        "test_error_gated": error_rate(model, dataset.test_x, dataset.test_y, bs),
+        "test_error_compact": error_rate(compacted.module, dataset.test_x, dataset.test_y, bs),
+        "max_abs_diff": diff,
+        "removed_units": compacted.removed,
+        "unstructured_layers": compacted.sparse_weights,
+    }
+    (Path(paths["model"]).parent / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_compact_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"architecture: {r['architecture_before']}  ->  {r['architecture_after']}",
+        f"active inputs per linear layer before compaction: {'-'.join(map(str, r['active_inputs_before']))}",
+        f"parameters: {r['params_before']} -> {r['params_after']} ({r['nonzero_params_after']} non-zero)",
+        f"FLOPs per example: {r['flops_before']} -> {r['flops_after']} "
+        f"(ratio {r['flops_after'] / max(r['flops_before'], 1):.3f})",
+        f"test error: gated {100 * r['test_error_gated']:.2f} %, compact {100 * r['test_error_compact']:.2f} % "
+        f"(max |output difference| {r['max_abs_diff']:.2e})",
+    ]
+    if r["unstructured_layers"]:
+        lines.append(
+            f"layers {r['unstructured_layers']} keep per-weight zeros: stored as CSR where smaller, but dense "
+            "kernels multiply the zeros, so they gain no speed from them"
+        )
+    lines.append(f"written: {r['paths']['model']} (state_dict + architecture), {r['paths']['program']} (torch.export)")
+    return "\n".join(lines)
+
+
+def evaluate(
+    path: str | Path, batches: Sequence[int] = (1, 256), threads: Sequence[int] = (1, 2), repeats: int = 30
+) -> list[dict[str, Any]]:
+    """Test error, parameters, FLOPs per example and latency of the networks at ``path``.
+
+    ``path`` is a run directory (the original network with its gates folded in, and its
+    compact version: ``RUN_DIR/compact/model.pt`` if written, else compacted now) or a
+    compact model written by :func:`save_compact` (``model.pt`` or the ``model.pt2`` program).
+    """
+    from .data import load_dataset
+    from .errors import ConfigError
+
+    path = Path(path)
+    networks: list[tuple[str, nn.Module]] = []
+    if path.is_dir():
+        cfg, model, dataset = load_trained(path)
+        shape = tuple(dataset.input_shape)
+        networks.append(("original (gates folded)", fold_l0(model)))
+        saved = path / "compact" / "model.pt"
+        if saved.is_file():
+            networks.append(("compact", load_compact(saved)[0]))
+        else:
+            nonneg = bool(dataset.train_x.min() >= 0)
+            networks.append(("compact", compact(model, shape, cfg.sparsity.layers.enabled, nonneg).module))
+    elif path.suffix in (".pt", ".pt2") and path.is_file():
+        description = path.with_name("architecture.json")
+        if path.suffix == ".pt":
+            module, info = load_compact(path)
+        else:
+            if not description.is_file():
+                raise ConfigError(f"{path}: no architecture.json beside it to say which data it was trained on")
+            info = json.loads(description.read_text())
+            module = torch.export.load(path).module()
+        meta = info.get("meta", {})
+        if "dataset" not in meta:
+            raise ConfigError(f"{path}: the description names no dataset")
+        dataset = load_dataset(meta["dataset"], root=meta.get("root"))
+        shape = tuple(info["input_shape"])
+        networks.append((f"compact ({path.name})", module))
+    else:
+        raise ConfigError(f"{path}: expected a run directory or a compact model (model.pt / model.pt2)")
+    rows = []
+    for name, module in networks:
+        if isinstance(module, nn.Sequential):
+            module = module.float()
+        row: dict[str, Any] = {"network": name}
+        is_seq = isinstance(module, nn.Sequential)
+        row["architecture"] = describe(module, shape) if is_seq else "-"
+        row["params"] = count_params(module)
+        row["nonzero_params"] = count_params(module, nonzero=True)
+        row["flops"] = count_flops(module, shape) if is_seq else None
+        row["test_error"] = _error(module, dataset.test_x, dataset.test_y)
+        for b in batches:
+            for t in threads:
+                row[f"latency_ms/b{b}/t{t}"] = 1e3 * measure_latency(module, shape, b, t, repeats=repeats)
+        rows.append(row)
+    return rows
+
+
+def format_eval(rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in rows[0] if k.startswith("latency_ms/")]
+    head = "| network | architecture | params (non-zero) | FLOPs/example | test error | " + " | ".join(
+        k.replace("latency_ms/", "ms ").replace("/", " ") for k in keys
+    )
+    lines = [head + " |", "|" + "---|" * (5 + len(keys))]
+    for r in rows:
+        flops = "-" if r["flops"] is None else str(r["flops"])
+        lat = " | ".join(f"{r[k]:.3f}" for k in keys)
+        lines.append(
+            f"| {r['network']} | {r['architecture']} | {r['params']} ({r['nonzero_params']}) | {flops} | "
+            f"{100 * r['test_error']:.2f} % | {lat} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,481 @@
+"""Penalised vs constrained training, side by side (``csparse compare``).
+
+For one config (model, data, method) and a list of budgets, a comparison runs:
+
+* constrained training for each budget (the multiplier is learned);
+* penalised training on a grid of lambdas (the multiplier is frozen);
+* with ``bisect``, a search over lambda on a log scale per budget until the achieved measure
+  is within ``tol`` of the budget or ``budget`` runs are spent -- the baseline of the
+  constrained-L0 paper, which counts the runs and the time a penalty needs to hit a target.
+
+It writes ``results.csv``, ``results.md``, ``error_vs_density.png`` and one
+``dynamics_<run>.png`` per run (measure and multiplier over epochs, the budget as a line)
+into the comparison directory. Every run carries the W&B group of the comparison and the
+job type ``constrained`` / ``penalized``; a last W&B run of the group logs the results as a
+``wandb.Table``.
+
+Budgets are L0 densities (model-wise, or one list per layer: ``"0.5,0.3,0.8"``) when the
+config's method is ``l0``, and counts of layers when it declares ``sparsity.layers``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, apply_overrides, config_from_dict
+from .errors import ConfigError
+from .train import RunResult, run
+
+__all__ = ["BisectResult", "Comparison", "bisect_lambda", "compare", "parse_budget"]
+
+
+# -- bisection ---------------------------------------------------------------------------------
+@dataclass
+class BisectResult:
+    """Outcome of :func:`bisect_lambda`: the lambda(s) chosen and how the search went."""
+
+    lam: list[float]
+    value: list[float]
+    runs: int
+    converged: bool
+    reason: str
+    history: list[tuple[list[float], list[float]]] = field(default_factory=list)
+
+
+def bisect_lambda(
+    evaluate: Callable[[list[float]], list[float]],
+    targets: Sequence[float],
+    lo: float = 1e-3,
+    hi: float = 1e2,
+    tol: float = 0.01,
+    budget: int = 8,
+) -> BisectResult:
+    """Bisection on ``log(lambda)`` so that ``evaluate(lambda)`` is within ``tol`` of ``targets``.
+
+    ``evaluate`` maps one lambda per coordinate to the achieved measure per coordinate and must
+    be non-increasing in each lambda (a larger penalty, a sparser network). Every coordinate
+    keeps its own bracket ``[lo, hi]`` and is evaluated at the bracket's geometric midpoint;
+    all coordinates share each run. Stops when every coordinate is within ``tol`` or after
+    ``budget`` runs. The returned lambda is the last one evaluated on convergence; otherwise
+    the one whose worst miss was smallest, preferring points that met every budget.
+    """
+    if not 0 < lo < hi:
+        raise ValueError(f"lambda range ({lo}, {hi}) should satisfy 0 < lo < hi")
+    if budget < 1:
+        raise ValueError(f"budget={budget} should be >= 1")
+    if tol < 0:
+        raise ValueError(f"tol={tol} should be >= 0")
+    n = len(targets)
+    lows, highs = [math.log(lo)] * n, [math.log(hi)] * n
+    history: list[tuple[list[float], list[float]]] = []
+    for _ in range(budget):
+        lam = [math.exp((a + b) / 2) for a, b in zip(lows, highs)]
+        value = list(evaluate(lam))
+        history.append((lam, value))
+        if all(abs(v - t) <= tol for v, t in zip(value, targets)):
+            return BisectResult(lam, value, len(history), True, "within tolerance", history)
+        for i, (v, t) in enumerate(zip(value, targets)):
+            if abs(v - t) <= tol:
+                continue
+            if v > t:  # not sparse enough: a larger penalty
+                lows[i] = math.log(lam[i])
+            else:
+                highs[i] = math.log(lam[i])
+
+    def miss(item: tuple[list[float], list[float]]) -> tuple[bool, float]:
+        lam, value = item
+        feasible = all(v <= t + tol for v, t in zip(value, targets))
+        return (not feasible, max(abs(v - t) for v, t in zip(value, targets)))
+
+    lam, value = min(history, key=miss)
+    return BisectResult(lam, value, len(history), False, f"budget of {budget} runs spent", history)
+
+
+# -- the comparison -----------------------------------------------------------------------------
+def parse_budget(text: str) -> float | list[float]:
+    """``"0.3"`` -> 0.3 (model-wise); ``"0.5,0.3,0.8"`` -> a per-layer list."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"--targets {text!r}: expected a number or comma-separated numbers") from None
+    return values[0] if len(values) == 1 and "," not in str(text) else values
+
+
+class _Method:
+    """How a comparison talks to one sparsity method: overrides in, measure out."""
+
+    kind = ""
+    tol = 0.0
+
+    def constrained(self, budget: Any) -> list[str]:
+        raise NotImplementedError
+
+    def penalized(self, budget: Any, lam: list[float]) -> list[str]:
+        raise NotImplementedError
+
+    def measure(self, result: RunResult, budget: Any) -> list[float]:
+        raise NotImplementedError
+
+    def history_measure(self, row: dict[str, Any], budget: Any) -> list[float]:
+        raise NotImplementedError
+
+    def multiplier_keys(self, budget: Any) -> list[str]:
+        raise NotImplementedError
+
+    def budgets(self, budget: Any) -> list[float]:
+        return [float(b) for b in budget] if isinstance(budget, list) else [float(budget)]
+
+
+class _L0(_Method):
+    kind = "l0"
+    tol = 0.01
+
+    def __init__(self, layer_names: list[str]) -> None:
+        self.layer_names = layer_names
+
+    def _targets(self, budget: Any) -> str:
+        return json.dumps(budget)
+
+    def constrained(self, budget: Any) -> list[str]:
+        return ["sparsity.mode=constrained", f"sparsity.targets={self._targets(budget)}"]
+
+    def penalized(self, budget: Any, lam: list[float]) -> list[str]:
+        lams = json.dumps(lam if isinstance(budget, list) else lam[0])
+        return ["sparsity.mode=penalized", f"sparsity.targets={self._targets(budget)}", f"sparsity.lambdas={lams}"]
+
+    def measure(self, result: RunResult, budget: Any) -> list[float]:
+        if isinstance(budget, list):
+            return [result.density[n] for n in self.layer_names]
+        return [result.density["model"]]
+
+    def history_measure(self, row: dict[str, Any], budget: Any) -> list[float]:
+        if isinstance(budget, list):
+            return [row[f"density/{n}"] for n in self.layer_names]
+        return [row["density/model"]]
+
+    def multiplier_keys(self, budget: Any) -> list[str]:
+        if isinstance(budget, list):
+            return [f"constraint/l0_{n}/multiplier" for n in self.layer_names]
+        return ["constraint/l0_model/multiplier"]
+
+
+class _Layers(_Method):
+    kind = "layers"
+    tol = 0.0
+
+    def constrained(self, budget: Any) -> list[str]:
+        return ["sparsity.mode=constrained", f"sparsity.layers.max_layers={int(budget)}"]
+
+    def penalized(self, budget: Any, lam: list[float]) -> list[str]:
+        return ["sparsity.mode=penalized", f"sparsity.layers.max_layers={int(budget)}", f"sparsity.layers.lam={lam[0]}"]
+
+    def measure(self, result: RunResult, budget: Any) -> list[float]:
+        return [float(next(t["depth"] for t in result.targets if t["layers"] == "depth"))]
+
+    def history_measure(self, row: dict[str, Any], budget: Any) -> list[float]:
+        return [float(row["layers/active"])]
+
+    def multiplier_keys(self, budget: Any) -> list[str]:
+        return ["constraint/layers/multiplier"]
+
+
+def _method_of(cfg: Config) -> _Method:
+    if cfg.sparsity.method == "l0" and cfg.sparsity.layers.enabled:
+        raise ConfigError("compare: the config declares both L0 and layer budgets; compare one budget at a time")
+    if cfg.sparsity.method == "l0":
+        from .data import load_dataset
+        from .train import build_model, build_sparsity
+
+        ds = load_dataset(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+        gates, _ = build_sparsity(cfg, build_model(cfg, ds))
+        assert gates is not None
+        return _L0(gates.layer_names())
+    if cfg.sparsity.layers.enabled:
+        return _Layers()
+    raise ConfigError("compare: the config declares no sparsity budget (sparsity.method=l0 or sparsity.layers)")
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` wrote and measured."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    bisections: dict[str, BisectResult]
+    plots: list[Path]
+
+
+_COLUMNS = [
+    "method",
+    "search",
+    "target",
+    "lambda",
+    "achieved",
+    "per_layer",
+    "test_error",
+    "feasible",
+    "runs_used",
+    "wall_time_s",
+    "run_dir",
+]
+
+
+def compare(
+    cfg: Config,
+    targets: Sequence[Any],
+    lambdas: Sequence[float] = (),
+    bisect: bool = False,
+    tol: float | None = None,
+    max_runs: int = 8,
+    lambda_range: tuple[float, float] = (1e-3, 1e2),
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> Comparison:
+    """Run the comparison (see the module docstring) and write its files into ``out_dir``."""
+    if not targets:
+        raise ConfigError("compare: give at least one target (--targets)")
+    method = _method_of(cfg)
+    tol = method.tol if tol is None else tol
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"compare-{cfg.name}-{stamp}"
+    out = Path(out_dir) if out_dir is not None else Path(cfg.tracking.out_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    group = cfg.tracking.group or name
+    base = cfg.to_dict()
+    say = progress or (lambda _msg: None)
+    results: list[tuple[dict[str, Any], RunResult, Any]] = []  # one per row of the table
+    every_run: list[tuple[dict[str, Any], RunResult, Any]] = []  # for the dynamics plots
+    rows: list[dict[str, Any]] = []
+
+    def one_run(label: str, job_type: str, overrides: list[str], budget: Any) -> RunResult:
+        data = apply_overrides(json.loads(json.dumps(base)), overrides)
+        data["name"] = f"{cfg.name}-{label}"
+        data["tracking"].update(group=group, job_type=job_type, out_dir=str(out / "runs"))
+        run_cfg = config_from_dict(data)
+        say(f"[compare] {label}")
+        return run(run_cfg, run_dir=out / "runs" / label)
+
+    def row_of(label: str, search: str, result: RunResult, budget: Any, lam: Any, runs: int, wall: float) -> dict:
+        achieved = method.measure(result, budget)
+        per_layer = {r["name"]: round(r["exact_density"], 4) for r in result.layers}
+        if method.kind == "layers":
+            per_layer = {"depth": int(achieved[0])}
+        feasible: Any = "-"
+        if budget is not None:
+            feasible = all(a <= b + 1e-12 for a, b in zip(achieved, method.budgets(budget)))
+        return {
+            "label": label,
+            "method": "constrained" if search == "-" else "penalized",
+            "search": search,
+            "target": "-" if budget is None else budget,
+            "lambda": "-" if lam is None else lam,
+            "achieved": achieved[0] if len(achieved) == 1 else achieved,
+            "per_layer": per_layer,
+            "test_error": result.test_error,
+            "feasible": feasible,
+            "runs_used": runs,
+            "wall_time_s": round(wall, 2),
+            "run_dir": str(result.run_dir),
+        }
+
+    for budget in targets:
+        label = f"constrained-{_slug(budget)}"
+        t0 = time.perf_counter()
+        result = one_run(label, "constrained", method.constrained(budget), budget)
+        rows.append(row_of(label, "-", result, budget, None, 1, time.perf_counter() - t0))
+        results.append((rows[-1], result, budget))
+        every_run.append((rows[-1], result, budget))
+
+    reference = targets[0]
+    for lam in lambdas:
+        label = f"penalized-grid-{lam:g}"
+        lam_vec = [float(lam)] * len(method.budgets(reference))
+        t0 = time.perf_counter()
+        result = one_run(label, "penalized", method.penalized(reference, lam_vec), reference)
+        rows.append(row_of(label, "grid", result, None, lam, 1, time.perf_counter() - t0))
+        results.append((rows[-1], result, None))
+        every_run.append((rows[-1], result, None))
+
+    bisections: dict[str, BisectResult] = {}
+    if bisect:
+        for budget in targets:
+            budgets = method.budgets(budget)
+            t0 = time.perf_counter()
+            seen: dict[tuple[float, ...], tuple[RunResult, str]] = {}
+
+            def evaluate(lam: list[float], budget: Any = budget, seen: dict = seen) -> list[float]:
+                label = f"penalized-bisect-{_slug(budget)}-{len(seen) + 1}"
+                result = one_run(label, "penalized", method.penalized(budget, lam), budget)
+                seen[tuple(lam)] = (result, label)
+                shown = lam[0] if len(lam) == 1 else lam
+                every_run.append(({"label": label, "lambda": shown}, result, budget))
+                return method.measure(result, budget)
+
+            found = bisect_lambda(evaluate, budgets, *lambda_range, tol=tol, budget=max_runs)
+            bisections[_slug(budget)] = found
+            result, label = seen[tuple(found.lam)]
+            lam_out: Any = found.lam[0] if len(found.lam) == 1 else [round(v, 6) for v in found.lam]
+            row = row_of(label, "bisect", result, budget, lam_out, found.runs, time.perf_counter() - t0)
+            row["search"] = f"bisect ({found.reason})"
+            rows.append(row)
+            results.append((row, result, budget))
+            say(f"[compare] bisection for {budget}: lambda {lam_out}, {found.runs} runs, {found.reason}")
+
+    plots = _plots(out, results, every_run, method, targets)
+    _write_tables(out, rows, method)
+    _log_table(cfg, group, out, rows)
+    return Comparison(out, rows, bisections, plots)
+
+
+def _slug(budget: Any) -> str:
+    if isinstance(budget, list):
+        return "_".join(f"{b:g}" for b in budget)
+    return f"{float(budget):g}"
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], method: _Method) -> None:
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row[k]) if isinstance(row[k], (list, dict)) else row[k] for k in _COLUMNS})
+    measure = "active layers" if method.kind == "layers" else "exact density"
+    lines = [
+        f"| method | search | target | λ | achieved {measure} | per layer | test error | feasible | runs | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['search']} | {_cell(r['target'])} | {_cell(r['lambda'])} | "
+            f"{_cell(r['achieved'])} | {_cell(r['per_layer'])} | {100 * r['test_error']:.2f} % | "
+            f"{_cell(r['feasible'])} | {r['runs_used']} | {r['wall_time_s']:.1f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _plots(
+    out: Path,
+    results: list[tuple[dict, RunResult, Any]],
+    every_run: list[tuple[dict, RunResult, Any]],
+    method: _Method,
+    targets: Sequence[Any],
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    measure = "active layers (after merging)" if method.kind == "layers" else "exact density (model-wise)"
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    styles = {"constrained": ("o", "tab:blue"), "grid": ("s", "tab:orange"), "bisect": ("^", "tab:red")}
+    labels = {"constrained": "constrained", "grid": "penalized (λ grid)", "bisect": "penalized (bisection)"}
+
+    def kind_of(row: dict[str, Any]) -> str:
+        return "constrained" if row["method"] == "constrained" else row["search"].split()[0]
+
+    for kind, (marker, color) in styles.items():
+        pts = [
+            (_model_density(res) if isinstance(r["achieved"], list) else r["achieved"], 100 * r["test_error"])
+            for r, res, _ in results
+            if kind_of(r) == kind
+        ]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=labels[kind])
+    for budget in targets:
+        if not isinstance(budget, list):
+            ax.axvline(float(budget), color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel(measure)
+    ax.set_ylabel("test error (%)")
+    ax.set_title("test error vs sparsity (dashed: targets)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "error_vs_density.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    for row, result, budget in every_run:
+        hist = result.history
+        if not hist:
+            continue
+        epochs = [h["epoch"] for h in hist]
+        ref = budget if budget is not None else targets[0]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
+        series = [method.history_measure(h, ref) for h in hist]
+        names = ["model"] if len(series[0]) == 1 else getattr(method, "layer_names", [])
+        for i, name in enumerate(names):
+            top.plot(epochs, [s[i] for s in series], marker=".", label=name)
+        for i, b in enumerate(method.budgets(ref) if budget is not None else []):
+            top.axhline(b, color=f"C{i}", linestyle="--", linewidth=1)
+        top.set_ylabel(measure)
+        title = row["label"]
+        if row.get("lambda") not in (None, "-"):
+            title += f", λ = {_cell(row['lambda'])}"
+        if budget is not None:
+            title += f", target {_cell(budget)} (dashed)"
+        top.set_title(title, fontsize=10)
+        top.grid(alpha=0.3)
+        top.legend(fontsize=8)
+        for key in method.multiplier_keys(ref):
+            bottom.plot(epochs, [h.get(key, float("nan")) for h in hist], marker=".", label=key.split("/")[1])
+        bottom.set_ylabel("multiplier λ")
+        bottom.set_xlabel("epoch")
+        bottom.grid(alpha=0.3)
+        bottom.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"dynamics_{row['label']}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _model_density(result: RunResult) -> float:
+    return float(result.density.get("model", float("nan")))
+
+
+def _log_table(cfg: Config, group: str, out: Path, rows: list[dict[str, Any]]) -> None:
+    from .tracking import resolve_wandb_mode
+
+    mode = resolve_wandb_mode(cfg.tracking.wandb)
+    if mode == "disabled":
+        return
+    import wandb
+
+    kwargs = {
+        "project": cfg.tracking.project,
+        "group": group,
+        "job_type": "comparison",
+        "name": f"{group}-results",
+        "dir": str(out),
+        "settings": wandb.Settings(console="off", silent=True, init_timeout=60, x_save_requirements=False),
+    }
+    try:
+        wb = wandb.init(mode=mode, entity=cfg.tracking.entity, **kwargs)
+    except Exception:  # noqa: BLE001 - the comparison's files are written; W&B is a copy
+        if mode != "online":
+            raise
+        wb = wandb.init(mode="offline", **kwargs)
+    table = wandb.Table(columns=_COLUMNS, allow_mixed_types=True)
+    for r in rows:
+        table.add_data(*[_cell(r[k]) if isinstance(r[k], (list, dict)) else r[k] for k in _COLUMNS])
+    wb.log({"comparison/results": table})
+    wb.finish()

@@ -1,0 +1,194 @@
+"""Compaction: equal outputs, fresh-process loading, hand-checked counts, the CLI."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from constrained_sparsity import MLP, LeNet5Caffe, attach_l0
+from constrained_sparsity.compact import (
+    compact,
+    count_flops,
+    count_params,
+    describe,
+    load_compact,
+    save_compact,
+)
+
+from .test_train import DIGITS, ROOT
+
+TOL = 1e-12  # float64: compaction drops exact zeros and folds exact constants
+
+
+def _gated(model, closed=0.5, seed=0, layers=None):
+    torch.manual_seed(seed)
+    model = model.double()
+    gates = attach_l0(model, layers=layers)
+    with torch.no_grad():
+        for _, gate in gates.named_gates():
+            gate.log_alpha.normal_(0.0, 2.0)
+            n = int(closed * gate.num_gates)
+            gate.log_alpha[torch.randperm(gate.num_gates)[:n]] = -20.0  # test-time gate exactly 0
+    return model.eval(), gates
+
+
+class UserNet(nn.Sequential):
+    """A user-defined conv + linear network (not one of the library's models)."""
+
+    def __init__(self):
+        super().__init__(
+            OrderedDict(
+                conv_a=nn.Conv2d(3, 8, 3, padding=1),
+                act_a=nn.ReLU(),
+                conv_b=nn.Conv2d(8, 6, 3),
+                act_b=nn.ReLU(),
+                pool=nn.MaxPool2d(2),
+                flat=nn.Flatten(),
+                head=nn.Linear(6 * 3 * 3, 12),
+                act_c=nn.ReLU(),
+                drop=nn.Dropout(0.1),
+                out=nn.Linear(12, 4),
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: MLP(20, [15, 9], 4), (20,)), (LeNet5Caffe, (1, 28, 28)), (UserNet, (3, 8, 8))],
+    ids=["mlp", "lenet5", "user-conv-linear"],
+)
+@pytest.mark.parametrize("closed", [0.3, 0.7])
+def test_compact_outputs_equal_gated_test_time_outputs(make, shape, closed):
+    model, _ = _gated(make(), closed)
+    compacted = compact(model, shape)
+    x = torch.rand(7, *shape, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    assert count_params(compacted.module) < count_params(model)
+    assert compacted.removed
+    for m in compacted.module.modules():  # plain layers only
+        assert type(m) in (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout)
+
+
+def test_a_layer_with_every_unit_pruned_still_gives_an_output():
+    model, gates = _gated(MLP(10, [8, 6], 3), closed=0.0)
+    with torch.no_grad():
+        dict(gates.named_gates())["fc2"].log_alpha.fill_(-20.0)  # every input of fc2 closed
+    compacted = compact(model, (10,))
+    x = torch.rand(5, 10, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    widths = [m.out_features for m in compacted.module if isinstance(m, nn.Linear)]
+    assert widths[0] == 0  # fc1 keeps no unit: the output is the constant the biases give
+    assert torch.allclose(compacted.module(x), compacted.module(x[:1]).expand(5, -1))
+
+
+def test_constant_units_fold_into_the_next_bias():
+    model = MLP(4, [3], 2).double().eval()
+    with torch.no_grad():
+        model.fc1.weight[1].zero_()  # unit 1 computes relu(b_1), a constant
+        model.fc1.bias[1] = 0.7
+    compacted = compact(model, (4,))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    assert compacted.module.fc1.out_features == 2
+
+
+def test_counts_against_hand_computed_values():
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(2, 3, 3),  # 6x6 -> 4x4: 2*3*9 + 3 = 57 params, 2*(3*4*4)*(2*9) = 1728 FLOPs
+            relu=nn.ReLU(),
+            pool=nn.MaxPool2d(2),  # 4x4 -> 2x2
+            flat=nn.Flatten(),
+            fc=nn.Linear(12, 5),  # 12*5 + 5 = 65 params, 2*60 = 120 FLOPs
+        )
+    )
+    assert count_params(model) == 57 + 65
+    assert count_flops(model, (2, 6, 6)) == 1728 + 120
+    assert describe(model, (2, 6, 6)) == "conv 3 | fc 12-5"
+    with torch.no_grad():
+        model.conv.weight[1].zero_()  # channel 1 has no input: constant relu(b_1) feeds fc
+        model.conv.bias[1] = -1.0  # relu(-1) = 0: simply dead
+    compacted = compact(model, (2, 6, 6))
+    # conv keeps 2 channels: 2*2*9 + 2 = 38 params; fc reads 2*4 = 8 inputs: 8*5 + 5 = 45
+    assert count_params(compacted.module) == 38 + 45
+    assert count_flops(compacted.module, (2, 6, 6)) == 2 * (2 * 4 * 4) * (2 * 9) + 2 * 8 * 5
+
+
+def test_exported_program_loads_in_a_fresh_process_without_the_package(tmp_path):
+    model, _ = _gated(LeNet5Caffe(), closed=0.6)
+    compacted = compact(model, (1, 28, 28))
+    compacted.module.float()
+    paths = save_compact(compacted, tmp_path / "c", (1, 28, 28))
+    x = torch.rand(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model.float()(x), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        program = torch.export.load({str(paths["program"])!r}).module()
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        out = program(x)
+        assert "constrained_sparsity" not in sys.modules, "the package was imported"
+        print(float((out - expected).abs().max()))
+        """
+    )
+    # -I: isolated mode, so neither the working directory nor the user's site can import it
+    proc = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.strip()) < 1e-4  # float32 throughout
+
+
+def test_state_dict_and_architecture_round_trip_with_csr_weights(tmp_path):
+    model, _ = _gated(MLP(30, [20], 5), closed=0.8, layers={"fc1": "weight", "fc2": "input"})
+    compacted = compact(model, (30,))
+    assert compacted.sparse_weights == ["fc1"]  # per-weight zeros stay inside a dense layer
+    paths = save_compact(compacted, tmp_path, (30,))
+    loaded, info = load_compact(paths["model"])
+    x = torch.rand(4, 30)
+    torch.testing.assert_close(loaded(x), compacted.module.float()(x), rtol=0, atol=0)
+    assert json.loads(paths["architecture"].read_text())["architecture"][1]["type"] == "Linear"
+    stored = torch.load(paths["model"], weights_only=True)["state_dict"]
+    assert [spec["key"] for spec in info["sparse"]] == ["fc1.weight"]
+    for spec in info["sparse"]:
+        assert stored[spec["key"]].layout == torch.sparse_csr
+
+
+def test_compact_and_eval_cli_on_a_digits_run(tmp_path, quiet):
+    from constrained_sparsity import load_config, run
+
+    result = run(load_config(DIGITS, [*quiet, "train.epochs=3", "sparsity.targets=0.3"]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "constrained_sparsity", "compact", str(result.run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "architecture: 64-100-100-10  ->" in proc.stdout
+    report = json.loads((result.run_dir / "compact" / "report.json").read_text())
+    assert report["max_abs_diff"] < 1e-5 and report["test_error_compact"] == report["test_error_gated"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "constrained_sparsity", "eval", str(result.run_dir), "--repeats", "3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| network | architecture") and len(lines) == 3  # header + 2 networks
+    proc = subprocess.run(
+        [sys.executable, "-m", "constrained_sparsity", "eval", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "expected a run directory or a compact model" in proc.stderr

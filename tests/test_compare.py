@@ -1,0 +1,158 @@
+"""Penalised vs constrained comparison: bisection logic, files written, W&B group."""
+
+import csv
+import json
+import math
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from constrained_sparsity import load_config
+from constrained_sparsity.compare import bisect_lambda, compare, parse_budget
+
+from . import wandb_files
+from .test_train import DIGITS, ROOT
+
+
+def _toy(lam):
+    # Monotone decreasing in lambda: density 0.5 - 0.1 log10(lambda); target 0.3 at lambda = 100.
+    return [0.5 - 0.1 * math.log10(lam[0])]
+
+
+def test_bisection_finds_lambda_in_the_expected_number_of_steps():
+    calls = []
+
+    def evaluate(lam):
+        calls.append(lam[0])
+        return _toy(lam)
+
+    found = bisect_lambda(evaluate, [0.3], lo=1e-3, hi=1e3, tol=1e-3, budget=20)
+    # log10 midpoints: 0, 1.5, 2.25, 1.875, 2.0625, 1.96875, 2.015625, 1.9921875 (|miss| 7.8e-4)
+    expected = [0, 1.5, 2.25, 1.875, 2.0625, 1.96875, 2.015625, 1.9921875]
+    assert found.converged and found.runs == 8 and len(calls) == 8
+    assert [math.log10(c) for c in calls] == pytest.approx(expected)
+    assert abs(found.value[0] - 0.3) <= 1e-3
+    assert found.reason == "within tolerance"
+
+
+def test_bisection_stops_at_the_budget_and_says_so():
+    found = bisect_lambda(_toy, [0.3], lo=1e-3, hi=1e3, tol=1e-3, budget=4)
+    assert not found.converged and found.runs == 4
+    assert found.reason == "budget of 4 runs spent"
+    # best of the 4 points that meet the budget (value <= 0.3 + tol): log10 = 2.25 (value 0.275)
+    assert math.log10(found.lam[0]) == pytest.approx(2.25)
+
+
+def test_bisection_per_coordinate():
+    def evaluate(lam):
+        return [_toy([lam[0]])[0], 1.0 / (1.0 + lam[1])]
+
+    found = bisect_lambda(evaluate, [0.3, 0.25], lo=1e-3, hi=1e3, tol=2e-3, budget=30)
+    assert found.converged
+    assert found.value[0] == pytest.approx(0.3, abs=2e-3) and found.value[1] == pytest.approx(0.25, abs=2e-3)
+
+
+def test_bisection_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="0 < lo < hi"):
+        bisect_lambda(_toy, [0.3], lo=1.0, hi=0.5)
+    with pytest.raises(ValueError, match="budget=0"):
+        bisect_lambda(_toy, [0.3], budget=0)
+
+
+def test_parse_budget():
+    assert parse_budget("0.3") == 0.3
+    assert parse_budget("0.5,0.3,0.8") == [0.5, 0.3, 0.8]
+    with pytest.raises(ValueError, match="--targets 'x'"):
+        parse_budget("x")
+
+
+def _png_ok(path: Path) -> tuple[int, int]:
+    """Check the PNG signature and every chunk's CRC; return (width, height)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, (path, kind)
+        chunks.append(kind)
+        pos += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_small_digits_comparison_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(DIGITS, ["train.epochs=4", "tracking.progress=false", "tracking.wandb=offline"])
+    result = compare(
+        cfg, [0.3, 0.5], lambdas=[0.05, 0.5], bisect=True, max_runs=2, out_dir=tmp_path / "cmp", progress=None
+    )
+    out = result.out_dir
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], r["search"].split()[0]) for r in rows] == [
+        ("constrained", "-"),
+        ("constrained", "-"),
+        ("penalized", "grid"),
+        ("penalized", "grid"),
+        ("penalized", "bisect"),
+        ("penalized", "bisect"),
+    ]
+    assert [r["target"] for r in rows] == ["0.3", "0.5", "-", "-", "0.3", "0.5"]
+    assert [r["lambda"] for r in rows[2:4]] == ["0.05", "0.5"]
+    assert [r["runs_used"] for r in rows] == ["1", "1", "1", "1", "2", "2"]
+    for r in rows:
+        assert 0.0 <= float(r["achieved"]) <= 1.0 and 0.0 <= float(r["test_error"]) <= 1.0
+    assert "budget of 2 runs spent" in rows[4]["search"] or "within tolerance" in rows[4]["search"]
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| method | search | target") and len(md) == 2 + len(rows)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    # one dynamics plot per run: 2 constrained + 2 grid + 2 x 2 bisection
+    assert len(pngs) == 1 + 8 and "error_vs_density.png" in pngs
+    for png in out.glob("*.png"):
+        width, height = _png_ok(png)
+        assert width > 300 and height > 300
+    # W&B: every run of the comparison shares the group; job types say which method
+    groups, job_types = set(), []
+    for run_dir in sorted((out / "runs").iterdir()):
+        wb = wandb_files.offline_run_dir(run_dir)
+        record = wandb_files.run_record(wb)
+        groups.add(record.run_group)
+        job_types.append(record.job_type)
+    assert len(groups) == 1 and groups.pop().startswith("compare-")
+    assert sorted(set(job_types)) == ["constrained", "penalized"]
+    table_run = wandb_files.offline_run_dir(out)
+    assert wandb_files.run_record(table_run).job_type == "comparison"
+    (logged,) = [row for row in wandb_files.history(table_run) if "comparison/results/_type" in row]
+    assert logged["comparison/results/_type"] == "table-file"
+    table = json.loads((table_run / "files" / logged["comparison/results/path"]).read_text())
+    assert table["columns"][:3] == ["method", "search", "target"] and len(table["data"]) == len(rows)
+
+
+def test_compare_cli_rejects_a_config_without_budget(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "constrained_sparsity",
+            "compare",
+            str(DIGITS),
+            "sparsity.method=none",
+            "--targets",
+            "0.3",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "declares no sparsity budget" in proc.stderr and "Traceback" not in proc.stderr
