@@ -13,12 +13,23 @@ Typical use::
         cs.train_step(problem, opt, x, y)
 """
 
+from .compact import compact, evaluate, load_compact, save_compact
+from .compare import bisect_lambda, compare
 from .config import Config, load_config
 from .data import Dataset, load_dataset
 from .errors import ConfigError, CSparseError, DataError, TrainingDiverged, TrainingInterrupted
-from .hard_concrete import HardConcreteGate, L0Gates, LayerReport, attach_l0
+from .hard_concrete import HardConcreteGate, L0Gates, LayerReport, attach_l0, fold_l0
+from .layer_sparsity import LayerSparsity, attach_layer_sparsity, merge_layers
 from .models import MLP, LeNet5Caffe
-from .problem import DualOptimizer, PrimalOptimizer, SparsityProblem, Target, build_optimizer, train_step
+from .problem import (
+    DualOptimizer,
+    LayerTarget,
+    PrimalOptimizer,
+    SparsityProblem,
+    Target,
+    build_optimizer,
+    train_step,
+)
 from .train import RunResult, error_rate, format_report, run
 
 __version__ = "0.1.0"
@@ -33,6 +44,8 @@ __all__ = [
     "HardConcreteGate",
     "L0Gates",
     "LayerReport",
+    "LayerSparsity",
+    "LayerTarget",
     "LeNet5Caffe",
     "MLP",
     "PrimalOptimizer",
@@ -42,6 +55,15 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "attach_l0",
+    "attach_layer_sparsity",
+    "bisect_lambda",
+    "compact",
+    "compare",
+    "evaluate",
+    "fold_l0",
+    "load_compact",
+    "merge_layers",
+    "save_compact",
     "build_optimizer",
     "error_rate",
     "format_report",

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compact", help="write the smaller dense network of a run (state_dict + torch.export)")
     comp.add_argument("run_dir", help="a run directory")
     comp.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/compact)")
+    comp.add_argument(
+        "--keep-inputs", action="store_true", help="keep the first linear layer's zero input columns (no SelectInputs)"
+    )
     ev = sub.add_parser("eval", help="test error, parameters, FLOPs and latency of a run or a compact model")
     ev.add_argument("path", help="a run directory, or a compact model.pt / model.pt2")
     ev.add_argument("--batches", nargs="+", type=int, default=[1, 256])
@@ -54,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def _compact(args: argparse.Namespace) -> int:
     from .compact import compact_run, format_compact_report
 
-    print(format_compact_report(compact_run(args.run_dir, args.out)))
+    print(format_compact_report(compact_run(args.run_dir, args.out, select_inputs=not args.keep_inputs)))
     return 0
 
 

@@ -25,6 +25,7 @@ on them; the report says so.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 import warnings
@@ -42,6 +43,7 @@ from .layer_sparsity import merge_layers
 
 __all__ = [
     "CompactModel",
+    "SelectInputs",
     "compact",
     "count_flops",
     "count_params",
@@ -83,7 +85,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
 
     def linear_hook(m: nn.Linear, _inp: Any, out: torch.Tensor) -> None:
         nonlocal flops
-        flops += 2 * m.in_features * m.out_features * (out.numel() // out.shape[-1] // out.shape[0])
+        flops += 2 * m.in_features * m.out_features * math.prod(out.shape[1:-1])
 
     def conv_hook(m: nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
         nonlocal flops
@@ -126,7 +128,7 @@ def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
         )
     items = list(model.named_children())
     for name, m in items:
-        if not isinstance(m, (nn.Linear, nn.Conv2d, *_BETWEEN)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d, SelectInputs, *_BETWEEN)):
             raise TypeError(
                 f"compaction cannot see through module {name!r} ({type(m).__name__}); supported between layers: "
                 "ReLU, MaxPool2d, Flatten, Dropout, Identity"
@@ -142,6 +144,7 @@ def compact(
     input_shape: Sequence[int],
     merge: bool = False,
     input_nonnegative: bool = False,
+    select_inputs: bool = False,
 ) -> CompactModel:
     """The smaller dense network equivalent to ``model`` at test time (see the module doc).
 
@@ -150,6 +153,11 @@ def compact(
         input_shape: shape of one example, e.g. ``(1, 28, 28)``.
         merge: merge layers whose parameters are all non-negative first (layer sparsity).
         input_nonnegative: for ``merge``: the input is >= 0, so the first layer may merge.
+        select_inputs: when the first layer is linear (after an optional ``Flatten``), drop
+            its zero input columns too, behind a :class:`SelectInputs` layer that picks the
+            kept input features (``torch.index_select``); the module still takes the
+            original input. This is the architecture of the L0 paper's tables (e.g.
+            784-300-100 -> 198-233-100 counts the selected inputs).
     """
     folded = fold_l0(model)
     if merge:
@@ -188,6 +196,8 @@ def compact(
         items[i] = (name, _shrink_out(layer, keep))
         items[j] = (next_name, _shrink_in(nxt, keep, w_next.shape[2] if isinstance(nxt, nn.Linear) else 1))
         removed[name] = int(dead.sum())
+    if select_inputs:
+        items = _select_inputs(items)
     module = nn.Sequential(OrderedDict(items)).eval()
     sparse = [
         n
@@ -195,6 +205,27 @@ def compact(
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() and float((m.weight == 0).float().mean()) > 0.5
     ]
     return CompactModel(module, removed, sparse)
+
+
+class SelectInputs(nn.Module):
+    """Flatten the input and keep the features at ``index`` (the first layer's open inputs)."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index.to(torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).index_select(1, self.index)
+
+
+def _select_inputs(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    first = next(i for i, (_, m) in enumerate(items) if isinstance(m, (nn.Linear, nn.Conv2d)))
+    layer = items[first][1]
+    if not isinstance(layer, nn.Linear) or any(not isinstance(m, nn.Flatten) for _, m in items[:first]):
+        return items  # inputs of a convolution stay as they are
+    keep = (layer.weight != 0).any(dim=0).nonzero().squeeze(1)
+    shrunk = plain_layer_like(layer, layer.weight.index_select(1, keep), layer.bias)
+    return [("select", SelectInputs(keep)), (items[first][0], shrunk), *items[first + 1 :]]
 
 
 def _shrink_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
@@ -233,6 +264,8 @@ def _architecture(module: nn.Sequential) -> list[dict[str, Any]]:
             arch.append({"name": name, "type": "MaxPool2d", "kernel": m.kernel_size, "stride": m.stride})
         elif isinstance(m, nn.Flatten):
             arch.append({"name": name, "type": "Flatten"})
+        elif isinstance(m, SelectInputs):
+            arch.append({"name": name, "type": "SelectInputs", "index": m.index.tolist()})
         elif isinstance(m, nn.ReLU):
             arch.append({"name": name, "type": "ReLU"})
         else:  # Dropout / Identity are the identity at inference
@@ -259,6 +292,8 @@ def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
             layers[spec["name"]] = nn.MaxPool2d(spec["kernel"], spec["stride"])
         elif kind == "Flatten":
             layers[spec["name"]] = nn.Flatten()
+        elif kind == "SelectInputs":
+            layers[spec["name"]] = SelectInputs(torch.tensor(spec["index"]))
         elif kind == "ReLU":
             layers[spec["name"]] = nn.ReLU()
         else:
@@ -386,7 +421,7 @@ def active_inputs(module: nn.Sequential) -> list[int]:
     return [int((m.weight != 0).any(dim=0).sum()) for m in module if isinstance(m, nn.Linear)]
 
 
-def compact_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_inputs: bool = True) -> dict[str, Any]:
     """Compact the network of a run directory into ``out_dir`` (default ``RUN_DIR/compact``)."""
     from .train import error_rate
 
@@ -396,7 +431,9 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
     nonneg = cfg.sparsity.layers.input_nonnegative
     if nonneg is None:
         nonneg = bool(dataset.train_x.min() >= 0)
-    compacted = compact(model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg)
+    compacted = compact(
+        model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg, select_inputs=select_inputs
+    )
     folded = fold_l0(model)
     x = dataset.test_x[:512]
     with torch.no_grad():
@@ -466,7 +503,8 @@ def evaluate(
             networks.append(("compact", load_compact(saved)[0]))
         else:
             nonneg = bool(dataset.train_x.min() >= 0)
-            networks.append(("compact", compact(model, shape, cfg.sparsity.layers.enabled, nonneg).module))
+            small = compact(model, shape, cfg.sparsity.layers.enabled, nonneg, select_inputs=True)
+            networks.append(("compact", small.module))
     elif path.suffix in (".pt", ".pt2") and path.is_file():
         description = path.with_name("architecture.json")
         if path.suffix == ".pt":

@@ -73,6 +73,8 @@ class RunResult:
     last_iterate: dict[str, Any] | None = None
     # Layer sparsity: the merged network and its refit (sparsity.layers.refit_epochs).
     refit: dict[str, Any] | None = None
+    # Parameters and FLOPs per example before and after compaction (csparse compact).
+    compaction: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -91,6 +93,7 @@ class RunResult:
             "selected_epoch": self.selected_epoch,
             "last_iterate": self.last_iterate,
             "refit": self.refit,
+            "compaction": self.compaction,
         }
 
 
@@ -322,6 +325,7 @@ def run(
     )
     state = _Loop(cfg, out, dataset, model, gates, problem, optimizers, data_gen, tracker, history)
     refit: dict[str, Any] | None = None
+    compaction: dict[str, Any] | None = None
     if checkpoint is not None:
         state.selected = selected
     exit_code = 1
@@ -332,12 +336,14 @@ def run(
         state.finish_selection()
         if cfg.sparsity.layers.enabled:
             refit = merge_and_refit(state.model, cfg, dataset, tracker, out, first_epoch=state.epoch + 1)
+        compaction = _compaction_counts(state.model, cfg, dataset)
     except TrainingInterrupted:
         exit_code = 0  # a clean stop: the run can be resumed
         raise
     finally:
         result = state.result(time.perf_counter() - start)
         result.refit = refit
+        result.compaction = compaction
         tracker.summary(_wandb_summary(result))
         tracker.finish(exit_code=exit_code)
         (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
@@ -349,6 +355,30 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [row for row in rows if "refit/epoch" not in row]
+
+
+def _compaction_counts(model: nn.Module, cfg: Config, dataset: Dataset) -> dict[str, Any] | None:
+    """Parameters and FLOPs per example of the trained network before and after compaction."""
+    from .compact import compact, count_flops, count_params, describe
+
+    if cfg.sparsity.method == "none" and not cfg.sparsity.layers.enabled:
+        return None
+    shape = tuple(dataset.input_shape)
+    nonneg = cfg.sparsity.layers.input_nonnegative
+    if nonneg is None:
+        nonneg = bool(dataset.train_x.min() >= 0)
+    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg, select_inputs=True)
+    from .hard_concrete import fold_l0
+
+    dense = fold_l0(model)
+    return {
+        "params_before": count_params(dense),
+        "params_after": count_params(small.module),
+        "flops_before": count_flops(dense, shape),
+        "flops_after": count_flops(small.module, shape),
+        "architecture_before": describe(dense, shape),  # type: ignore[arg-type]
+        "architecture_after": describe(small.module, shape),
+    }
 
 
 def _count_linear(model: nn.Module) -> tuple[int, int]:
@@ -451,6 +481,8 @@ def _wandb_summary(result: RunResult) -> dict[str, Any]:
     for key, value in (result.refit or {}).items():
         if isinstance(value, (int, float)):
             summary[f"final/refit/{key}"] = value
+    for key, value in (result.compaction or {}).items():
+        summary[f"final/{key}"] = value
     for key, value in result.density.items():
         summary[f"final/density/{key}"] = value
     if result.layers:
@@ -787,6 +819,13 @@ def format_report(result: RunResult) -> str:
                 f"{density}feasible {'yes' if li['feasible'] else 'no'}, test error {100 * li['test_error']:.2f} %)"
             )
     lines.append(f"test error: {100 * result.test_error:.2f} %")
+    if result.compaction is not None:
+        c = result.compaction
+        lines.append(
+            f"compact network: {c['architecture_before']} -> {c['architecture_after']}, parameters "
+            f"{c['params_before']} -> {c['params_after']}, FLOPs per example {c['flops_before']} -> "
+            f"{c['flops_after']}   (csparse compact {result.run_dir})"
+        )
     if result.refit is not None:
         r = result.refit
         lines.append(

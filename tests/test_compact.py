@@ -74,6 +74,18 @@ def test_compact_outputs_equal_gated_test_time_outputs(make, shape, closed):
         assert type(m) in (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout)
 
 
+def test_select_inputs_drops_the_first_layers_closed_inputs(tmp_path):
+    model, gates = _gated(MLP(30, [12], 4), closed=0.6)
+    open_inputs = int(dict(gates.named_gates())["fc1"].active().sum())
+    compacted = compact(model, (30,), select_inputs=True)
+    assert compacted.module.fc1.in_features == open_inputs < 30
+    assert describe(compacted.module, (30,)).startswith(f"{open_inputs}-")
+    x = torch.rand(5, 30, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    loaded, _ = load_compact(save_compact(compacted, tmp_path, (30,))["model"])
+    torch.testing.assert_close(loaded(x.float()), model(x).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_layer_with_every_unit_pruned_still_gives_an_output():
     model, gates = _gated(MLP(10, [8, 6], 3), closed=0.0)
     with torch.no_grad():
@@ -121,7 +133,7 @@ def test_counts_against_hand_computed_values():
 
 def test_exported_program_loads_in_a_fresh_process_without_the_package(tmp_path):
     model, _ = _gated(LeNet5Caffe(), closed=0.6)
-    compacted = compact(model, (1, 28, 28))
+    compacted = compact(model, (1, 28, 28), select_inputs=True)
     compacted.module.float()
     paths = save_compact(compacted, tmp_path / "c", (1, 28, 28))
     x = torch.rand(3, 1, 28, 28)

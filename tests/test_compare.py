@@ -156,3 +156,31 @@ def test_compare_cli_rejects_a_config_without_budget(tmp_path):
     )
     assert proc.returncode == 2
     assert "declares no sparsity budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_per_layer_targets_and_layer_budgets_compare(tmp_path):
+    cfg = load_config(DIGITS, ["train.epochs=2", "tracking.progress=false", "tracking.wandb=disabled"])
+    result = compare(
+        cfg,
+        [parse_budget("0.5,0.3,0.8")],
+        lambdas=[0.1],
+        bisect=True,
+        max_runs=1,
+        out_dir=tmp_path / "l0",
+        progress=None,
+    )
+    bisect_row = result.rows[-1]
+    assert isinstance(bisect_row["achieved"], list) and len(bisect_row["achieved"]) == 3
+    assert isinstance(bisect_row["lambda"], list) and len(bisect_row["lambda"]) == 3  # one λ per layer
+    assert set(bisect_row["per_layer"]) == {"fc1", "fc2", "fc3"}
+
+    deep = load_config(
+        ROOT / "configs" / "digits_deep_mlp_layers.yaml",
+        ["train.epochs=2", "tracking.progress=false", "tracking.wandb=disabled", "sparsity.layers.refit_epochs=0"],
+    )
+    result = compare(deep, [2], lambdas=[0.0], out_dir=tmp_path / "layers", progress=None)
+    constrained, grid = result.rows
+    assert constrained["method"] == "constrained" and constrained["target"] == 2
+    assert grid["lambda"] == 0.0 and grid["achieved"] == 6.0  # λ = 0 merges nothing
+    assert "active layers" in (tmp_path / "layers" / "results.md").read_text()

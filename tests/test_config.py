@@ -30,6 +30,9 @@ def test_expected_configs_are_shipped():
         "mnist_mlp_l0_penalized.yaml",
         "mnist_lenet_l0_constrained.yaml",
         "mnist_lenet_l0_penalized.yaml",
+        "digits_deep_mlp_layers.yaml",
+        "fashion_deep_mlp_layers_constrained.yaml",
+        "fashion_deep_mlp_layers_penalized.yaml",
     ]:
         assert name in names
     assert load_config(ROOT / "configs/mnist_mlp_l0_constrained.yaml").sparsity.targets == 0.33

@@ -1,0 +1,108 @@
+"""Benchmark: inference latency of dense vs compact networks, next to their FLOP ratio.
+
+For each run directory given (an L0 run of the MLP or of LeNet-5), compacts the trained
+network and times the forward pass of the dense network (gates folded in: the architecture
+as trained) and of the compact one, at batch 1 and batch 256, on one and two threads
+(median of --repeats passes, eval mode, no autograd). Dense and compact are timed
+alternately, in rounds, so the machine's drift hits both alike. Goal: at batch 256 the
+latency ratio compact / dense is within 1.5x of the FLOP ratio.
+
+    python benchmarks/bench_compact.py RUN_DIR [RUN_DIR ...] --repeats 50 --rounds 5
+
+Writes benchmarks/out/compact.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from constrained_sparsity.compact import (
+    active_inputs,
+    compact,
+    count_flops,
+    count_params,
+    describe,
+    fold_l0,
+    load_trained,
+    measure_latency,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for run_dir in args.run_dirs:
+        cfg, model, dataset = load_trained(run_dir)
+        shape = tuple(dataset.input_shape)
+        dense = fold_l0(model).float()
+        small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float()
+        x = dataset.test_x[:1000]
+        with torch.no_grad():
+            diff = float((dense(x) - small(x)).abs().max())
+        flops_dense, flops_small = count_flops(dense, shape), count_flops(small, shape)
+        entry = {
+            "run_dir": str(run_dir),
+            "model": cfg.model.name,
+            "dense": describe(dense, shape),
+            "compact": describe(small, shape),
+            "active_inputs": active_inputs(dense),
+            "params": [count_params(dense), count_params(small)],
+            "flops": [flops_dense, flops_small],
+            "flop_ratio": flops_small / flops_dense,
+            "max_abs_diff": diff,
+            "latency_ms": {},
+        }
+        for batch in (1, 256):
+            for threads in (1, 2):
+                times: dict[str, list[float]] = {"dense": [], "compact": []}
+                for _ in range(args.rounds):
+                    times["dense"].append(measure_latency(dense, shape, batch, threads, args.repeats))
+                    times["compact"].append(measure_latency(small, shape, batch, threads, args.repeats))
+                d, c = statistics.median(times["dense"]), statistics.median(times["compact"])
+                entry["latency_ms"][f"b{batch}/t{threads}"] = {"dense": 1e3 * d, "compact": 1e3 * c, "ratio": c / d}
+        results.append(entry)
+        print(json.dumps(entry), flush=True)
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "results": results,
+    }
+    (out / "compact.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"command: `{report['command']}`  ",
+        f"machine: {report['machine']}",
+        "",
+        "| model | dense → compact | active inputs (paper's convention) | params | FLOPs ratio | "
+        "batch / threads | dense ms | compact ms | latency ratio | latency ratio / FLOP ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in results:
+        for key, lat in e["latency_ms"].items():
+            lines.append(
+                f"| {e['model']} | {e['dense']} → {e['compact']} | {'-'.join(map(str, e['active_inputs']))} | "
+                f"{e['params'][0]} → {e['params'][1]} | {e['flop_ratio']:.3f} | {key} | {lat['dense']:.3f} | "
+                f"{lat['compact']:.3f} | {lat['ratio']:.3f} | {lat['ratio'] / e['flop_ratio']:.2f} |"
+            )
+    (out / "compact.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
