@@ -242,6 +242,10 @@ def compare(
     if not targets:
         raise ConfigError("compare: give at least one target (--targets)")
     method = _method_of(cfg)
+    if any(lam < 0 for lam in lambdas):
+        raise ConfigError(f"compare: lambdas {list(lambdas)} should all be >= 0")
+    for budget in targets:  # refuse a bad budget before anything runs
+        config_from_dict(apply_overrides(cfg.to_dict(), method.constrained(budget)))
     tol = method.tol if tol is None else tol
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"compare-{cfg.name}-{stamp}"

@@ -184,3 +184,12 @@ def test_per_layer_targets_and_layer_budgets_compare(tmp_path):
     assert constrained["method"] == "constrained" and constrained["target"] == 2
     assert grid["lambda"] == 0.0 and grid["achieved"] == 6.0  # λ = 0 merges nothing
     assert "active layers" in (tmp_path / "layers" / "results.md").read_text()
+
+
+def test_compare_refuses_bad_budgets_before_running(tmp_path):
+    cfg = load_config(DIGITS, ["tracking.wandb=disabled"])
+    with pytest.raises(ValueError, match=r"epsilon 1.5 is outside \[0, 1\]"):
+        compare(cfg, [0.3, 1.5], out_dir=tmp_path / "c", progress=None)
+    with pytest.raises(ValueError, match="lambdas"):
+        compare(cfg, [0.3], lambdas=[-1.0], out_dir=tmp_path / "c", progress=None)
+    assert not (tmp_path / "c").exists()
