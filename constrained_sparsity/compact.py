@@ -431,6 +431,10 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
     nonneg = cfg.sparsity.layers.input_nonnegative
     if nonneg is None:
         nonneg = bool(dataset.train_x.min() >= 0)
+    source = "trained network"
+    if (run_dir / "refit_model.pt").is_file():  # layer sparsity: the merged, refitted network
+        model, _ = load_compact(run_dir / "refit_model.pt")
+        source = "refit_model.pt (merged and refitted)"
     compacted = compact(
         model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg, select_inputs=select_inputs
     )
@@ -442,6 +446,7 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
     paths = save_compact(compacted, Path(out_dir) if out_dir else run_dir / "compact", shape, meta)
     bs = cfg.data.eval_batch_size
     report = {
+        "source": source,
         "paths": {k: str(v) for k, v in paths.items()},
         "architecture_before": describe(folded, shape),  # type: ignore[arg-type]
         "architecture_after": describe(compacted.module, shape),
@@ -451,7 +456,7 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
         "nonzero_params_after": count_params(compacted.module, nonzero=True),
         "flops_before": count_flops(folded, shape),
         "flops_after": count_flops(compacted.module, shape),
-        "test_error_gated": error_rate(model, dataset.test_x, dataset.test_y, bs),
+        "test_error_gated": error_rate(model, dataset.test_x, dataset.test_y, bs),  # the source network
         "test_error_compact": error_rate(compacted.module, dataset.test_x, dataset.test_y, bs),
         "max_abs_diff": diff,
         "removed_units": compacted.removed,
@@ -463,6 +468,7 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
 
 def format_compact_report(r: dict[str, Any]) -> str:
     lines = [
+        f"compacted: {r['source']}",
         f"architecture: {r['architecture_before']}  ->  {r['architecture_after']}",
         f"active inputs per linear layer before compaction: {'-'.join(map(str, r['active_inputs_before']))}",
         f"parameters: {r['params_before']} -> {r['params_after']} ({r['nonzero_params_after']} non-zero)",
@@ -498,6 +504,8 @@ def evaluate(
         cfg, model, dataset = load_trained(path)
         shape = tuple(dataset.input_shape)
         networks.append(("original (gates folded)", fold_l0(model)))
+        if (path / "refit_model.pt").is_file():
+            networks.append(("merged + refit", load_compact(path / "refit_model.pt")[0]))
         saved = path / "compact" / "model.pt"
         if saved.is_file():
             networks.append(("compact", load_compact(saved)[0]))

@@ -463,13 +463,10 @@ def merge_and_refit(
 
 
 def _save_sequential(model: nn.Sequential, path: Path) -> None:
-    layers = []
-    for name, m in model.named_children():
-        if isinstance(m, nn.Linear):
-            layers.append({"name": name, "type": "Linear", "in": m.in_features, "out": m.out_features})
-        else:
-            layers.append({"name": name, "type": type(m).__name__})
-    save_checkpoint({"layers": layers, "state_dict": model.state_dict()}, path)
+    """``{"architecture": [...], "state_dict": ...}``, readable by :func:`compact.load_compact`."""
+    from .compact import _architecture
+
+    save_checkpoint({"architecture": _architecture(model), "sparse": [], "state_dict": model.state_dict()}, path)
 
 
 def _wandb_summary(result: RunResult) -> dict[str, Any]:

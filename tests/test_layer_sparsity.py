@@ -9,6 +9,7 @@ from scipy.optimize import minimize
 from torch import nn
 
 from constrained_sparsity import MLP, load_config, run
+from constrained_sparsity.compact import compact_run
 from constrained_sparsity.layer_sparsity import attach_layer_sparsity, merge_layers, negative_part_prox_
 
 from .test_train import ROOT
@@ -152,6 +153,12 @@ def test_constrained_digits_run_reaches_the_layer_budget(quiet):
     assert refit["test_error_merged"] == pytest.approx(refit["test_error_before"], abs=0.003)
     assert refit["test_error_refit"] < 0.2
     assert (result.run_dir / "merged_model.pt").is_file() and (result.run_dir / "refit_model.pt").is_file()
+    # csparse compact on a layer-sparsity run compacts the merged, refitted network
+    report = compact_run(result.run_dir)
+    assert report["source"].startswith("refit_model.pt")
+    assert report["architecture_before"].count("-") == refit["depth_after"]  # e.g. 64-64-10: 2 layers
+    assert report["max_abs_diff"] < 1e-5
+    assert report["test_error_compact"] == pytest.approx(refit["test_error_refit"])
 
 
 def test_penalized_with_lambda_zero_changes_no_count(quiet):
