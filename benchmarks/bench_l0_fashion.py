@@ -91,6 +91,11 @@ def main() -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="key=value overrides for the L0 runs (tuning)")
     parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=40, help="training steps per setup and round")
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="skip the trainings: re-time the runs recorded in OUT/l0_fashion.json (after a code change)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -110,6 +115,20 @@ def main() -> int:
         "constrained": ("fashion_mlp_l0_constrained.yaml", [*common, *args.extra]),
     }
     results = {}
+    if args.timing_only:
+        previous = json.loads((out / "l0_fashion.json").read_text())
+        timing = _interleaved_timing(previous["runs"], args.rounds, args.steps)
+        previous["interleaved_s_per_epoch"] = timing
+        for phase in ("start", "end"):
+            a, b, c = (timing[f"{k}/{phase}"] for k in ("dense", "penalized", "constrained"))
+            previous["ratios"][phase] = {"constrained_dense": c / a, "constrained_penalized": c / b}
+            print(
+                f"{phase}: dense {a:.2f} penalized {b:.2f} constrained {c:.2f} s/epoch; "
+                f"constrained/dense {c / a:.3f}, constrained/penalized {c / b:.3f}"
+            )
+        previous["timing_command"] = " ".join(["python", *sys.argv])
+        (out / "l0_fashion.json").write_text(json.dumps(previous, indent=2))
+        return 0
     for key, (config, overrides) in runs.items():
         t0 = time.perf_counter()
         result = _run(config, overrides)

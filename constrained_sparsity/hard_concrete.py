@@ -322,6 +322,7 @@ class L0Gates:
         if not layers:
             raise ValueError("no layer was gated: pass at least one nn.Linear / nn.Conv2d layer")
         self._layers = layers
+        self._weights: dict[tuple, torch.Tensor] = {}  # per selection: k_j / sum k, one per gate
 
     # -- introspection ---------------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -357,17 +358,47 @@ class L0Gates:
         P(z != 0). Differentiable with respect to ``log_alpha``.
         """
         selected = self._select(layers)
-        num = sum(layer.gate.prob_nonzero().sum() * layer.params_per_gate for layer in selected)
-        den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
-        return num / den  # type: ignore[operator]
+        flat = self._flat(selected)
+        if flat is None:
+            num = sum(layer.gate.prob_nonzero().sum() * layer.params_per_gate for layer in selected)
+            den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
+            return num / den  # type: ignore[operator]
+        log_alpha, weights, gate = flat
+        return torch.sigmoid(log_alpha - gate.beta * math.log(-gate.gamma / gate.zeta)) @ weights
 
     @torch.no_grad()
     def exact_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
         """Proportion of parameters whose test-time gate is non-zero (no gradient)."""
         selected = self._select(layers)
-        num = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
-        den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
-        return num.to(torch.get_default_dtype()) / den  # type: ignore[union-attr]
+        flat = self._flat(selected)
+        if flat is None:
+            num = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
+            den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
+            return num.to(torch.get_default_dtype()) / den  # type: ignore[union-attr]
+        log_alpha, weights, gate = flat
+        # the same test as active(): clamp(v, 0, 1) > 0 exactly when v > 0
+        active = torch.sigmoid(log_alpha).mul_(gate.zeta - gate.gamma).add_(gate.gamma) > 0
+        return active.to(weights.dtype) @ weights
+
+    def _flat(self, selected: list[_GatedLayer]) -> tuple[torch.Tensor, torch.Tensor, HardConcreteGate] | None:
+        """All selected gates as one vector, with each gate's share of the parameters.
+
+        A handful of tensor ops instead of a handful per layer (the measures run every
+        step). ``None`` when the gates' hard-concrete constants differ.
+        """
+        first = selected[0].gate
+        if any((g.gate.beta, g.gate.gamma, g.gate.zeta) != (first.beta, first.gamma, first.zeta) for g in selected):
+            return None
+        log_alpha = torch.cat([g.gate.log_alpha for g in selected]) if len(selected) > 1 else first.log_alpha
+        key = (tuple(g.name for g in selected), log_alpha.dtype, log_alpha.device)
+        weights = self._weights.get(key)
+        if weights is None:
+            counts = torch.cat(
+                [torch.full((g.gate.num_gates,), float(g.params_per_gate), dtype=torch.float64) for g in selected]
+            )
+            weights = (counts / counts.sum()).to(log_alpha.dtype).to(log_alpha.device)
+            self._weights[key] = weights
+        return log_alpha, weights, first
 
     @torch.no_grad()
     def report(self) -> list[LayerReport]:
