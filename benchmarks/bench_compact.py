@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
+import _report
 import torch
 
 from constrained_sparsity.compact import (
@@ -78,16 +78,9 @@ def main() -> int:
                 entry["latency_ms"][f"b{batch}/t{threads}"] = {"dense": 1e3 * d, "compact": 1e3 * c, "ratio": c / d}
         results.append(entry)
         print(json.dumps(entry), flush=True)
-    report = {
-        "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, torch {torch.__version__}",
-        "results": results,
-    }
-    (out / "compact.json").write_text(json.dumps(report, indent=2))
+    report = {**_report.header(), "results": results}
     lines = [
-        f"command: `{report['command']}`  ",
-        f"machine: {report['machine']}",
-        "",
+        *_report.markdown_header(report),
         "| model | dense → compact | active inputs (paper's convention) | params | FLOPs ratio | "
         "batch / threads | dense ms | compact ms | latency ratio | latency ratio / FLOP ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -99,8 +92,7 @@ def main() -> int:
                 f"{e['params'][0]} → {e['params'][1]} | {e['flop_ratio']:.3f} | {key} | {lat['dense']:.3f} | "
                 f"{lat['compact']:.3f} | {lat['ratio']:.3f} | {lat['ratio'] / e['flop_ratio']:.2f} |"
             )
-    (out / "compact.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _report.write(out, "compact", report, lines)
     return 0
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
+import _report
 import torch
 
 import constrained_sparsity as cs
@@ -87,16 +87,9 @@ def main() -> int:
                 }
             )
             print(json.dumps(summary[-1]), flush=True)
-    report = {
-        "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
-        "rows": summary,
-    }
-    (out / "compare_fashion.json").write_text(json.dumps(report, indent=2))
+    report = {**_report.header(args.threads), "rows": summary}
     lines = [
-        f"command: `{report['command']}`  ",
-        f"machine: {report['machine']}; tolerance {args.tol}, λ range {args.lambda_range}",
-        "",
+        *_report.markdown_header(report, f"; tolerance {args.tol}, λ range {args.lambda_range}"),
         "| config | epochs/run | method | ε | λ | achieved density | abs(achieved − ε) | feasible | test error | "
         "runs | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -108,8 +101,7 @@ def main() -> int:
             f"{r['achieved']:.4f} | {r['miss']:.4f} | {r['feasible']} | {100 * r['test_error']:.2f} % | "
             f"{r['runs']} | {r['wall_s']:.0f} |"
         )
-    (out / "compare_fashion.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _report.write(out, "compare_fashion", report, lines)
     return 0
 
 

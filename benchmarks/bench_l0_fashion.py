@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _report
 import torch
 
 import constrained_sparsity as cs
@@ -75,6 +75,15 @@ def _interleaved_timing(results: dict, rounds: int, steps: int) -> dict:
     return {f"{k[0]}/{k[1]}": statistics.median(v) * steps_per_epoch for k, v in times.items()}
 
 
+def _ratios(timing: dict) -> dict:
+    """Constrained / dense and constrained / penalised seconds per epoch, per state."""
+    ratios = {}
+    for phase in ("start", "end"):
+        a, b, c = (timing[f"{k}/{phase}"] for k in ("dense", "penalized", "constrained"))
+        ratios[phase] = {"constrained_dense": c / a, "constrained_penalized": c / b}
+    return ratios
+
+
 def _returned(r: dict, epochs: int) -> str:
     last = r["last_iterate"]
     if last is None or r["selected_epoch"] in (None, epochs):
@@ -119,12 +128,12 @@ def main() -> int:
         previous = json.loads((out / "l0_fashion.json").read_text())
         timing = _interleaved_timing(previous["runs"], args.rounds, args.steps)
         previous["interleaved_s_per_epoch"] = timing
-        for phase in ("start", "end"):
-            a, b, c = (timing[f"{k}/{phase}"] for k in ("dense", "penalized", "constrained"))
-            previous["ratios"][phase] = {"constrained_dense": c / a, "constrained_penalized": c / b}
+        previous["ratios"] = _ratios(timing)
+        for phase, r in previous["ratios"].items():
             print(
-                f"{phase}: dense {a:.2f} penalized {b:.2f} constrained {c:.2f} s/epoch; "
-                f"constrained/dense {c / a:.3f}, constrained/penalized {c / b:.3f}"
+                f"{phase}: dense {timing[f'dense/{phase}']:.2f} penalized {timing[f'penalized/{phase}']:.2f} "
+                f"constrained {timing[f'constrained/{phase}']:.2f} s/epoch; constrained/dense "
+                f"{r['constrained_dense']:.3f}, constrained/penalized {r['constrained_penalized']:.3f}"
             )
         previous["timing_command"] = " ".join(["python", *sys.argv])
         (out / "l0_fashion.json").write_text(json.dumps(previous, indent=2))
@@ -153,23 +162,16 @@ def main() -> int:
         print(key, json.dumps(results[key]), flush=True)
     timing = _interleaved_timing(results, args.rounds, args.steps)
     print("interleaved s/epoch", json.dumps(timing), flush=True)
-    ratios = {}
-    for phase in ("start", "end"):
-        a, b, c = (timing[f"{k}/{phase}"] for k in ("dense", "penalized", "constrained"))
-        ratios[phase] = {"constrained_dense": c / a, "constrained_penalized": c / b}
+    ratios = _ratios(timing)
     report = {
-        "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        **_report.header(torch.get_num_threads()),
         "epochs": args.epochs,
         "interleaved_s_per_epoch": timing,
         "ratios": ratios,
         "runs": results,
     }
-    (out / "l0_fashion.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"command: `{report['command']}`  ",
-        f"machine: {report['machine']}, epochs: {args.epochs}",
-        "",
+        *_report.markdown_header(report, f", epochs: {args.epochs}"),
         "| run | s/epoch (in its run) | test error | exact density | expected density | first epoch ≤ ε | "
         "feasible epochs | feasible at end | returned iterate | active gates |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -197,8 +199,7 @@ def main() -> int:
             f"{timing[f'constrained/{phase}']:.2f} | {ratios[phase]['constrained_dense']:.3f} | "
             f"{ratios[phase]['constrained_penalized']:.3f} |"
         )
-    (out / "l0_fashion.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _report.write(out, "l0_fashion", report, lines)
     return 0
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
+import _report
 import torch
 
 import constrained_sparsity as cs
@@ -135,17 +135,13 @@ def main() -> int:
             )
             break
     report = {
-        "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        **_report.header(torch.get_num_threads()),
         "epochs": args.epochs,
         "rows": rows,
         "penalized_search": penalized,
     }
-    (out / "layers_fashion.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"command: `{report['command']}`  ",
-        f"machine: {report['machine']}, training epochs: {args.epochs}, refit epochs: {args.refit}",
-        "",
+        *_report.markdown_header(report, f", training epochs: {args.epochs}, refit epochs: {args.refit}"),
         "| network | linear layers | parameters | test error | note |",
         "|---|---|---|---|---|",
     ]
@@ -166,8 +162,7 @@ def main() -> int:
         lines.append(
             f"| {p['lambda']:g} | {p['depth']} | {100 * p['test_error']:.2f} % | {100 * p['merged']:.2f} % | {refit} |"
         )
-    (out / "layers_fashion.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _report.write(out, "layers_fashion", report, lines)
     return 0
 
 

@@ -353,30 +353,16 @@ def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
     return module.eval(), info
 
 
-def _eval_mode(model: nn.Module) -> None:
-    try:
-        model.eval()
-    except NotImplementedError:  # a torch.export program: already traced in inference mode
-        pass
-
-
-@torch.no_grad()
-def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    _eval_mode(model)
-    wrong = 0
-    for i in range(0, len(y), batch_size):
-        wrong += int((model(x[i : i + batch_size]).argmax(dim=1) != y[i : i + batch_size]).sum())
-    return wrong / max(len(y), 1)
-
-
 def measure_latency(
     model: nn.Module, input_shape: Sequence[int], batch: int, threads: int, repeats: int = 30, warmup: int = 5
 ) -> float:
     """Median seconds of one forward pass (eval mode, no autograd) at ``batch`` on ``threads``."""
+    from .train import set_training
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _eval_mode(model)
+        set_training(model, False)
         x = torch.rand(batch, *input_shape)
         times = []
         with torch.inference_mode():
@@ -421,6 +407,31 @@ def active_inputs(module: nn.Sequential) -> list[int]:
     return [int((m.weight != 0).any(dim=0).sum()) for m in module if isinstance(m, nn.Linear)]
 
 
+def compact_trained(model: nn.Module, cfg: Any, dataset: Any, select_inputs: bool = True) -> CompactModel:
+    """:func:`compact` with what a run's config says: merge after layer sparsity, its input sign."""
+    from .train import input_nonnegative
+
+    return compact(
+        model,
+        tuple(dataset.input_shape),
+        merge=cfg.sparsity.layers.enabled,
+        input_nonnegative=input_nonnegative(cfg, dataset),
+        select_inputs=select_inputs,
+    )
+
+
+def size_summary(dense: nn.Sequential, small: nn.Sequential, input_shape: Sequence[int]) -> dict[str, Any]:
+    """Architecture, parameters and FLOPs per example of a network and its compact version."""
+    return {
+        "architecture_before": describe(dense, input_shape),
+        "architecture_after": describe(small, input_shape),
+        "params_before": count_params(dense),
+        "params_after": count_params(small),
+        "flops_before": count_flops(dense, input_shape),
+        "flops_after": count_flops(small, input_shape),
+    }
+
+
 def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_inputs: bool = True) -> dict[str, Any]:
     """Compact the network of a run directory into ``out_dir`` (default ``RUN_DIR/compact``)."""
     from .train import error_rate
@@ -428,16 +439,11 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
     run_dir = Path(run_dir)
     cfg, model, dataset = load_trained(run_dir)
     shape = tuple(dataset.input_shape)
-    nonneg = cfg.sparsity.layers.input_nonnegative
-    if nonneg is None:
-        nonneg = bool(dataset.train_x.min() >= 0)
     source = "trained network"
     if (run_dir / "refit_model.pt").is_file():  # layer sparsity: the merged, refitted network
         model, _ = load_compact(run_dir / "refit_model.pt")
         source = "refit_model.pt (merged and refitted)"
-    compacted = compact(
-        model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg, select_inputs=select_inputs
-    )
+    compacted = compact_trained(model, cfg, dataset, select_inputs)
     folded = fold_l0(model)
     x = dataset.test_x[:512]
     with torch.no_grad():
@@ -448,14 +454,9 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
     report = {
         "source": source,
         "paths": {k: str(v) for k, v in paths.items()},
-        "architecture_before": describe(folded, shape),  # type: ignore[arg-type]
-        "architecture_after": describe(compacted.module, shape),
+        **size_summary(folded, compacted.module, shape),  # type: ignore[arg-type]
         "active_inputs_before": active_inputs(folded),  # type: ignore[arg-type]
-        "params_before": count_params(folded),
-        "params_after": count_params(compacted.module),
         "nonzero_params_after": count_params(compacted.module, nonzero=True),
-        "flops_before": count_flops(folded, shape),
-        "flops_after": count_flops(compacted.module, shape),
         "test_error_gated": error_rate(model, dataset.test_x, dataset.test_y, bs),  # the source network
         "test_error_compact": error_rate(compacted.module, dataset.test_x, dataset.test_y, bs),
         "max_abs_diff": diff,
@@ -497,6 +498,7 @@ def evaluate(
     """
     from .data import load_dataset
     from .errors import ConfigError
+    from .train import error_rate
 
     path = Path(path)
     networks: list[tuple[str, nn.Module]] = []
@@ -510,9 +512,7 @@ def evaluate(
         if saved.is_file():
             networks.append(("compact", load_compact(saved)[0]))
         else:
-            nonneg = bool(dataset.train_x.min() >= 0)
-            small = compact(model, shape, cfg.sparsity.layers.enabled, nonneg, select_inputs=True)
-            networks.append(("compact", small.module))
+            networks.append(("compact", compact_trained(model, cfg, dataset).module))
     elif path.suffix in (".pt", ".pt2") and path.is_file():
         description = path.with_name("architecture.json")
         if path.suffix == ".pt":
@@ -540,7 +540,7 @@ def evaluate(
         row["params"] = count_params(module)
         row["nonzero_params"] = count_params(module, nonzero=True)
         row["flops"] = count_flops(module, shape) if is_seq else None
-        row["test_error"] = _error(module, dataset.test_x, dataset.test_y)
+        row["test_error"] = error_rate(module, dataset.test_x, dataset.test_y, 1024)
         for b in batches:
             for t in threads:
                 row[f"latency_ms/b{b}/t{t}"] = 1e3 * measure_latency(module, shape, b, t, repeats=repeats)

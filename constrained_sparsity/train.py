@@ -107,6 +107,14 @@ def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
     return LeNet5Caffe(shape[0], dataset.num_classes)
 
 
+def input_nonnegative(cfg: Config, dataset: Dataset | None) -> bool:
+    """``sparsity.layers.input_nonnegative``, or when null whether the training data are >= 0."""
+    given = cfg.sparsity.layers.input_nonnegative
+    if given is not None:
+        return given
+    return dataset is not None and bool(dataset.train_x.min() >= 0)
+
+
 def build_layer_sparsity(
     cfg: Config, model: nn.Module, dataset: Dataset | None = None
 ) -> tuple[LayerSparsity | None, list[LayerTarget]]:
@@ -114,11 +122,10 @@ def build_layer_sparsity(
     lc = cfg.sparsity.layers
     if not lc.enabled:
         return None, []
-    nonneg = lc.input_nonnegative
-    if nonneg is None:
-        nonneg = dataset is not None and bool(dataset.train_x.min() >= 0)
     try:
-        layers = attach_layer_sparsity(model, lc.eligible, lc.weights, input_nonnegative=nonneg)  # type: ignore[arg-type]
+        layers = attach_layer_sparsity(
+            model, lc.eligible, lc.weights, input_nonnegative=input_nonnegative(cfg, dataset)
+        )  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         key = "sparsity.layers.weights" if "weights" in str(exc) else "sparsity.layers.eligible"
         raise ConfigError(f"{key}: {exc}") from None
@@ -201,14 +208,25 @@ def build_trainer(
 
 @torch.no_grad()
 def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
-    """Classification error of ``model`` in eval mode (test-time gates)."""
+    """Classification error of ``model`` in eval mode (test-time gates).
+
+    Also takes a ``torch.export`` program's module, which stays in the mode it was traced in.
+    """
     was_training = model.training
-    model.eval()
+    set_training(model, False)
     wrong = 0
     for xb, yb in batches(x, y, batch_size):
         wrong += int((model(xb).argmax(dim=1) != yb).sum())
-    model.train(was_training)
+    set_training(model, was_training)
     return wrong / max(len(y), 1)
+
+
+def set_training(model: nn.Module, mode: bool) -> None:
+    """``model.train(mode)``; a no-op for a ``torch.export`` program, which refuses mode changes."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        pass
 
 
 @contextmanager
@@ -359,31 +377,17 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
 
 def _compaction_counts(model: nn.Module, cfg: Config, dataset: Dataset) -> dict[str, Any] | None:
     """Parameters and FLOPs per example of the trained network before and after compaction."""
-    from .compact import compact, count_flops, count_params, describe
+    from .compact import compact_trained, size_summary
+    from .hard_concrete import fold_l0
 
     if cfg.sparsity.method == "none" and not cfg.sparsity.layers.enabled:
         return None
-    shape = tuple(dataset.input_shape)
-    nonneg = cfg.sparsity.layers.input_nonnegative
-    if nonneg is None:
-        nonneg = bool(dataset.train_x.min() >= 0)
-    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, input_nonnegative=nonneg, select_inputs=True)
-    from .hard_concrete import fold_l0
-
-    dense = fold_l0(model)
-    return {
-        "params_before": count_params(dense),
-        "params_after": count_params(small.module),
-        "flops_before": count_flops(dense, shape),
-        "flops_after": count_flops(small.module, shape),
-        "architecture_before": describe(dense, shape),  # type: ignore[arg-type]
-        "architecture_after": describe(small.module, shape),
-    }
+    small = compact_trained(model, cfg, dataset)
+    return size_summary(fold_l0(model), small.module, tuple(dataset.input_shape))
 
 
-def _count_linear(model: nn.Module) -> tuple[int, int]:
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return len(layers), sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in layers)
+def _count_linear(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in model.modules())
 
 
 def merge_and_refit(
@@ -398,26 +402,22 @@ def merge_and_refit(
     """
     from torch.nn.utils import prune
 
+    from .compact import count_params
     from .hard_concrete import fold_l0
 
     lc = cfg.sparsity.layers
-    nonneg = lc.input_nonnegative
-    if nonneg is None:
-        nonneg = bool(dataset.train_x.min() >= 0)
     folded = fold_l0(model)
-    merged = merge_layers(folded, input_nonnegative=nonneg)  # type: ignore[arg-type]
+    merged = merge_layers(folded, input_nonnegative=input_nonnegative(cfg, dataset))  # type: ignore[arg-type]
     bs = cfg.data.eval_batch_size
     with torch.no_grad():
         diff = 0.0
         for xb, _ in batches(dataset.test_x, dataset.test_y, bs):
             diff = max(diff, float((folded(xb) - merged(xb)).abs().max()))
-    depth_before, params_before = _count_linear(folded)
-    depth_after, params_after = _count_linear(merged)
     info: dict[str, Any] = {
-        "depth_before": depth_before,
-        "depth_after": depth_after,
-        "params_before": params_before,
-        "params_after": params_after,
+        "depth_before": _count_linear(folded),
+        "depth_after": _count_linear(merged),
+        "params_before": count_params(folded),
+        "params_after": count_params(merged),
         "test_error_before": error_rate(folded, dataset.test_x, dataset.test_y, bs),
         "test_error_merged": error_rate(merged, dataset.test_x, dataset.test_y, bs),
         "max_abs_diff_merged": diff,

@@ -1,0 +1,30 @@
+"""What every benchmark script writes: the command, the machine, a JSON record and a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def header(threads: int | None = None) -> dict:
+    """``command`` (as run) and ``machine`` (with the thread count when the script fixes one)."""
+    threads_part = f", {threads} threads" if threads else ""
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}{threads_part}, torch {torch.__version__}",
+    }
+
+
+def markdown_header(report: dict, details: str = "") -> list[str]:
+    return [f"command: `{report['command']}`  ", f"machine: {report['machine']}{details}", ""]
+
+
+def write(out: Path, stem: str, report: dict, lines: list[str]) -> None:
+    """``OUT/STEM.json`` and ``OUT/STEM.md``; the Markdown is printed too."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
