@@ -26,8 +26,11 @@ class. Three structures are supported:
   the bias, so a closed gate silences the unit entirely.
 * ``"weight"``: one gate per weight entry (unstructured); the bias is not gated.
 
-One gate sample is drawn per forward pass of the host layer (a forward pre-hook draws it),
-and the weight and bias parametrizations of that layer share it.
+One gate sample is drawn per forward pass of the host layer, and the weight and bias
+parametrizations of that layer share it. When the model that :func:`attach_l0` was given is
+called, a forward pre-hook on it draws the samples of all its gates at once (one vector
+computation instead of one per layer); each layer consumes its own part. A layer called on its
+own draws its sample itself.
 
 Sparsity measures (Gallego-Posada et al. 2021, constrained L0): the *expected* density is the
 mean of P(z != 0), the *exact* (test-time) density is the proportion of gates with
@@ -94,6 +97,7 @@ class HardConcreteGate(nn.Module):
         mean = math.log(1.0 - droprate_init) - math.log(droprate_init)
         self.log_alpha = nn.Parameter(torch.empty(num_gates).normal_(mean, 1e-2))
         self._sample: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def num_gates(self) -> int:
@@ -107,12 +111,17 @@ class HardConcreteGate(nn.Module):
         """P(z != 0) = sigmoid(log_alpha - beta log(-gamma/zeta)), differentiable (eq. 12)."""
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw one reparametrised gate sample z in [0, 1] (eq. 10)."""
+    def sample(self, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw one reparametrised gate sample z in [0, 1] (eq. 10), differentiable by autograd.
+
+        ``u`` (uniform noise, one value per gate) is drawn unless given.
+        """
         eps = 1e-6
-        u = torch.rand(
-            self.log_alpha.shape, generator=generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype
-        ).clamp_(eps, 1.0 - eps)
+        if u is None:
+            u = torch.rand(
+                self.log_alpha.shape, generator=generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype
+            )
+        u = u.clamp(eps, 1.0 - eps)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
@@ -126,27 +135,35 @@ class HardConcreteGate(nn.Module):
         return self.deterministic() > 0
 
     @torch.no_grad()
-    def sample_with_derivative(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sample z (as :meth:`sample`, no autograd) and ``dz/dlog_alpha`` elementwise.
-
-        ``dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta`` where the clamp is inactive, else 0.
-        """
-        u = torch.rand(self.log_alpha.shape, device=self.log_alpha.device, dtype=self.log_alpha.dtype)
-        s = torch.logit(u, eps=1e-6).add_(self.log_alpha).div_(self.beta).sigmoid_()
-        span = self.zeta - self.gamma
-        z = s.mul(span).add_(self.gamma)
-        dz = (s - s * s).mul_(span / self.beta).mul_((z > 0) & (z < 1))
-        return z.clamp_(0.0, 1.0), dz
+    def sample_with_derivative(self, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample z (as :meth:`sample`, no autograd) and ``dz/dlog_alpha`` elementwise."""
+        return _sample_with_derivative(self.log_alpha, self.beta, self.gamma, self.zeta, u)
 
     def __getstate__(self) -> dict:
         # The cached sample belongs to one forward pass (a non-leaf tensor): never copy it.
         state = self.__dict__.copy()
         state["_sample"] = None
+        state["_pending"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_pending", None)  # modules pickled before it existed
+        self.__dict__.update(state)
+
     # -- one sample per forward pass -------------------------------------------------------
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample drawn ahead for this forward pass (by the model's hook), else a new one.
+
+        A sample drawn ahead is used once, and only if ``log_alpha`` has not changed since.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[2] == self.log_alpha._version:
+            return pending[0], pending[1]
+        return self.sample_with_derivative()
+
     def resample(self) -> None:
-        self._sample = self.sample()
+        z, dz = self._take()
+        self._sample = _GateSample.apply(self.log_alpha, z, dz)
 
     def forward(self) -> torch.Tensor:
         """Current gate values: the sample of this forward pass in training mode, else z_test."""
@@ -156,6 +173,103 @@ class HardConcreteGate(nn.Module):
             self.resample()
         assert self._sample is not None
         return self._sample
+
+
+@torch.no_grad()
+def _sample_with_derivative(
+    log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float, u: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gate sample z (eq. 10) and ``dz/dlog_alpha``, elementwise, without autograd.
+
+    ``dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta`` where the clamp is inactive, else 0.
+    Where the clamp is exactly at a bound it counts as inactive, as in autograd's ``clamp``.
+    Few operations (they run every step on every gate): each costs about the same whatever
+    the size of the vector.
+    """
+    if u is None:
+        u = torch.rand(log_alpha.shape, device=log_alpha.device, dtype=log_alpha.dtype)
+    s = torch.logit(u, eps=1e-6).add_(log_alpha).mul_(1.0 / beta).sigmoid_()
+    span = zeta - gamma
+    raw = s.mul(span).add_(gamma)
+    z = raw.clamp(0.0, 1.0)
+    dz = torch.addcmul(s, s, s, value=-1.0).mul_(span / beta).mul_(z == raw)
+    return z, dz
+
+
+class _GateSample(torch.autograd.Function):
+    """``z`` as a differentiable function of ``log_alpha``, with ``dz/dlog_alpha`` given.
+
+    One autograd node instead of the seven of the sampling formula.
+    """
+
+    @staticmethod
+    def forward(ctx, log_alpha, z, dz):  # type: ignore[override]
+        ctx.save_for_backward(dz)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):  # type: ignore[override]
+        (dz,) = ctx.saved_tensors
+        return grad_z * dz, None, None
+
+
+class _Densities(torch.autograd.Function):
+    """Expected and exact (test-time) density of a set of gates from one pass over their ``log_alpha``.
+
+    ``weights[j]`` is gate j's share of the parameters. Expected density
+    ``sum_j w_j sigmoid(log_alpha_j - beta log(-gamma / zeta))`` (eq. 12), differentiable;
+    exact density ``sum_j w_j [z_test_j > 0]`` (eq. 13, the test of :meth:`HardConcreteGate.active`),
+    not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, weights, gate, *log_alphas):  # type: ignore[override]
+        log_alpha = torch.cat(log_alphas) if len(log_alphas) > 1 else log_alphas[0]
+        p = torch.sigmoid(log_alpha - gate.beta * math.log(-gate.gamma / gate.zeta))
+        expected = p @ weights
+        # the same test as active(): clamp(v, 0, 1) > 0 exactly when v > 0
+        active = torch.sigmoid(log_alpha).mul_(gate.zeta - gate.gamma).add_(gate.gamma) > 0
+        exact = active.to(weights.dtype) @ weights
+        ctx.mark_non_differentiable(exact)
+        if any(ctx.needs_input_grad[2:]):
+            ctx.save_for_backward(torch.addcmul(p, p, p, value=-1.0).mul_(weights))  # dp/dlog_alpha * w
+            ctx.sizes = [t.numel() for t in log_alphas]
+        return expected, exact
+
+    @staticmethod
+    def backward(ctx, grad_expected, grad_exact):  # type: ignore[override]
+        (dp,) = ctx.saved_tensors
+        grads = (dp * grad_expected).split(ctx.sizes)
+        return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])))
+
+
+class _DrawSamples:
+    """Forward pre-hook of the model :func:`attach_l0` was given: draws every gate's sample at once.
+
+    Holds the gate modules themselves, so a deep copy of the model (which copies its hooks)
+    draws for the copy's gates.
+    """
+
+    def __init__(self, gates: list[HardConcreteGate]) -> None:
+        self.gates = gates
+        first = gates[0]
+        self.flat = all(
+            (g.beta, g.gamma, g.zeta, g.log_alpha.dtype, g.log_alpha.device)
+            == (first.beta, first.gamma, first.zeta, first.log_alpha.dtype, first.log_alpha.device)
+            for g in gates
+        )
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        gates = [g for g in self.gates if g.training]
+        if len(gates) < 2 or not self.flat:
+            return  # each layer draws its own
+        with torch.no_grad():
+            log_alpha = torch.cat([g.log_alpha for g in gates])
+            first = gates[0]
+            z, dz = _sample_with_derivative(log_alpha, first.beta, first.gamma, first.zeta)
+            sizes = [g.num_gates for g in gates]
+            for g, zg, dzg in zip(gates, z.split(sizes), dz.split(sizes)):
+                g._pending = (zg, dzg, g.log_alpha._version)
 
 
 class _GateMultiply(nn.Module):
@@ -246,7 +360,7 @@ def _input_gated_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     gate: HardConcreteGate = getattr(self, _GATE_ATTR)
     if not gate.training:
         return nn.functional.linear(x, self.weight, self.bias)
-    z, dz = gate.sample_with_derivative()
+    z, dz = gate._take()
     gate._sample = z
     return _InputGatedLinear.apply(x, self.parametrizations.weight.original, self.bias, gate.log_alpha, z, dz)
 
@@ -323,6 +437,7 @@ class L0Gates:
             raise ValueError("no layer was gated: pass at least one nn.Linear / nn.Conv2d layer")
         self._layers = layers
         self._weights: dict[tuple, torch.Tensor] = {}  # per selection: k_j / sum k, one per gate
+        self._draw_hook: torch.utils.hooks.RemovableHandle | None = None  # set by attach_l0
 
     # -- introspection ---------------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -357,48 +472,37 @@ class L0Gates:
         k_j is the number of parameters gate j controls; over one layer this is the mean of
         P(z != 0). Differentiable with respect to ``log_alpha``.
         """
-        selected = self._select(layers)
-        flat = self._flat(selected)
-        if flat is None:
-            num = sum(layer.gate.prob_nonzero().sum() * layer.params_per_gate for layer in selected)
-            den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
-            return num / den  # type: ignore[operator]
-        log_alpha, weights, gate = flat
-        return torch.sigmoid(log_alpha - gate.beta * math.log(-gate.gamma / gate.zeta)) @ weights
+        return self.densities(layers)[0]
 
     @torch.no_grad()
     def exact_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
         """Proportion of parameters whose test-time gate is non-zero (no gradient)."""
-        selected = self._select(layers)
-        flat = self._flat(selected)
-        if flat is None:
-            num = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
-            den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
-            return num.to(torch.get_default_dtype()) / den  # type: ignore[union-attr]
-        log_alpha, weights, gate = flat
-        # the same test as active(): clamp(v, 0, 1) > 0 exactly when v > 0
-        active = torch.sigmoid(log_alpha).mul_(gate.zeta - gate.gamma).add_(gate.gamma) > 0
-        return active.to(weights.dtype) @ weights
+        return self.densities(layers)[1]
 
-    def _flat(self, selected: list[_GatedLayer]) -> tuple[torch.Tensor, torch.Tensor, HardConcreteGate] | None:
-        """All selected gates as one vector, with each gate's share of the parameters.
+    def densities(self, layers: Iterable[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expected_density, exact_density)`` of the selected gates, computed together.
 
-        A handful of tensor ops instead of a handful per layer (the measures run every
-        step). ``None`` when the gates' hard-concrete constants differ.
+        The measures run at every training step: one pass over all the gates (a handful of
+        tensor operations and one autograd node) instead of a handful per layer and measure.
         """
+        selected = self._select(layers)
         first = selected[0].gate
         if any((g.gate.beta, g.gate.gamma, g.gate.zeta) != (first.beta, first.gamma, first.zeta) for g in selected):
-            return None
-        log_alpha = torch.cat([g.gate.log_alpha for g in selected]) if len(selected) > 1 else first.log_alpha
-        key = (tuple(g.name for g in selected), log_alpha.dtype, log_alpha.device)
+            num = sum(layer.gate.prob_nonzero().sum() * layer.params_per_gate for layer in selected)
+            with torch.no_grad():
+                active = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
+            den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
+            return num / den, active.to(num.dtype) / den  # type: ignore[union-attr, return-value]
+        log_alphas = [g.gate.log_alpha for g in selected]
+        key = (tuple(g.name for g in selected), log_alphas[0].dtype, log_alphas[0].device)
         weights = self._weights.get(key)
         if weights is None:
             counts = torch.cat(
                 [torch.full((g.gate.num_gates,), float(g.params_per_gate), dtype=torch.float64) for g in selected]
             )
-            weights = (counts / counts.sum()).to(log_alpha.dtype).to(log_alpha.device)
+            weights = (counts / counts.sum()).to(log_alphas[0].dtype).to(log_alphas[0].device)
             self._weights[key] = weights
-        return log_alpha, weights, first
+        return _Densities.apply(weights, first, *log_alphas)
 
     @torch.no_grad()
     def report(self) -> list[LayerReport]:
@@ -430,6 +534,9 @@ class L0Gates:
             layer.hook.remove()
             layer.module.__dict__.pop("forward", None)
             delattr(layer.module, _GATE_ATTR)
+        if self._draw_hook is not None:
+            self._draw_hook.remove()
+            self._draw_hook = None
         self._layers = []
 
 
@@ -493,7 +600,9 @@ def attach_l0(
     missing = sorted(set(chosen) - {g.name for g in gated})
     if missing:
         raise ValueError(f"layers={missing} not found in the model; available: {sorted(n for n in modules if n)}")
-    return L0Gates(gated)
+    handle = L0Gates(gated)
+    handle._draw_hook = model.register_forward_pre_hook(_DrawSamples([g.gate for g in gated]))
+    return handle
 
 
 def plain_layer_like(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -540,6 +649,9 @@ def fold_l0(model: nn.Module) -> nn.Module:
     model.eval()
     try:
         folded = copy.deepcopy(model)
+        for module in folded.modules():  # the copied sample-drawing hook has no gate left to draw for
+            for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, _DrawSamples)]:
+                del module._forward_pre_hooks[key]
         for name, module in list(folded.named_modules()):
             if not hasattr(module, _GATE_ATTR):
                 continue

@@ -191,10 +191,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                     violation=excess, strict_violation=excess, contributes_to_dual_update=self.learns_multipliers
                 )
                 continue
-            expected = self.gates.expected_density(target.layers)  # type: ignore[union-attr]
-            strict = None
-            if target.measure == "exact":
-                strict = self.gates.exact_density(target.layers) - target.epsilon  # type: ignore[union-attr]
+            expected, exact = self.gates.densities(target.layers)  # type: ignore[union-attr]
+            strict = exact - target.epsilon if target.measure == "exact" else None
             states[constraint] = cooper.ConstraintState(
                 violation=expected - target.epsilon,
                 strict_violation=strict,

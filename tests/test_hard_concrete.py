@@ -225,3 +225,91 @@ def test_sample_with_derivative_matches_autograd():
     torch.testing.assert_close(z, z_ref.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(dz, grad_ref, rtol=1e-9, atol=1e-12)
     assert (dz[(z == 0) | (z == 1)] == 0).all() and ((z == 0).any() and (z == 1).any())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "parametrized"])
+def test_model_forward_draws_every_sample_at_once(fast):
+    """Calling the model draws one noise vector for all its gates, in layer order; each layer
+    consumes its part, with the value and log-alpha gradient of the autograd formula (eq. 10)."""
+    model = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    gates = attach_l0(model, fast=fast)
+    with torch.no_grad():
+        for _, gate in gates.named_gates():
+            gate.log_alpha.normal_(0.0, 2.0)
+    model.train()
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.manual_seed(11)
+    out = model(x)
+    torch.manual_seed(11)
+    u = torch.rand(7 + 5, dtype=torch.float64)
+    (g0, g2) = (g for _, g in gates.named_gates())
+    z0, z2 = g0.sample(u=u[:7]), g2.sample(u=u[7:])
+    torch.testing.assert_close(g0().detach(), z0.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g2().detach(), z2.detach(), rtol=0, atol=1e-12)
+    # the same network written with the reference samples, by hand
+    ref = torch.nn.functional.linear(
+        torch.relu(torch.nn.functional.linear(x * z0, model[0].parametrizations.weight.original, model[0].bias)) * z2,
+        model[2].parametrizations.weight.original,
+        model[2].bias,
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    r = torch.randn_like(out)
+    grads = torch.autograd.grad((out * r).sum(), [g0.log_alpha, g2.log_alpha])
+    refs = torch.autograd.grad((ref * r).sum(), [g0.log_alpha, g2.log_alpha])
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_called_alone_draws_its_own_sample_and_stale_samples_are_not_used():
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 2))
+    gates = attach_l0(model)
+    model.train()
+    x = torch.randn(2, 40)
+    model[0](x)
+    first = model[0].l0_gate().clone()
+    model[0](x)  # no model call in between: a new sample, not the last one again
+    assert not torch.equal(model[0].l0_gate(), first)
+    model(x)  # draws for both layers, and both parts are used
+    assert model[0].l0_gate._pending is None and model[2].l0_gate._pending is None
+    hook = gates._draw_hook.hooks_dict_ref()[gates._draw_hook.id]
+    hook(model, ())  # a sample drawn ahead is used by the next forward of its layer ...
+    drawn = model[0].l0_gate._pending[0].clone()
+    model[0](x)
+    assert torch.equal(model[0].l0_gate(), drawn)
+    hook(model, ())
+    drawn = model[0].l0_gate._pending[0].clone()
+    with torch.no_grad():
+        model[0].l0_gate.log_alpha.add_(1.0)  # ... but not once log_alpha has changed
+    model[0](x)
+    assert not torch.equal(model[0].l0_gate(), drawn)
+
+
+def test_density_gradient_matches_autograd_of_the_formula():
+    """The one-node density measure has the gradient of eq. 12 written with autograd ops."""
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    gates = attach_l0(model)
+    with torch.no_grad():
+        for _, gate in gates.named_gates():
+            gate.log_alpha.normal_(0.0, 3.0)
+    g0, g2 = (g for _, g in gates.named_gates())
+    for layers in (None, ["2"]):
+        expected, exact = gates.densities(layers)
+        params = [g0.log_alpha, g2.log_alpha]
+        got = torch.autograd.grad(3.0 * expected, params, allow_unused=True)
+        if layers is None:
+            ref = (4 * g0.prob_nonzero().sum() + 3 * g2.prob_nonzero().sum()) / (6 * 4 + 4 * 3)
+            ref_exact = (4 * int(g0.active().sum()) + 3 * int(g2.active().sum())) / 36
+        else:
+            ref, ref_exact = g2.prob_nonzero().mean(), int(g2.active().sum()) / 4
+        want = torch.autograd.grad(3.0 * ref, params, allow_unused=True)
+        torch.testing.assert_close(expected, ref, rtol=1e-12, atol=0)
+        assert exact.item() == pytest.approx(ref_exact, abs=1e-15) and not exact.requires_grad
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda la: hard_concrete._Densities.apply(torch.full((6,), 1 / 6.0, dtype=torch.float64), g0, la)[0],
+        (g0.log_alpha.detach().clone().requires_grad_(),),
+    )
