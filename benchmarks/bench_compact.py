@@ -7,6 +7,10 @@ as trained) and of the compact one, at batch 1 and batch 256, on one and two thr
 alternately, in rounds, so the machine's drift hits both alike. Goal: at batch 256 the
 latency ratio compact / dense is within 1.5x of the FLOP ratio.
 
+Both networks pool with the same layer: ``MaxPool2x2`` (what ``compact`` writes, see
+``constrained_sparsity.compact.fast_pooling``). Networks with pooling are also timed with
+PyTorch's ``nn.MaxPool2d`` in both, for comparison.
+
     python benchmarks/bench_compact.py RUN_DIR [RUN_DIR ...] --repeats 50 --rounds 5
 
 Writes benchmarks/out/compact.json and .md.
@@ -24,17 +28,30 @@ import _report
 import torch
 
 from constrained_sparsity.compact import (
+    MaxPool2x2,
     active_inputs,
     compact,
     count_flops,
     count_params,
     describe,
+    fast_pooling,
     fold_l0,
     load_trained,
     measure_latency,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torch_pooling(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every MaxPool2x2 back to PyTorch's nn.MaxPool2d(2)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, MaxPool2x2):
+            setattr(model, name, torch.nn.MaxPool2d(2))
+    return model
 
 
 def main() -> int:
@@ -50,7 +67,7 @@ def main() -> int:
     for run_dir in args.run_dirs:
         cfg, model, dataset = load_trained(run_dir)
         shape = tuple(dataset.input_shape)
-        dense = fold_l0(model).float()
+        dense = fast_pooling(fold_l0(model)).float()
         small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float()
         x = dataset.test_x[:1000]
         with torch.no_grad():
@@ -68,14 +85,22 @@ def main() -> int:
             "max_abs_diff": diff,
             "latency_ms": {},
         }
-        for batch in (1, 256):
-            for threads in (1, 2):
-                times: dict[str, list[float]] = {"dense": [], "compact": []}
-                for _ in range(args.rounds):
-                    times["dense"].append(measure_latency(dense, shape, batch, threads, args.repeats))
-                    times["compact"].append(measure_latency(small, shape, batch, threads, args.repeats))
-                d, c = statistics.median(times["dense"]), statistics.median(times["compact"])
-                entry["latency_ms"][f"b{batch}/t{threads}"] = {"dense": 1e3 * d, "compact": 1e3 * c, "ratio": c / d}
+        pairs = {"": (dense, small)}
+        if any(isinstance(m, MaxPool2x2) for m in small.modules()):
+            pairs[" (nn.MaxPool2d)"] = (_torch_pooling(dense), _torch_pooling(small))
+        for label, (dn, sm) in pairs.items():
+            for batch in (1, 256):
+                for threads in (1, 2):
+                    times: dict[str, list[float]] = {"dense": [], "compact": []}
+                    for _ in range(args.rounds):
+                        times["dense"].append(measure_latency(dn, shape, batch, threads, args.repeats))
+                        times["compact"].append(measure_latency(sm, shape, batch, threads, args.repeats))
+                    d, c = statistics.median(times["dense"]), statistics.median(times["compact"])
+                    entry["latency_ms"][f"b{batch}/t{threads}{label}"] = {
+                        "dense": 1e3 * d,
+                        "compact": 1e3 * c,
+                        "ratio": c / d,
+                    }
         results.append(entry)
         print(json.dumps(entry), flush=True)
     report = {**_report.header(), "results": results}
@@ -86,9 +111,10 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in results:
+        arch = f"{e['dense']} → {e['compact']}".replace("|", "/")  # a table cell
         for key, lat in e["latency_ms"].items():
             lines.append(
-                f"| {e['model']} | {e['dense']} → {e['compact']} | {'-'.join(map(str, e['active_inputs']))} | "
+                f"| {e['model']} | {arch} | {'-'.join(map(str, e['active_inputs']))} | "
                 f"{e['params'][0]} → {e['params'][1]} | {e['flop_ratio']:.3f} | {key} | {lat['dense']:.3f} | "
                 f"{lat['compact']:.3f} | {lat['ratio']:.3f} | {lat['ratio'] / e['flop_ratio']:.2f} |"
             )

@@ -28,6 +28,7 @@ from .problem import (
     SparsityProblem,
     Target,
     build_optimizer,
+    scheduled_lr,
     train_step,
 )
 from .train import RunResult, error_rate, format_report, run
@@ -70,5 +71,6 @@ __all__ = [
     "load_config",
     "load_dataset",
     "run",
+    "scheduled_lr",
     "train_step",
 ]

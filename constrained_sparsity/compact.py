@@ -10,10 +10,15 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
    constant -- its incoming weights are all 0. A dead unit is removed from both layers; a
    constant unit ``relu(b_j)`` is first folded into the next layer's bias (for a conv,
    only when the next layer is linear or the constant is 0, which keeps it exact).
-   Zero input columns of the first layer are removed only if ``prune_inputs`` (the
-   caller then feeds the kept input features, see :attr:`CompactModel.input_index`);
-   by default the input keeps its shape.
-3. The result is an ``nn.Sequential`` of standard layers; :func:`save_compact` writes it as a
+   Zero input columns of a first linear layer are removed only with ``select_inputs``
+   (a :class:`SelectInputs` layer then picks the kept input features, so the module still
+   takes the original input).
+3. 2x2 max-pooling layers become :class:`MaxPool2x2` (an ``nn.MaxPool2d`` computing the
+   same values as maxima of strided slices: PyTorch's CPU kernel for
+   ``MaxPool2d`` on NCHW tensors took 5-8x longer here than the convolution before it, a
+   fixed cost that no pruning reduces; :func:`fast_pooling` gives any network the same
+   layer, so that dense and compact networks are timed alike).
+4. The result is an ``nn.Sequential`` of standard layers; :func:`save_compact` writes it as a
    state_dict plus an architecture description (weights of per-weight gated layers stored
    as CSR where that is smaller) and as a ``torch.export`` program that loads without this
    package.
@@ -43,8 +48,10 @@ from .layer_sparsity import merge_layers
 
 __all__ = [
     "CompactModel",
+    "MaxPool2x2",
     "SelectInputs",
     "compact",
+    "fast_pooling",
     "count_flops",
     "count_params",
     "describe",
@@ -198,13 +205,65 @@ def compact(
         removed[name] = int(dead.sum())
     if select_inputs:
         items = _select_inputs(items)
-    module = nn.Sequential(OrderedDict(items)).eval()
+    module = fast_pooling(nn.Sequential(OrderedDict(items))).eval()
     sparse = [
         n
         for n, m in module.named_children()
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() and float((m.weight == 0).float().mean()) > 0.5
     ]
     return CompactModel(module, removed, sparse)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` (stride 2, no padding, floor mode) as the maximum of strided slices.
+
+    The same values as ``nn.MaxPool2d(2)`` (a maximum is exact, NaN propagates in both), in a
+    fraction of the time of PyTorch's CPU kernel on NCHW tensors; ``torch.export`` records
+    it as slices and ``maximum``, standard operators.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # pairs of whole rows first: contiguous reads
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def _is_plain_2x2_pool(m: nn.Module) -> bool:
+    if not isinstance(m, nn.MaxPool2d) or m.return_indices or m.ceil_mode:
+        return False
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (
+        pair(m.kernel_size) == (2, 2)
+        and pair(m.stride) == (2, 2)
+        and pair(m.padding) == (0, 0)
+        and pair(m.dilation) == (1, 1)
+    )
+
+
+def fast_pooling(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place, and returned) with every plain 2x2 max-pooling as :class:`MaxPool2x2`.
+
+    In an ``nn.Sequential``, a ReLU directly followed by a max-pooling also swaps places with
+    it: ``relu(maxpool(x)) == maxpool(relu(x))`` exactly (ReLU is monotone), and the ReLU
+    then runs on a quarter of the values.
+    """
+    if _is_plain_2x2_pool(model) and not isinstance(model, MaxPool2x2):
+        return MaxPool2x2()
+    for name, child in list(model.named_children()):
+        setattr(model, name, fast_pooling(child))
+    if isinstance(model, nn.Sequential):
+        items = list(model._modules.items())
+        for i in range(len(items) - 1):
+            (a_name, a), (b_name, b) = items[i], items[i + 1]
+            if type(a) is nn.ReLU and isinstance(b, nn.MaxPool2d) and not b.return_indices:
+                items[i], items[i + 1] = (b_name, b), (a_name, a)
+        model._modules.clear()
+        model._modules.update(items)
+    return model
 
 
 class SelectInputs(nn.Module):
@@ -289,7 +348,7 @@ def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
                 bias=spec["bias"],
             )
         elif kind == "MaxPool2d":
-            layers[spec["name"]] = nn.MaxPool2d(spec["kernel"], spec["stride"])
+            layers[spec["name"]] = fast_pooling(nn.MaxPool2d(spec["kernel"], spec["stride"]))
         elif kind == "Flatten":
             layers[spec["name"]] = nn.Flatten()
         elif kind == "SelectInputs":
@@ -505,7 +564,7 @@ def evaluate(
     if path.is_dir():
         cfg, model, dataset = load_trained(path)
         shape = tuple(dataset.input_shape)
-        networks.append(("original (gates folded)", fold_l0(model)))
+        networks.append(("original (gates folded)", fast_pooling(fold_l0(model))))  # pooled as the compact one
         if (path / "refit_model.pt").is_file():
             networks.append(("merged + refit", load_compact(path / "refit_model.pt")[0]))
         saved = path / "compact" / "model.pt"

@@ -194,7 +194,7 @@ def _method_of(cfg: Config) -> _Method:
         from .train import build_model, build_sparsity
 
         ds = load_dataset(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
-        gates, _ = build_sparsity(cfg, build_model(cfg, ds))
+        gates, _ = build_sparsity(cfg, build_model(cfg, ds), tuple(ds.input_shape))
         assert gates is not None
         return _L0(gates.layer_names())
     if cfg.sparsity.layers.enabled:

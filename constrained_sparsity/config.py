@@ -148,6 +148,10 @@ class SparsityConfig:
     zeta: float = 1.1
     lambda_init: float = 0.0
     dual_restarts: bool = True
+    # What a gate weighs in the model-wise density: the parameters it controls, or the
+    # FLOPs per example of its layer it switches off (a budget on compute: convolutions
+    # early in a network cost far more per parameter).
+    weighting: str = "params"
     layers: LayersConfig = field(default_factory=LayersConfig)
 
     def __post_init__(self) -> None:
@@ -168,6 +172,7 @@ class SparsityConfig:
                 raise _fail("sparsity.lambdas", None, "penalized mode needs a lambda per target")
             if len(lambdas) not in (1, len(self.target_list())):
                 raise _fail("sparsity.lambdas", self.lambdas, f"needs 1 or {len(self.target_list())} values")
+        _check_choice("sparsity.weighting", self.weighting, ("params", "flops"))
         for m in self.measure_list():
             _check_choice("sparsity.measure", m, MEASURES)
         if isinstance(self.measure, list) and len(self.measure) != len(self.target_list()):
@@ -203,6 +208,9 @@ class SparsityConfig:
         return [self.measure] * len(self.target_list())
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class PrimalConfig:
     name: str = "adam"
@@ -210,9 +218,18 @@ class PrimalConfig:
     gate_lr: float | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Learning-rate schedule of the weights: "constant", or "cosine" from lr down to
+    # lr * final_lr_factor over the run's steps. The gates keep gate_lr, so that they answer
+    # the multiplier until the end (decaying them too left the last epochs just infeasible
+    # with no way back: docs/benchmarks.md, tuning log).
+    schedule: str = "constant"
+    final_lr_factor: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("optim.primal.name", self.name, ("adam", "sgd"))
+        _check_choice("optim.primal.schedule", self.schedule, LR_SCHEDULES)
+        if not 0.0 <= self.final_lr_factor <= 1.0:
+            raise _fail("optim.primal.final_lr_factor", self.final_lr_factor, "should be in [0, 1]")
         _check_positive("optim.primal.lr", self.lr)
         if self.gate_lr is not None:
             _check_positive("optim.primal.gate_lr", self.gate_lr)

@@ -400,6 +400,10 @@ class _GatedLayer:
     structure: str
     params_per_gate: int
     hook: torch.utils.hooks.RemovableHandle
+    cost_per_gate: float = 0.0  # what a gate weighs in model-wise measures; params_per_gate unless set
+
+    def __post_init__(self) -> None:
+        self.cost_per_gate = self.cost_per_gate or float(self.params_per_gate)
 
 
 def _resolve_structure(module: nn.Module, structure: str, name: str) -> str:
@@ -438,6 +442,7 @@ class L0Gates:
         self._layers = layers
         self._weights: dict[tuple, torch.Tensor] = {}  # per selection: k_j / sum k, one per gate
         self._draw_hook: torch.utils.hooks.RemovableHandle | None = None  # set by attach_l0
+        self._weighting = "params"
 
     # -- introspection ---------------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -465,12 +470,67 @@ class L0Gates:
             raise ValueError(f"layers={unknown} are not gated; gated layers are {self.layer_names()}")
         return [by_name[n] for n in wanted]
 
+    @property
+    def weighting(self) -> str:
+        """What model-wise measures weight each gate by: ``"params"`` or ``"flops"``."""
+        return self._weighting
+
+    @torch.no_grad()
+    def weight_by_flops(self, model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+        """Weight each gate, in model-wise measures, by the FLOPs per example of its own layer it controls.
+
+        One forward pass of ``example`` (a batch of one, in eval mode) gives each gated
+        layer's output size. A gate's cost is ``2 x`` the multiply-adds of its layer that
+        it switches off: a linear input neuron ``out_features`` per position, a conv output
+        channel ``in/groups * kh * kw`` per output pixel, a conv input channel
+        ``out * kh * kw / groups`` per output pixel, a single weight one per position. This is
+        a linear proxy: removing a unit also removes the next layer's work on it, which
+        the next layer's own gates account for when they close too.
+        Returns the cost per gate of every layer.
+        """
+        positions: dict[str, int] = {}
+        handles = []
+        for layer in self._layers:
+
+            def hook(m: nn.Module, _inp: object, out: torch.Tensor, name: str = layer.name) -> None:
+                per_example = out[0] if out.dim() > 1 else out
+                positions[name] = per_example.numel() // per_example.shape[0]  # outputs per unit
+
+            handles.append(layer.module.register_forward_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            model(example[:1])
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        costs = {}
+        for layer in self._layers:
+            if layer.name not in positions:
+                raise ValueError(f"layer {layer.name!r} was not called by the model's forward pass")
+            m, pos = layer.module, positions[layer.name]
+            w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            per_output = w[0].numel()  # multiply-adds of one output value (in/groups * kh * kw)
+            if layer.structure == "input":
+                cost = w.shape[0] * per_output / w.shape[1] * pos
+            elif layer.structure == "output":
+                cost = per_output * pos
+            else:
+                cost = pos
+            layer.cost_per_gate = 2.0 * cost
+            costs[layer.name] = layer.cost_per_gate
+        self._weighting = "flops"
+        self._weights.clear()
+        return costs
+
     # -- measures --------------------------------------------------------------------------
     def expected_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
         """Expected proportion of active parameters, sum_j k_j P(z_j != 0) / sum_j k_j.
 
-        k_j is the number of parameters gate j controls; over one layer this is the mean of
-        P(z != 0). Differentiable with respect to ``log_alpha``.
+        k_j is the number of parameters gate j controls (its FLOPs after
+        :meth:`weight_by_flops`); over one layer this is the mean of P(z != 0).
+        Differentiable with respect to ``log_alpha``.
         """
         return self.densities(layers)[0]
 
@@ -488,17 +548,17 @@ class L0Gates:
         selected = self._select(layers)
         first = selected[0].gate
         if any((g.gate.beta, g.gate.gamma, g.gate.zeta) != (first.beta, first.gamma, first.zeta) for g in selected):
-            num = sum(layer.gate.prob_nonzero().sum() * layer.params_per_gate for layer in selected)
+            num = sum(layer.gate.prob_nonzero().sum() * layer.cost_per_gate for layer in selected)
             with torch.no_grad():
-                active = sum(layer.gate.active().sum() * layer.params_per_gate for layer in selected)
-            den = sum(layer.gate.num_gates * layer.params_per_gate for layer in selected)
+                active = sum(layer.gate.active().sum() * layer.cost_per_gate for layer in selected)
+            den = sum(layer.gate.num_gates * layer.cost_per_gate for layer in selected)
             return num / den, active.to(num.dtype) / den  # type: ignore[union-attr, return-value]
         log_alphas = [g.gate.log_alpha for g in selected]
         key = (tuple(g.name for g in selected), log_alphas[0].dtype, log_alphas[0].device)
         weights = self._weights.get(key)
         if weights is None:
             counts = torch.cat(
-                [torch.full((g.gate.num_gates,), float(g.params_per_gate), dtype=torch.float64) for g in selected]
+                [torch.full((g.gate.num_gates,), g.cost_per_gate, dtype=torch.float64) for g in selected]
             )
             weights = (counts / counts.sum()).to(log_alphas[0].dtype).to(log_alphas[0].device)
             self._weights[key] = weights

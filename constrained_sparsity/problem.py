@@ -37,6 +37,7 @@ __all__ = [
     "StepResult",
     "Target",
     "build_optimizer",
+    "scheduled_lr",
     "train_step",
 ]
 
@@ -340,6 +341,23 @@ def build_optimizer(
     }
     opt = cls_by_scheme[scheme](problem, primal_optimizers=primal_opt, dual_optimizers=dual_opt)
     return _OptimizerSet(opt, dual_opt, scheme)
+
+
+def scheduled_lr(
+    lr: float, step: int, total_steps: int, schedule: str = "constant", final_factor: float = 0.0
+) -> float:
+    """The learning rate at ``step`` (0-based) of ``total_steps``.
+
+    ``"constant"``: ``lr``. ``"cosine"``: ``lr * (f + (1 - f) (1 + cos(pi t)) / 2)`` with
+    ``t = step / total_steps`` and ``f = final_factor`` (Loshchilov & Hutter, SGDR, without
+    restarts). A function of the step alone, so a resumed run continues the same curve.
+    """
+    if schedule == "constant" or total_steps <= 0:
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"schedule={schedule!r} should be 'constant' or 'cosine'")
+    t = min(max(step / total_steps, 0.0), 1.0)
+    return lr * (final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 class StepResult(dict):

@@ -37,6 +37,7 @@ from .problem import (
     SparsityProblem,
     Target,
     build_optimizer,
+    scheduled_lr,
     train_step,
 )
 from .tracking import Tracker
@@ -75,6 +76,8 @@ class RunResult:
     refit: dict[str, Any] | None = None
     # Parameters and FLOPs per example before and after compaction (csparse compact).
     compaction: dict[str, Any] | None = None
+    # What the model-wise density weights each gate by (sparsity.weighting).
+    weighting: str = "params"
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -88,6 +91,7 @@ class RunResult:
             "targets": self.targets,
             "multipliers": self.multipliers,
             "layers": self.layers,
+            "weighting": self.weighting,
             "wall_time_s": self.wall_time_s,
             "wandb_dir": self.wandb_dir,
             "selected_epoch": self.selected_epoch,
@@ -140,14 +144,24 @@ def build_layer_sparsity(
     return layers, [LayerTarget(k, lam=lam, restarts=lc.dual_restarts, name="layers")]
 
 
-def build_sparsity(cfg: Config, model: nn.Module) -> tuple[L0Gates | None, list[Target]]:
-    """Attach the gates the config asks for and turn its budgets into :class:`Target`s."""
+def build_sparsity(
+    cfg: Config, model: nn.Module, input_shape: tuple[int, ...] | None = None
+) -> tuple[L0Gates | None, list[Target]]:
+    """Attach the gates the config asks for and turn its budgets into :class:`Target`s.
+
+    ``input_shape`` (one example's) is needed for ``sparsity.weighting: flops``.
+    """
     sp = cfg.sparsity
     if sp.method == "none":
         return None, []
     gates = attach_l0(
         model, structure=sp.structure, droprate_init=sp.droprate_init, beta=sp.beta, gamma=sp.gamma, zeta=sp.zeta
     )
+    if sp.weighting == "flops":
+        if input_shape is None:
+            raise ValueError("sparsity.weighting=flops needs the input shape (build_sparsity(..., input_shape=))")
+        param = next(model.parameters())
+        gates.weight_by_flops(model, torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
     eps = sp.target_list()
     lams = sp.lambda_list() or [None] * len(eps)
     measures = sp.measure_list()
@@ -185,7 +199,7 @@ def build_trainer(
 ) -> tuple[nn.Module, L0Gates | None, SparsityProblem, Any]:
     """Model, gates, problem and optimizers of a config, as :func:`run` builds them."""
     model = build_model(cfg, dataset).to(device)
-    gates, targets = build_sparsity(cfg, model)
+    gates, targets = build_sparsity(cfg, model, tuple(dataset.input_shape))
     layer_sparsity, layer_targets = build_layer_sparsity(cfg, model, dataset)
     problem = SparsityProblem(
         model,
@@ -531,6 +545,9 @@ class _Loop:
         cfg = self.cfg
         n_train = len(self.dataset.train_y)
         steps_per_epoch = math.ceil(n_train / cfg.data.batch_size)
+        total_steps = cfg.train.epochs * steps_per_epoch
+        primal = cfg.optim.primal
+        weights_group = self.optimizers.cooper_optimizer.primal_optimizers[0].param_groups[0]
         self.epoch = epoch
         progress = None
         if cfg.tracking.progress:
@@ -556,6 +573,10 @@ class _Loop:
                 for xb, yb in batches(
                     self.dataset.train_x, self.dataset.train_y, cfg.data.batch_size, self.data_gen, start=step_in_epoch
                 ):
+                    if primal.schedule != "constant":  # the weights' group; the gates keep gate_lr
+                        weights_group["lr"] = scheduled_lr(
+                            primal.lr, global_step, total_steps, primal.schedule, primal.final_lr_factor
+                        )
                     result = train_step(self.problem, self.optimizers, xb, yb, cfg.sparsity.dual_restarts)
                     loss = result["loss"]
                     if not math.isfinite(float(loss)):
@@ -751,6 +772,7 @@ class _Loop:
         density = {k.split("/", 1)[1]: v for k, v in measures.items() if k.startswith("density/")}
         expected = {k.split("/", 1)[1]: v for k, v in measures.items() if k.startswith("density_expected/")}
         return RunResult(
+            weighting=self.cfg.sparsity.weighting,
             run_dir=self.out,
             epochs=self.epoch,
             test_error=float(test_error),
@@ -788,7 +810,12 @@ def format_report(result: RunResult) -> str:
         active = sum(r["active_params"] for r in result.layers)
         lines.append(
             f"{'model':<12}{params:>8}{active:>8}"
-            f"{result.density['model']:>10.3f}{result.expected_density['model']:>10.3f}{eps:>8}   (parameters)"
+            f"{result.density['model']:>10.3f}{result.expected_density['model']:>10.3f}{eps:>8}   "
+            + (
+                "(parameters)"
+                if result.weighting == "params"
+                else "(densities weighted by FLOPs, counts in parameters)"
+            )
         )
     for t in result.targets:
         if t["layers"] == "depth":

@@ -12,10 +12,12 @@ from torch import nn
 
 from constrained_sparsity import MLP, LeNet5Caffe, attach_l0
 from constrained_sparsity.compact import (
+    MaxPool2x2,
     compact,
     count_flops,
     count_params,
     describe,
+    fast_pooling,
     load_compact,
     save_compact,
 )
@@ -70,8 +72,8 @@ def test_compact_outputs_equal_gated_test_time_outputs(make, shape, closed):
     torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
     assert count_params(compacted.module) < count_params(model)
     assert compacted.removed
-    for m in compacted.module.modules():  # plain layers only
-        assert type(m) in (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout)
+    for m in compacted.module.modules():  # plain layers only (MaxPool2x2 is an nn.MaxPool2d(2))
+        assert type(m) in (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, MaxPool2x2, nn.Flatten, nn.Dropout)
 
 
 def test_select_inputs_drops_the_first_layers_closed_inputs(tmp_path):
@@ -204,3 +206,26 @@ def test_compact_and_eval_cli_on_a_digits_run(tmp_path, quiet):
         timeout=120,
     )
     assert proc.returncode == 2 and "expected a run directory or a compact model" in proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 24, 24), (2, 4, 7, 9), (4, 6, 6)], ids=["even", "odd", "unbatched"])
+def test_fast_max_pool_equals_torch_max_pool(shape):
+    x = torch.randn(*shape)
+    x.view(-1)[::17] = float("nan")  # NaN propagates in both
+    torch.testing.assert_close(MaxPool2x2()(x), nn.MaxPool2d(2)(x), rtol=0, atol=0, equal_nan=True)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Sequential(nn.MaxPool2d(2, 2)), nn.MaxPool2d(3), nn.MaxPool2d(2, 1))
+    fast = fast_pooling(model)
+    assert [type(m) for m in fast.modules()][1:] == [MaxPool2x2, nn.Sequential, MaxPool2x2, nn.MaxPool2d, nn.MaxPool2d]
+
+
+def test_fast_pooling_moves_relu_after_the_pool_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3)
+    )
+    x = torch.randn(5, 2, 16, 16)
+    want = model(x)
+    fast = fast_pooling(model)
+    assert [type(m) for m in fast] == [nn.Conv2d, MaxPool2x2, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.ReLU]
+    assert list(fast._modules) == ["0", "2", "1", "3", "5", "4"]  # names (and state_dict keys) kept
+    torch.testing.assert_close(fast(x), want, rtol=0, atol=0)

@@ -54,6 +54,8 @@ BAD = [
     ({"optim": {"scheme": "gda"}}, r"optim.scheme='gda': should be one of"),
     ({"train": {"epochs": "ten"}}, r"train.epochs='ten': should be int"),
     ({"model": {"name": "lenet5"}}, r"model.name='lenet5': needs 28x28 images"),
+    ({"optim": {"primal": {"schedule": "step"}}}, r"optim.primal.schedule='step': should be one of constant, cosine"),
+    ({"optim": {"primal": {"final_lr_factor": 2}}}, r"optim.primal.final_lr_factor=2: should be in \[0, 1\]"),
 ]
 
 

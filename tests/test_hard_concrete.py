@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from constrained_sparsity import HardConcreteGate, attach_l0, hard_concrete
+from constrained_sparsity.compact import count_flops
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 N_SAMPLES = 200_000
@@ -313,3 +314,22 @@ def test_density_gradient_matches_autograd_of_the_formula():
         lambda la: hard_concrete._Densities.apply(torch.full((6,), 1 / 6.0, dtype=torch.float64), g0, la)[0],
         (g0.log_alpha.detach().clone().requires_grad_(),),
     )
+
+
+def test_flop_weighting_against_hand_computed_costs():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5), nn.ReLU(), nn.Linear(5, 2)
+    )
+    gates = attach_l0(model)  # conv: 4 output-channel gates; linear: 36 and 5 input gates
+    costs = gates.weight_by_flops(model, torch.zeros(3, 1, 8, 8))
+    # conv output channel: 2 x (1 x 3 x 3) multiply-adds x 6 x 6 pixels; linear input: 2 x out
+    assert costs == {"0": 2 * 9 * 36, "4": 2 * 5, "6": 2 * 2}
+    assert gates.weighting == "flops"
+    assert 4 * costs["0"] + 36 * costs["4"] + 5 * costs["6"] == count_flops(model, (1, 8, 8))
+    with torch.no_grad():
+        model[0].l0_gate.log_alpha.copy_(torch.tensor([5.0, -5.0, -5.0, -5.0]))  # 1 of 4 channels
+        model[4].l0_gate.log_alpha.fill_(5.0)
+        model[6].l0_gate.log_alpha.fill_(5.0)
+    want = (1 * 648 + 36 * 10 + 5 * 4) / (4 * 648 + 36 * 10 + 5 * 4)
+    assert gates.exact_density().item() == pytest.approx(want)
+    assert gates.exact_density(["0"]).item() == pytest.approx(0.25)  # within a layer: unchanged

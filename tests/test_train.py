@@ -1,6 +1,7 @@
 """End-to-end runs on the embedded digits data: targets met, resume, W&B, failures, signals."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from constrained_sparsity import TrainingDiverged, load_config, run
+from constrained_sparsity import TrainingDiverged, load_config, run, scheduled_lr
 from constrained_sparsity.checkpoint import load_checkpoint, save_checkpoint
 
 from . import wandb_files
@@ -192,6 +193,38 @@ def test_signal_writes_checkpoint_and_resume_finishes(tmp_path, sig):
     assert epochs == list(range(1, done + 3))
 
 
+@pytest.mark.slow
+def test_interrupted_cosine_run_resumes_onto_the_same_curve(tmp_path):
+    """SIGINT mid-run, resume with the same config: the final state equals an uninterrupted run's.
+
+    The learning rate is a function of the step alone, so the resumed run continues the
+    cosine curve where it stopped (mid-epoch included).
+    """
+    common = [
+        "train.epochs=40",
+        "optim.primal.schedule=cosine",
+        "train.deterministic=true",
+        "tracking.wandb=disabled",
+        "tracking.progress=false",
+    ]
+    full = _cli(["train", str(DIGITS), *common, "--run-dir", str(tmp_path / "full")])
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+    proc = _cli(["train", str(DIGITS), *common, "--run-dir", str(tmp_path / "part")])
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] < 40
+    resumed = _cli(["train", "--resume", str(tmp_path / "part")])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _assert_same(_state(tmp_path / "full"), _state(tmp_path / "part"))
+
+
 def test_select_last_feasible_returns_that_iterate(quiet):
     # A budget that restarts make the run cross back and forth: keep the last epoch that met it.
     result = _run([*quiet, "sparsity.targets=0.3", "train.epochs=12", "train.select=last_feasible"])
@@ -223,3 +256,19 @@ def test_select_best_feasible_ranks_by_validation_error(quiet):
 def test_select_best_feasible_needs_a_validation_split():
     with pytest.raises(ValueError, match=r"train.select.*best_feasible.*val_fraction"):
         load_config(DIGITS, ["train.select=best_feasible"])
+
+
+def test_cosine_schedule_closed_form_and_in_training(tmp_path, quiet):
+    """scheduled_lr against the closed form; a run applies it to the weights, not the gates."""
+    assert scheduled_lr(0.1, 0, 100, "cosine") == pytest.approx(0.1)
+    assert scheduled_lr(0.1, 50, 100, "cosine") == pytest.approx(0.05)
+    assert scheduled_lr(0.1, 100, 100, "cosine", final_factor=0.2) == pytest.approx(0.02)
+    assert scheduled_lr(0.1, 25, 100, "cosine") == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)) / 2)
+    assert scheduled_lr(0.1, 37, 100, "constant") == 0.1
+    overrides = ["train.epochs=2", "optim.primal.schedule=cosine", "optim.primal.gate_lr=0.05"]
+    _run([*quiet, *overrides], run_dir=tmp_path / "r")
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    groups = ckpt["optimizer"]["primal_optimizer_states"][0]["param_groups"]
+    steps = ckpt["global_step"]
+    assert groups[0]["lr"] == pytest.approx(scheduled_lr(3e-3, steps - 1, steps, "cosine"))  # the last step's
+    assert groups[1]["lr"] == 0.05
