@@ -148,7 +148,7 @@ class HardConcreteGate(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_pending", None)  # modules pickled before it existed
-        self.__dict__.update(state)
+        super().__setstate__(state)
 
     # -- one sample per forward pass -------------------------------------------------------
     def _take(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Hard-concrete gates against closed forms and Monte Carlo (Louizos et al. 2018, eqs. 10-13)."""
 
+import copy
 import math
 
 import pytest
@@ -333,3 +334,14 @@ def test_flop_weighting_against_hand_computed_costs():
     want = (1 * 648 + 36 * 10 + 5 * 4) / (4 * 648 + 36 * 10 + 5 * 4)
     assert gates.exact_density().item() == pytest.approx(want)
     assert gates.exact_density(["0"]).item() == pytest.approx(0.25)  # within a layer: unchanged
+
+
+def test_a_deep_copy_draws_for_its_own_gates():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    attach_l0(model)
+    copied = copy.deepcopy(model)
+    (hook,) = copied._forward_pre_hooks.values()
+    assert hook.gates[0] is copied[0].l0_gate and hook.gates[1] is copied[2].l0_gate
+    copied.train()
+    hook(copied, ())
+    assert copied[0].l0_gate._pending is not None and model[0].l0_gate._pending is None
