@@ -95,6 +95,11 @@ def _ratios(timing: dict) -> dict:
 
 def _returned(r: dict, epochs: int) -> str:
     last = r["last_iterate"]
+    if r.get("selected_step") is not None:
+        return (
+            f"epoch {r['selected_epoch']}, step {r['selected_step']} "
+            f"(end of epoch: density {last['density']:.4f}, error {100 * last['test_error']:.2f} %)"
+        )
     if last is None or r["selected_epoch"] in (None, epochs):
         return "last" if last is None or r["selected_epoch"] == epochs else "last (none feasible)"
     return f"epoch {r['selected_epoch']} (last: density {last['density']:.4f}, error {100 * last['test_error']:.2f} %)"
@@ -165,6 +170,7 @@ def main() -> int:
             "layers": {row["name"]: f"{row['active_gates']}/{row['gates']}" for row in result.layers},
             "multiplier_final": result.multipliers.get("l0_model"),
             "selected_epoch": result.selected_epoch,
+            "selected_step": result.selected_step,
             "last_iterate": result.last_iterate,
             "run_dir": str(result.run_dir),
         }

@@ -211,6 +211,15 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=None, observed_constraints=self._constraint_states())
 
     @torch.no_grad()
+    def feasible(self) -> bool:
+        """Whether the current network meets every budget (strict violations <= 0)."""
+        for state in self._constraint_states().values():
+            violation, strict = state.extract_violations()
+            if bool((strict > 0).any()):
+                return False
+        return True
+
+    @torch.no_grad()
     def proximal_step_(self, lr: float) -> None:
         """The proximal step of every layer-sparsity target: threshold ``lr * lambda * r_j``."""
         if self.layers is None:

@@ -71,6 +71,8 @@ class RunResult:
     # Iterate selection (train.select): the epoch whose weights this result describes, and
     # what the last iterate measured when another one was selected.
     selected_epoch: int | None = None
+    # ... and, when last_feasible kept a step of the last epoch (not its end), that step.
+    selected_step: int | None = None
     last_iterate: dict[str, Any] | None = None
     # Layer sparsity: the merged network and its refit (sparsity.layers.refit_epochs).
     refit: dict[str, Any] | None = None
@@ -95,6 +97,7 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "wandb_dir": self.wandb_dir,
             "selected_epoch": self.selected_epoch,
+            "selected_step": self.selected_step,
             "last_iterate": self.last_iterate,
             "refit": self.refit,
             "compaction": self.compaction,
@@ -382,6 +385,10 @@ def run(
     return result
 
 
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -489,6 +496,8 @@ def _wandb_summary(result: RunResult) -> dict[str, Any]:
         summary["final/feasible"] = result.feasible
     if result.selected_epoch is not None:
         summary["final/selected_epoch"] = result.selected_epoch
+        if result.selected_step is not None:
+            summary["final/selected_step"] = result.selected_step
     for key, value in (result.refit or {}).items():
         if isinstance(value, (int, float)):
             summary[f"final/refit/{key}"] = value
@@ -564,6 +573,12 @@ class _Loop:
         self.model.train()
         try:
             while epoch < cfg.train.epochs:
+                # last_feasible, last epoch: keep the weights of its last step that meets every
+                # budget, in case the epoch ends just over one (restarts make it hover at ε)
+                track_steps = (
+                    cfg.train.select == "last_feasible" and self.problem.targets and (epoch == cfg.train.epochs - 1)
+                )
+                self._step_snapshot = None
                 t0 = time.perf_counter()
                 self.data_gen.set_state(epoch_data_state)
                 loss_sum = torch.zeros(())
@@ -587,6 +602,8 @@ class _Loop:
                             f"loss became {float(loss)} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
                             f"training stopped; last good checkpoint: {last}"
                         )
+                    if track_steps and self.problem.feasible():
+                        self._step_snapshot = (step_in_epoch + 1, _state_copy(self.model))
                     loss_sum += loss
                     lagr_sum += result["lagrangian"]
                     for name in result["restarted"]:
@@ -626,6 +643,11 @@ class _Loop:
             return
         names = [t.name for t in self.problem.targets]
         if not all(metrics[f"constraint/{n}/feasible"] for n in names):
+            snapshot = getattr(self, "_step_snapshot", None)
+            if mode == "last_feasible" and snapshot is not None:  # a feasible step of this (last) epoch
+                step, state = snapshot
+                save_checkpoint({"epoch": metrics["epoch"], "step": step, "model": state}, self.out / SELECTED)
+                self.selected = {"epoch": metrics["epoch"], "step": step, "val_error": None}
             return
         val_error = metrics["val/error"]
         if mode == "best_feasible" and self.selected is not None and val_error >= self.selected["val_error"]:
@@ -650,7 +672,8 @@ class _Loop:
             self.selected_epoch = None
             return
         self.selected_epoch = self.selected["epoch"]
-        if self.selected_epoch != self.epoch:
+        self.selected_step = self.selected.get("step")
+        if self.selected_epoch != self.epoch or self.selected_step is not None:
             self.model.load_state_dict(load_checkpoint(self.out / SELECTED)["model"])
 
     def _epoch_metrics(self, epoch, loss_sum, lagr_sum, steps, restarts, seconds) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -718,6 +741,7 @@ class _Loop:
 
     def result(self, wall: float) -> RunResult:
         selected_epoch = getattr(self, "selected_epoch", None)
+        selected_step = getattr(self, "selected_step", None)
         last = self.history[-1] if self.history else {}
         epoch = self.epoch
         if selected_epoch is not None:  # the row of the iterate whose weights the model holds
@@ -725,9 +749,13 @@ class _Loop:
             epoch = selected_epoch
         measures = self._measures()
         ds = self.dataset
-        test_error = last.get("test/error") if last.get("epoch") == epoch else None
-        if test_error is None:
-            test_error = error_rate(self.model, ds.test_x, ds.test_y, self.cfg.data.eval_batch_size)
+        bs = self.cfg.data.eval_batch_size
+        test_error = last.get("test/error") if last.get("epoch") == epoch and selected_step is None else None
+        val_error = last.get("val/error") if ds.val_x is not None else None
+        if test_error is None:  # an iterate no epoch row describes: measure it
+            test_error = error_rate(self.model, ds.test_x, ds.test_y, bs)
+            if ds.val_x is not None:
+                val_error = error_rate(self.model, ds.val_x, ds.val_y, bs)
         targets = []
         for target, _ in self.problem.ordered_constraints():
             if isinstance(target, LayerTarget):
@@ -776,7 +804,7 @@ class _Loop:
             run_dir=self.out,
             epochs=self.epoch,
             test_error=float(test_error),
-            val_error=last.get("val/error") if ds.val_x is not None else None,
+            val_error=val_error,
             feasible=all(t["feasible"] for t in targets) if targets else None,
             density=density,
             expected_density=expected,
@@ -787,6 +815,7 @@ class _Loop:
             layers=layers,
             wandb_dir=self.tracker.wandb_dir,
             selected_epoch=selected_epoch if self.cfg.train.select != "last" else None,
+            selected_step=selected_step,
             last_iterate=getattr(self, "last_iterate", None),
         )
 
@@ -836,10 +865,13 @@ def format_report(result: RunResult) -> str:
         li = result.last_iterate
         if result.selected_epoch is None:
             lines.append("selected iterate: none met every budget; this is the last iterate")
-        elif result.selected_epoch != li["epoch"]:
+        elif result.selected_epoch != li["epoch"] or result.selected_step is not None:
             density = "" if li["density"] is None else f"had density {li['density']:.4f}, "
+            where = f"epoch {result.selected_epoch}"
+            if result.selected_step is not None:
+                where += f", step {result.selected_step} of that epoch"
             lines.append(
-                f"selected iterate: epoch {result.selected_epoch} (the last iterate, epoch {li['epoch']}, "
+                f"selected iterate: {where} (the last iterate, end of epoch {li['epoch']}, "
                 f"{density}feasible {'yes' if li['feasible'] else 'no'}, test error {100 * li['test_error']:.2f} %)"
             )
     lines.append(f"test error: {100 * result.test_error:.2f} %")

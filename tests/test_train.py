@@ -272,3 +272,25 @@ def test_cosine_schedule_closed_form_and_in_training(tmp_path, quiet):
     steps = ckpt["global_step"]
     assert groups[0]["lr"] == pytest.approx(scheduled_lr(3e-3, steps - 1, steps, "cosine"))  # the last step's
     assert groups[1]["lr"] == 0.05
+
+
+@pytest.mark.slow
+def test_last_feasible_keeps_a_feasible_step_of_the_last_epoch(tmp_path, quiet):
+    """The default digits run ends just over its budget (restarts make it hover at ε); the
+    returned network is the last step of the last epoch that met it, not an earlier epoch."""
+    from constrained_sparsity import error_rate
+    from constrained_sparsity.compact import load_trained
+
+    result = _run([*quiet, "train.select=last_feasible"], run_dir=tmp_path / "r")
+    assert result.last_iterate["feasible"] is False, "the test needs a run whose last epoch ends infeasible"
+    assert result.selected_epoch == result.epochs and result.selected_step is not None
+    assert result.feasible is True and result.density["model"] <= 0.3
+    # the reported numbers are those of the weights written to selected_model.pt
+    cfg, model, dataset = load_trained(tmp_path / "r")
+    assert load_checkpoint(tmp_path / "r" / "selected_model.pt")["step"] == result.selected_step
+    assert error_rate(model, dataset.test_x, dataset.test_y) == result.test_error
+    layers = [model.fc1, model.fc2, model.fc3]  # input gates: each controls out_features weights
+    active = sum(int(m.l0_gate.active().sum()) * m.out_features for m in layers)
+    assert active / 17400 == pytest.approx(result.density["model"])
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["selected_step"] == result.selected_step
