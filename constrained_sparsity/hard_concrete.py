@@ -243,6 +243,15 @@ class _Densities(torch.autograd.Function):
         return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])))
 
 
+def _one_vector(gates: Sequence[HardConcreteGate]) -> bool:
+    """Whether ``gates`` can be computed on as one concatenated vector: same constants, dtype, device."""
+
+    def key(g: HardConcreteGate) -> tuple:
+        return (g.beta, g.gamma, g.zeta, g.log_alpha.dtype, g.log_alpha.device)
+
+    return all(key(g) == key(gates[0]) for g in gates)
+
+
 class _DrawSamples:
     """Forward pre-hook of the model :func:`attach_l0` was given: draws every gate's sample at once.
 
@@ -252,12 +261,7 @@ class _DrawSamples:
 
     def __init__(self, gates: list[HardConcreteGate]) -> None:
         self.gates = gates
-        first = gates[0]
-        self.flat = all(
-            (g.beta, g.gamma, g.zeta, g.log_alpha.dtype, g.log_alpha.device)
-            == (first.beta, first.gamma, first.zeta, first.log_alpha.dtype, first.log_alpha.device)
-            for g in gates
-        )
+        self.flat = _one_vector(gates)
 
     def __call__(self, module: nn.Module, args: object) -> None:
         gates = [g for g in self.gates if g.training]
@@ -547,7 +551,7 @@ class L0Gates:
         """
         selected = self._select(layers)
         first = selected[0].gate
-        if any((g.gate.beta, g.gate.gamma, g.gate.zeta) != (first.beta, first.gamma, first.zeta) for g in selected):
+        if not _one_vector([g.gate for g in selected]):
             num = sum(layer.gate.prob_nonzero().sum() * layer.cost_per_gate for layer in selected)
             with torch.no_grad():
                 active = sum(layer.gate.active().sum() * layer.cost_per_gate for layer in selected)

@@ -214,7 +214,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def feasible(self) -> bool:
         """Whether the current network meets every budget (strict violations <= 0)."""
         for state in self._constraint_states().values():
-            violation, strict = state.extract_violations()
+            _, strict = state.extract_violations()
             if bool((strict > 0).any()):
                 return False
         return True

@@ -701,8 +701,9 @@ class _Loop:
             for row in self.gates.report():
                 metrics[f"density/{row.name}"] = row.exact_density
                 metrics[f"density_expected/{row.name}"] = row.expected_density
-            metrics["density/model"] = float(self.gates.exact_density())
-            metrics["density_expected/model"] = float(self.gates.expected_density())
+            expected, exact = self.gates.densities()
+            metrics["density/model"] = float(exact)
+            metrics["density_expected/model"] = float(expected)
         layers = self.problem.layers
         if layers is not None:
             metrics["layers/active"] = layers.depth()
@@ -720,8 +721,7 @@ class _Loop:
                 metrics[f"{prefix}/feasible"] = bool(excess <= 0)
                 continue
             assert self.gates is not None
-            expected = float(self.gates.expected_density(target.layers))
-            exact = float(self.gates.exact_density(target.layers))
+            expected, exact = (float(d) for d in self.gates.densities(target.layers))
             strict = exact if target.measure == "exact" else expected
             metrics[f"{prefix}/violation"] = expected - target.epsilon
             metrics[f"{prefix}/strict_violation"] = strict - target.epsilon
