@@ -19,6 +19,17 @@ def header(threads: int | None = None) -> dict:
     }
 
 
+def run_overrides(epochs: int, threads: int, out_dir: Path | None = None, root: str | None = None) -> list[str]:
+    """Config overrides of every benchmark training: its epochs and threads, no W&B, no progress bar."""
+    overrides = [f"train.epochs={epochs}", f"train.threads={threads}"]
+    overrides += ["tracking.wandb=disabled", "tracking.progress=false"]
+    if out_dir is not None:
+        overrides.append(f"tracking.out_dir={out_dir}")
+    if root:
+        overrides.append(f"data.root={root}")
+    return overrides
+
+
 def markdown_header(report: dict, details: str = "") -> list[str]:
     return [f"command: `{report['command']}`  ", f"machine: {report['machine']}{details}", ""]
 

@@ -48,15 +48,7 @@ def main() -> int:
     for i, config in enumerate(args.configs):
         epochs = args.epochs[min(i, len(args.epochs) - 1)]
         max_runs = args.max_runs[min(i, len(args.max_runs) - 1)]
-        cfg = cs.load_config(
-            ROOT / "configs" / config,
-            [
-                f"train.epochs={epochs}",
-                f"train.threads={args.threads}",
-                "tracking.wandb=disabled",
-                "tracking.progress=false",
-            ],
-        )
+        cfg = cs.load_config(ROOT / "configs" / config, _report.run_overrides(epochs, args.threads))
         result = compare(
             cfg,
             args.targets,

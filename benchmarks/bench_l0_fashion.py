@@ -44,9 +44,11 @@ def _interleaved_timing(results: dict, rounds: int, steps: int) -> dict:
     """Median seconds per training epoch of each run, at its start and end state, interleaved."""
     setups = {}
     dataset = None
+    flush = set()
     for key, r in results.items():
         run_dir = Path(r["run_dir"])
         cfg = cs.config.config_from_dict(cs.config.read_config_dict(run_dir / "config.yaml"))
+        flush.add(cfg.train.flush_denormal)
         if dataset is None:
             dataset = cs.load_dataset(cfg.data.name, root=cfg.data.root, seed=cfg.train.seed)
         for phase in ("start", "end"):
@@ -62,10 +64,6 @@ def _interleaved_timing(results: dict, rounds: int, steps: int) -> dict:
     assert dataset is not None
     # as in training (train.flush_denormal, on in every config): Adam's moments of pruned
     # columns decay into denormal floats, which are 10-100x slower on this CPU otherwise
-    flush = {
-        cs.config.config_from_dict(cs.config.read_config_dict(Path(r["run_dir"]) / "config.yaml")).train.flush_denormal
-        for r in results.values()
-    }
     if len(flush) != 1:
         raise SystemExit(f"the runs disagree on train.flush_denormal: {flush}")
     torch.set_flush_denormal(flush.pop())
@@ -123,15 +121,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = [
-        f"train.epochs={args.epochs}",
-        f"train.threads={args.threads}",
-        "tracking.wandb=disabled",
-        "tracking.progress=false",
-        f"tracking.out_dir={out / 'runs'}",
-    ]
-    if args.root:
-        common.append(f"data.root={args.root}")
+    common = _report.run_overrides(args.epochs, args.threads, out / "runs", args.root)
     runs = {
         "dense": ("fashion_mlp_l0_constrained.yaml", [*common, "sparsity.method=none", "name=fashion_mlp_dense"]),
         "penalized": ("fashion_mlp_l0_penalized.yaml", [*common, *args.extra]),

@@ -45,16 +45,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [
-        f"train.epochs={args.epochs}",
-        f"train.threads={args.threads}",
-        "tracking.wandb=disabled",
-        "tracking.progress=false",
-        f"tracking.out_dir={out / 'runs'}",
+        *_report.run_overrides(args.epochs, args.threads, out / "runs", args.root),
         f"sparsity.layers.max_layers={args.k}",
         f"sparsity.layers.refit_epochs={args.refit}",
     ]
-    if args.root:
-        common.append(f"data.root={args.root}")
 
     def run(config: str, extra: list[str]) -> cs.RunResult:
         return cs.run(cs.load_config(ROOT / "configs" / config, [*common, *extra]))
