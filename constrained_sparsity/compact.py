@@ -15,9 +15,10 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
    takes the original input).
 3. 2x2 max-pooling layers become :class:`MaxPool2x2` (an ``nn.MaxPool2d`` computing the
    same values as maxima of strided slices: PyTorch's CPU kernel for
-   ``MaxPool2d`` on NCHW tensors took 5-8x longer here than the convolution before it, a
-   fixed cost that no pruning reduces; :func:`fast_pooling` gives any network the same
-   layer, so that dense and compact networks are timed alike).
+   ``MaxPool2d`` on NCHW tensors took about 5x longer here than LeNet-5's first convolution
+   before it (batch 256), a cost that pruning later layers does not reduce;
+   :func:`fast_pooling` gives any network the same layer, so that dense and compact
+   networks are timed alike).
 4. The result is an ``nn.Sequential`` of standard layers; :func:`save_compact` writes it as a
    state_dict plus an architecture description (weights of per-weight gated layers stored
    as CSR where that is smaller) and as a ``torch.export`` program that loads without this
