@@ -15,7 +15,7 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
    takes the original input).
 3. 2x2 max-pooling layers become :class:`MaxPool2x2` (an ``nn.MaxPool2d`` computing the
    same values as maxima of strided slices: PyTorch's CPU kernel for
-   ``MaxPool2d`` on NCHW tensors took about 5x longer here than LeNet-5's first convolution
+   ``MaxPool2d`` on NCHW tensors took 3.5-5x longer here than LeNet-5's first convolution
    before it (batch 256), a cost that pruning later layers does not reduce;
    :func:`fast_pooling` gives any network the same layer, so that dense and compact
    networks are timed alike).

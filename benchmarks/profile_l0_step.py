@@ -1,0 +1,76 @@
+"""Where a training step's time goes: cProfile of steps at a run's end state (docs/benchmarks.md, issue 2).
+
+    python benchmarks/profile_l0_step.py RUN_DIR [--steps 300] [--threads 2]
+
+Rebuilds the run's trainer from its config and checkpoint (as ``bench_l0_fashion``'s
+interleaved timing does), warms up, profiles ``--steps`` calls of ``train_step`` on real
+batches, and prints milliseconds per step of the parts: the model's forward, the
+``backward()`` calls, the primal and dual optimizer steps, and Cooper's bookkeeping.
+Profiling slows Python calls down: compare the parts with each other, not with timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+
+import constrained_sparsity as cs
+
+# (label, function name as pstats records it: (file suffix, function))
+PARTS = [
+    ("step (train_step)", ("constrained_sparsity/problem.py", "train_step")),
+    ("CMP state: forward + loss + measures", ("constrained_sparsity/problem.py", "compute_cmp_state")),
+    ("  model forward", ("torch/nn/modules/container.py", "forward")),
+    ("  the one draw of all gate samples", ("constrained_sparsity/hard_concrete.py", "__call__")),
+    ("  constraint states (density measures)", ("constrained_sparsity/problem.py", "_constraint_states")),
+    ("backward() calls", ("torch/autograd/__init__.py", "backward")),
+    ("primal step", ("cooper/optim/optimizer.py", "primal_step")),
+    ("  fused Adam kernel", ("~", "<built-in method torch._fused_adam_>")),
+    ("dual step", ("cooper/optim/constrained_optimizers/constrained_optimizer.py", "dual_step")),
+    ("Lagrangians", ("cooper/cmp.py", "_compute_primal_or_dual_lagrangian")),
+    ("zero_grad", ("cooper/optim/optimizer.py", "zero_grad")),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    cfg = cs.config.config_from_dict(cs.config.read_config_dict(run_dir / "config.yaml"))
+    torch.set_flush_denormal(cfg.train.flush_denormal)
+    dataset = cs.load_dataset(cfg.data.name, root=cfg.data.root, seed=cfg.train.seed)
+    torch.manual_seed(0)
+    model, _, problem, optimizers = cs.train.build_trainer(cfg, dataset)
+    ck = cs.checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
+    model.load_state_dict(ck["model"])
+    problem.load_state_dict(ck["cmp"])
+    optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    data = list(cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen))
+    for i in range(20):
+        cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(args.steps):
+        cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    print(f"{args.steps} steps of {run_dir.name}, ms per step (cumulative, under cProfile):")
+    for label, (suffix, name) in PARTS:
+        total = sum(v[3] for (file, _, fn), v in stats.items() if fn == name and file.endswith(suffix))
+        print(f"  {label:42s} {1e3 * total / args.steps:7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
