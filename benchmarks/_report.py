@@ -30,6 +30,30 @@ def run_overrides(epochs: int, threads: int, out_dir: Path | None = None, root: 
     return overrides
 
 
+def rebuild_trainer(run_dir: str | Path, end_state: bool = True, dataset=None):  # type: ignore[no-untyped-def]
+    """A run's trainer rebuilt from its config, at its final checkpoint (or at its start), in training mode.
+
+    Returns ``(cfg, dataset, model, gates, problem, optimizers)``; sets
+    ``torch.set_flush_denormal`` as the run's config does. ``dataset``: reuse one already loaded.
+    """
+    import constrained_sparsity as cs
+
+    run_dir = Path(run_dir)
+    cfg = cs.config.config_from_dict(cs.config.read_config_dict(run_dir / "config.yaml"))
+    torch.set_flush_denormal(cfg.train.flush_denormal)
+    if dataset is None:
+        dataset = cs.load_dataset(cfg.data.name, root=cfg.data.root, seed=cfg.train.seed)
+    torch.manual_seed(0)
+    model, gates, problem, optimizers = cs.train.build_trainer(cfg, dataset)
+    if end_state:
+        ck = cs.checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
+        model.load_state_dict(ck["model"])
+        problem.load_state_dict(ck["cmp"])
+        optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
+    model.train()
+    return cfg, dataset, model, gates, problem, optimizers
+
+
 def markdown_header(report: dict, details: str = "") -> list[str]:
     return [f"command: `{report['command']}`  ", f"machine: {report['machine']}{details}", ""]
 

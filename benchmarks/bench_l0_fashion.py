@@ -40,26 +40,19 @@ def _run(config: str, overrides: list[str]) -> cs.RunResult:
     return cs.run(cfg)
 
 
-def _interleaved_timing(results: dict, rounds: int, steps: int) -> dict:
-    """Median seconds per training epoch of each run, at its start and end state, interleaved."""
+def _interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int | None = None) -> dict:
+    """Median seconds per training epoch of each run, at its start and end state, interleaved.
+
+    On batches of ``batch_size`` (default: the runs' own); an epoch is as many steps as
+    that batch size needs to cover the training set.
+    """
     setups = {}
     dataset = None
     flush = set()
     for key, r in results.items():
-        run_dir = Path(r["run_dir"])
-        cfg = cs.config.config_from_dict(cs.config.read_config_dict(run_dir / "config.yaml"))
-        flush.add(cfg.train.flush_denormal)
-        if dataset is None:
-            dataset = cs.load_dataset(cfg.data.name, root=cfg.data.root, seed=cfg.train.seed)
         for phase in ("start", "end"):
-            torch.manual_seed(0)
-            model, _, problem, optimizers = cs.train.build_trainer(cfg, dataset)
-            if phase == "end":
-                ck = cs.checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
-                model.load_state_dict(ck["model"])
-                problem.load_state_dict(ck["cmp"])
-                optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
-            model.train()
+            cfg, dataset, _, _, problem, optimizers = _report.rebuild_trainer(r["run_dir"], phase == "end", dataset)
+            flush.add(cfg.train.flush_denormal)
             setups[(key, phase)] = (problem, optimizers, cfg.sparsity.dual_restarts, cfg.data.batch_size)
     assert dataset is not None
     # as in training (train.flush_denormal, on in every config): Adam's moments of pruned
@@ -68,7 +61,7 @@ def _interleaved_timing(results: dict, rounds: int, steps: int) -> dict:
         raise SystemExit(f"the runs disagree on train.flush_denormal: {flush}")
     torch.set_flush_denormal(flush.pop())
     gen = torch.Generator().manual_seed(0)
-    bs = next(iter(setups.values()))[3]
+    bs = batch_size or next(iter(setups.values()))[3]
     data = list(cs.data.batches(dataset.train_x, dataset.train_y, bs, gen))
     steps_per_epoch = len(data)
     times: dict = collections.defaultdict(list)
@@ -89,6 +82,21 @@ def _ratios(timing: dict) -> dict:
         a, b, c = (timing[f"{k}/{phase}"] for k in ("dense", "penalized", "constrained"))
         ratios[phase] = {"constrained_dense": c / a, "constrained_penalized": c / b}
     return ratios
+
+
+def _by_batch_size(results: dict, args: argparse.Namespace) -> dict:
+    """The interleaved timing again on each of ``--batch-sizes``: seconds per epoch and ratios."""
+    out = {}
+    for bs in args.batch_sizes:
+        timing = _interleaved_timing(results, args.rounds, args.steps, bs)
+        out[bs] = {"s_per_epoch": timing, "ratios": _ratios(timing)}
+        for phase, r in out[bs]["ratios"].items():
+            print(
+                f"batch {bs}, {phase}: constrained/dense {r['constrained_dense']:.3f}, "
+                f"constrained/penalized {r['constrained_penalized']:.3f}",
+                flush=True,
+            )
+    return out
 
 
 def _returned(r: dict, epochs: int) -> str:
@@ -113,6 +121,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=40, help="training steps per setup and round")
     parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the trained states on batches of these sizes (the per-step overhead amortises)",
+    )
+    parser.add_argument(
         "--timing-only",
         action="store_true",
         help="skip the trainings: re-time the runs recorded in OUT/l0_fashion.json (after a code change)",
@@ -133,6 +148,7 @@ def main() -> int:
         timing = _interleaved_timing(previous["runs"], args.rounds, args.steps)
         previous["interleaved_s_per_epoch"] = timing
         previous["ratios"] = _ratios(timing)
+        previous["by_batch_size"] = _by_batch_size(previous["runs"], args)
         for phase, r in previous["ratios"].items():
             print(
                 f"{phase}: dense {timing[f'dense/{phase}']:.2f} penalized {timing[f'penalized/{phase}']:.2f} "
@@ -168,11 +184,13 @@ def main() -> int:
     timing = _interleaved_timing(results, args.rounds, args.steps)
     print("interleaved s/epoch", json.dumps(timing), flush=True)
     ratios = _ratios(timing)
+    by_batch_size = _by_batch_size(results, args)
     report = {
         **_report.header(torch.get_num_threads()),
         "epochs": args.epochs,
         "interleaved_s_per_epoch": timing,
         "ratios": ratios,
+        "by_batch_size": by_batch_size,
         "runs": results,
     }
     lines = [
@@ -204,6 +222,22 @@ def main() -> int:
             f"{timing[f'constrained/{phase}']:.2f} | {ratios[phase]['constrained_dense']:.3f} | "
             f"{ratios[phase]['constrained_penalized']:.3f} |"
         )
+    if by_batch_size:
+        lines += [
+            "",
+            "The same trained states timed on other batch sizes (seconds per epoch of that batch size):",
+            "",
+            "| batch | state | dense | penalized | constrained | constrained / dense | constrained / penalized |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for bs, entry in by_batch_size.items():
+            t, rat = entry["s_per_epoch"], entry["ratios"]
+            for phase in ("start", "end"):
+                lines.append(
+                    f"| {bs} | {phase} | {t[f'dense/{phase}']:.2f} | {t[f'penalized/{phase}']:.2f} | "
+                    f"{t[f'constrained/{phase}']:.2f} | {rat[phase]['constrained_dense']:.3f} | "
+                    f"{rat[phase]['constrained_penalized']:.3f} |"
+                )
     _report.write(out, "l0_fashion", report, lines)
     return 0
 

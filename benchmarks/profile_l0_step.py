@@ -17,6 +17,7 @@ import pstats
 import sys
 from pathlib import Path
 
+import _report
 import torch
 
 import constrained_sparsity as cs
@@ -45,16 +46,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
-    cfg = cs.config.config_from_dict(cs.config.read_config_dict(run_dir / "config.yaml"))
-    torch.set_flush_denormal(cfg.train.flush_denormal)
-    dataset = cs.load_dataset(cfg.data.name, root=cfg.data.root, seed=cfg.train.seed)
-    torch.manual_seed(0)
-    model, _, problem, optimizers = cs.train.build_trainer(cfg, dataset)
-    ck = cs.checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
-    model.load_state_dict(ck["model"])
-    problem.load_state_dict(ck["cmp"])
-    optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
-    model.train()
+    cfg, dataset, _, _, problem, optimizers = _report.rebuild_trainer(run_dir)
     gen = torch.Generator().manual_seed(0)
     data = list(cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen))
     for i in range(20):

@@ -311,14 +311,12 @@ class _InputGatedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, log_alpha, z, dz):  # type: ignore[override]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        idx = torch.nonzero(z).squeeze(1)
         # Gathering the open columns and scattering their gradients back costs a few passes
         # over the weight: worth it only for large layers with enough closed columns.
-        full = idx.numel() == z.numel() or (
-            weight.numel() < _SKIP_MIN_WEIGHTS or idx.numel() > _SKIP_MAX_OPEN * z.numel()
-        )
-        if full:
-            idx = idx[:0]
+        full = weight.numel() < _SKIP_MIN_WEIGHTS
+        idx = z.new_empty(0, dtype=torch.long) if full else torch.nonzero(z).squeeze(1)
+        if not full and idx.numel() > _SKIP_MAX_OPEN * z.numel():
+            full, idx = True, idx[:0]
         if full:
             x_s, z_s, dz_s, w_s = x2, z, dz, weight
         else:
@@ -371,7 +369,7 @@ def _input_gated_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
 
 def _resample_hook(module: nn.Module, args: object) -> None:
     gate = getattr(module, _GATE_ATTR)
-    if gate.training and "forward" not in module.__dict__:  # the fast forward samples itself
+    if gate.training:
         gate.resample()
 
 
@@ -403,7 +401,7 @@ class _GatedLayer:
     gate: HardConcreteGate
     structure: str
     params_per_gate: int
-    hook: torch.utils.hooks.RemovableHandle
+    hook: torch.utils.hooks.RemovableHandle | None  # the resampling pre-hook; None: the fast forward samples
     cost_per_gate: float = 0.0  # what a gate weighs in model-wise measures; params_per_gate unless set
 
     def __post_init__(self) -> None:
@@ -595,7 +593,8 @@ class L0Gates:
                     parametrize.remove_parametrizations(
                         layer.module, tensor_name, leave_parametrized=leave_parametrized
                     )
-            layer.hook.remove()
+            if layer.hook is not None:
+                layer.hook.remove()
             layer.module.__dict__.pop("forward", None)
             delattr(layer.module, _GATE_ATTR)
         if self._draw_hook is not None:
@@ -657,9 +656,11 @@ def attach_l0(
         parametrize.register_parametrization(module, "weight", _GateMultiply(gate, view_shape))
         if gates_bias:
             parametrize.register_parametrization(module, "bias", _GateMultiply(gate, (-1,)))
-        hook = module.register_forward_pre_hook(_resample_hook)
         if kind == "input" and isinstance(module, nn.Linear) and fast:
             module.forward = types.MethodType(_input_gated_linear_forward, module)
+            hook = None  # a module without hooks takes nn.Module's fast call path
+        else:
+            hook = module.register_forward_pre_hook(_resample_hook)
         gated.append(_GatedLayer(name, module, gate, kind, ppg, hook))
     missing = sorted(set(chosen) - {g.name for g in gated})
     if missing:

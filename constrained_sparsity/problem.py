@@ -211,6 +211,22 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=None, observed_constraints=self._constraint_states())
 
     @torch.no_grad()
+    def violations(self) -> dict[str, tuple[float, float]]:
+        """``(violation, strict_violation)`` of every target now, by name, in declaration order.
+
+        The same constraint states the training step builds: the violation is the measure
+        that moves the primal variables, the strict one the measure that moves the
+        multiplier (equal to the violation when there is no proxy). A target is met when its
+        strict violation is <= 0, as in :meth:`feasible`.
+        """
+        states = self._constraint_states()
+        out = {}
+        for target, constraint in self.ordered_constraints():
+            violation, strict = states[constraint].extract_violations()
+            out[target.name] = (float(violation.max()), float(strict.max()))
+        return out
+
+    @torch.no_grad()
     def feasible(self) -> bool:
         """Whether the current network meets every budget (strict violations <= 0)."""
         for state in self._constraint_states().values():
@@ -333,9 +349,9 @@ def build_optimizer(
     if dual.name == "sgd":
         cls = cooper.optim.ExtraSGD if extra else torch.optim.SGD
         dual_opt = cls(multipliers, lr=dual.lr, momentum=dual.momentum, maximize=True)
-    elif dual.name == "adam":
+    elif dual.name == "adam":  # ascent steps of about lr whatever the violation's size
         cls = cooper.optim.ExtraAdam if extra else torch.optim.Adam
-        dual_opt = cls(multipliers, lr=dual.lr, maximize=True)
+        dual_opt = cls(multipliers, lr=dual.lr, maximize=True, **({} if extra else {"fused": True}))
     elif dual.name == "nupi":
         if extra:
             raise ValueError("dual optimizer 'nupi' cannot be combined with scheme='extrapolation'")

@@ -710,23 +710,14 @@ class _Loop:
             metrics["layers/surrogate"] = float(layers.surrogate())
             for name, norm in layers.negative_norms().items():
                 metrics[f"layers/neg_norm/{name}"] = float(norm)
+        # violation, strict violation and feasibility by the rule the training step uses
         multipliers = self.problem.multiplier_values()
-        for target, _ in self.problem.ordered_constraints():
-            prefix = f"constraint/{target.name}"
-            if isinstance(target, LayerTarget):
-                excess = metrics["layers/active"] - target.max_layers
-                metrics[f"{prefix}/violation"] = excess
-                metrics[f"{prefix}/strict_violation"] = excess
-                metrics[f"{prefix}/multiplier"] = multipliers[target.name]
-                metrics[f"{prefix}/feasible"] = bool(excess <= 0)
-                continue
-            assert self.gates is not None
-            expected, exact = (float(d) for d in self.gates.densities(target.layers))
-            strict = exact if target.measure == "exact" else expected
-            metrics[f"{prefix}/violation"] = expected - target.epsilon
-            metrics[f"{prefix}/strict_violation"] = strict - target.epsilon
-            metrics[f"{prefix}/multiplier"] = multipliers[target.name]
-            metrics[f"{prefix}/feasible"] = bool(strict <= target.epsilon)
+        for name, (violation, strict) in self.problem.violations().items():
+            prefix = f"constraint/{name}"
+            metrics[f"{prefix}/violation"] = violation
+            metrics[f"{prefix}/strict_violation"] = strict
+            metrics[f"{prefix}/multiplier"] = multipliers[name]
+            metrics[f"{prefix}/feasible"] = strict <= 0
         return metrics
 
     def _postfix(self, m: dict[str, Any]) -> dict[str, str]:
@@ -770,14 +761,16 @@ class _Loop:
                     }
                 )
                 continue
+            with torch.no_grad():
+                expected, exact = self.gates.densities(target.layers)  # type: ignore[union-attr]
             targets.append(
                 {
                     "name": target.name,
                     "layers": list(target.layers) if target.layers else "model",
                     "epsilon": target.epsilon,
                     "measure": target.measure,
-                    "exact_density": float(self.gates.exact_density(target.layers)),  # type: ignore[union-attr]
-                    "expected_density": measures[f"constraint/{target.name}/violation"] + target.epsilon,
+                    "exact_density": float(exact),
+                    "expected_density": float(expected),
                     "feasible": measures[f"constraint/{target.name}/feasible"],
                     "multiplier": measures[f"constraint/{target.name}/multiplier"],
                 }

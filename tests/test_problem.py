@@ -104,6 +104,21 @@ def test_dual_restart_resets_multiplier_and_optimizer_state():
     assert weight not in opt.dual_optimizer.state
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.33, 0.6])
+def test_dual_adam_raises_the_multiplier_by_its_lr_whatever_the_violation(epsilon):
+    # Adam's first step is lr * m / (sqrt(v) + eps) = lr * g / (|g| + eps): about lr for a
+    # violation of 0.001 as for 0.9, where SGD would move lr * violation.
+    model, gates = _model()
+    with torch.no_grad():  # first-layer gates wide open, second closed: exact density 48/72
+        model[0].l0_gate.log_alpha.fill_(5.0)
+        model[2].l0_gate.log_alpha.fill_(-10.0)
+    problem = SparsityProblem(model, gates, [Target(epsilon)], mode="constrained")
+    opt = build_optimizer(problem, dual=DualOptimizer("adam", lr=0.01))
+    train_step(problem, opt, *_batch(), dual_restarts=True)
+    assert 48 / 72 - epsilon > 0.06
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(0.01, rel=1e-5)
+
+
 def test_without_restarts_multiplier_decays_gradually():
     model, gates = _model()
     problem = SparsityProblem(model, gates, [Target(0.5)], mode="constrained", lambda_init=1.0)
@@ -166,3 +181,30 @@ def test_bad_targets_and_problems_are_refused():
             ),
             PrimalOptimizer("rmsprop"),
         )
+
+
+def test_violations_follow_the_measure_of_each_target_and_decide_feasibility():
+    model, gates = _model()
+    with torch.no_grad():  # layer "0": 6 input gates, 3 of them closed at test time
+        model[0].l0_gate.log_alpha.copy_(torch.tensor([5.0, 5.0, 5.0, -5.0, -5.0, -5.0]))
+        model[2].l0_gate.log_alpha.fill_(5.0)
+    targets = [
+        Target(0.6, layers=("0",), measure="exact", name="exact0"),
+        Target(0.4, layers=("0",), measure="expected", name="expected0"),
+        Target(0.9, measure="exact", name="model"),
+    ]
+    problem = SparsityProblem(model, gates, targets)
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+    shift = beta * torch.log(torch.tensor(-gamma / zeta))
+    p = torch.sigmoid(model[0].l0_gate.log_alpha.detach() - shift).mean()  # eq. 12
+    p_all = (p * 48 + torch.sigmoid(5.0 - shift) * 24) / 72
+    exact_all = (0.5 * 48 + 24) / 72  # three of six input gates of layer 0, every gate of layer 2
+    got = problem.violations()
+    assert list(got) == ["exact0", "expected0", "model"]
+    assert got["exact0"] == pytest.approx((float(p) - 0.6, 0.5 - 0.6), abs=1e-6)
+    assert got["expected0"] == pytest.approx((float(p) - 0.4, float(p) - 0.4), abs=1e-6)  # no proxy
+    assert got["model"] == pytest.approx((float(p_all) - 0.9, exact_all - 0.9), abs=1e-6)
+    assert problem.feasible() == all(strict <= 0 for _, strict in got.values())
+    assert not problem.feasible()  # "expected0": p = 0.5 (about) > 0.4
+    problem = SparsityProblem(model, gates, targets[:1] + targets[2:])
+    assert problem.feasible()  # 0.5 <= 0.6 and 0.833 <= 0.9
