@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hard_concrete import fold_l0, plain_layer_like
+from .hard_concrete import fold_l0, layer_output_shapes, plain_layer_like
 from .layer_sparsity import merge_layers
 
 __all__ = [
@@ -88,32 +88,14 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     Bias additions, activations and pooling are not counted. Zero weights count like any
     other (a dense kernel multiplies them).
     """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     flops = 0
-    hooks = []
-
-    def linear_hook(m: nn.Linear, _inp: Any, out: torch.Tensor) -> None:
-        nonlocal flops
-        flops += 2 * m.in_features * m.out_features * math.prod(out.shape[1:-1])
-
-    def conv_hook(m: nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
-        nonlocal flops
-        kh, kw = m.kernel_size
-        flops += 2 * out.shape[1] * out.shape[2] * out.shape[3] * (m.in_channels // m.groups) * kh * kw
-
-    for m in model.modules():
+    for m, shape in layer_output_shapes(model, layers, torch.zeros(1, *input_shape)):
         if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-    try:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
-        model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
+            flops += 2 * m.in_features * m.out_features * math.prod(shape[1:-1])
+        else:
+            kh, kw = m.kernel_size
+            flops += 2 * shape[1] * shape[2] * shape[3] * (m.in_channels // m.groups) * kh * kw
     return flops
 
 

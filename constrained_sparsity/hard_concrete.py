@@ -314,10 +314,11 @@ class _InputGatedLinear(torch.autograd.Function):
         # Gathering the open columns and scattering their gradients back costs a few passes
         # over the weight: worth it only for large layers with enough closed columns.
         full = weight.numel() < _SKIP_MIN_WEIGHTS
-        idx = z.new_empty(0, dtype=torch.long) if full else torch.nonzero(z).squeeze(1)
-        if not full and idx.numel() > _SKIP_MAX_OPEN * z.numel():
-            full, idx = True, idx[:0]
+        if not full:
+            idx = torch.nonzero(z).squeeze(1)
+            full = idx.numel() > _SKIP_MAX_OPEN * z.numel()
         if full:
+            idx = z.new_empty(0, dtype=torch.long)
             x_s, z_s, dz_s, w_s = x2, z, dz, weight
         else:
             x_s, z_s, dz_s = x2.index_select(1, idx), z.index_select(0, idx), dz.index_select(0, idx)
@@ -490,28 +491,15 @@ class L0Gates:
         the next layer's own gates account for when they close too.
         Returns the cost per gate of every layer.
         """
-        positions: dict[str, int] = {}
-        handles = []
-        for layer in self._layers:
-
-            def hook(m: nn.Module, _inp: object, out: torch.Tensor, name: str = layer.name) -> None:
-                per_example = out[0] if out.dim() > 1 else out
-                positions[name] = per_example.numel() // per_example.shape[0]  # outputs per unit
-
-            handles.append(layer.module.register_forward_hook(hook))
-        was_training = model.training
-        model.eval()
-        try:
-            model(example[:1])
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        positions: dict[nn.Module, int] = {}  # outputs per unit (per example), of the last call
+        for module, shape in layer_output_shapes(model, [layer.module for layer in self._layers], example[:1]):
+            per_example = shape[1:] if len(shape) > 1 else shape
+            positions[module] = math.prod(per_example) // per_example[0]
         costs = {}
         for layer in self._layers:
-            if layer.name not in positions:
+            if layer.module not in positions:
                 raise ValueError(f"layer {layer.name!r} was not called by the model's forward pass")
-            m, pos = layer.module, positions[layer.name]
+            m, pos = layer.module, positions[layer.module]
             w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
             per_output = w[0].numel()  # multiply-adds of one output value (in/groups * kh * kw)
             if layer.structure == "input":
@@ -668,6 +656,28 @@ def attach_l0(
     handle = L0Gates(gated)
     handle._draw_hook = model.register_forward_pre_hook(_DrawSamples([g.gate for g in gated]))
     return handle
+
+
+@torch.no_grad()
+def layer_output_shapes(
+    model: nn.Module, layers: Sequence[nn.Module], example: torch.Tensor
+) -> list[tuple[nn.Module, torch.Size]]:
+    """``(layer, output shape)`` of every call of one of ``layers`` when ``model`` runs ``example``.
+
+    In call order, in eval mode and without autograd; the model's mode is restored and the
+    forward hooks that record the shapes are removed whatever happens.
+    """
+    calls: list[tuple[nn.Module, torch.Size]] = []
+    handles = [m.register_forward_hook(lambda m, _inp, out: calls.append((m, out.shape))) for m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
 
 
 def plain_layer_like(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -226,14 +226,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             out[target.name] = (float(violation.max()), float(strict.max()))
         return out
 
-    @torch.no_grad()
     def feasible(self) -> bool:
         """Whether the current network meets every budget (strict violations <= 0)."""
-        for state in self._constraint_states().values():
-            _, strict = state.extract_violations()
-            if bool((strict > 0).any()):
-                return False
-        return True
+        return all(strict <= 0 for _, strict in self.violations().values())
 
     @torch.no_grad()
     def proximal_step_(self, lr: float) -> None:

@@ -528,6 +528,8 @@ class _Loop:
         self.epoch = 0
         # The iterate kept by train.select: {"epoch", "val_error"}; its weights are in SELECTED.
         self.selected: dict[str, Any] | None = None
+        # last_feasible, in the last epoch: (step, weights) of its last step that met every budget
+        self._step_snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
 
     # -- checkpoints --
     def _save(self, epoch: int, step_in_epoch: int, global_step: int, epoch_data_state: torch.Tensor) -> None:
@@ -643,7 +645,7 @@ class _Loop:
             return
         names = [t.name for t in self.problem.targets]
         if not all(metrics[f"constraint/{n}/feasible"] for n in names):
-            snapshot = getattr(self, "_step_snapshot", None)
+            snapshot = self._step_snapshot
             if mode == "last_feasible" and snapshot is not None:  # a feasible step of this (last) epoch
                 step, state = snapshot
                 save_checkpoint({"epoch": metrics["epoch"], "step": step, "model": state}, self.out / SELECTED)
