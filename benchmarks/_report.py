@@ -1,4 +1,5 @@
-"""What every benchmark script writes: the command, the machine, a JSON record and a Markdown table."""
+"""Shared by the benchmark scripts: what each writes (the command, the machine, a JSON record and a
+Markdown table), the overrides of its trainings, and a run's trainer rebuilt from its directory."""
 
 from __future__ import annotations
 

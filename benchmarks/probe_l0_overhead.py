@@ -7,9 +7,9 @@ interleaved rounds on the same batches, milliseconds per step of:
 
 * ``cooper``: the library's ``train_step`` (Cooper's ``roll``, then dual restarts);
 * ``by hand``: the same mathematics without Cooper: forward, cross-entropy plus
-  ``lambda * expected density``, one ``backward()``, the primal Adam step, and the dual
-  step written out (projected ascent on the exact density's violation, then a restart when
-  it is met); the dense row is forward, loss, backward, Adam;
+  ``lambda * expected density``, one ``backward()``, the primal Adam step, and the run's
+  dual optimizer stepped on the exact density's violation (then projected to >= 0, and
+  restarted when the budget is met); the dense row is forward, loss, backward, Adam;
 * with ``--compile``: the forward and backward pass alone, eager and under
   ``torch.compile`` (inductor; needs a C++ compiler; the compile time is printed).
 
@@ -39,7 +39,7 @@ def _build(run_dir: str):  # type: ignore[no-untyped-def]
 
 
 def _by_hand(setup) -> Callable[[int], None]:  # type: ignore[no-untyped-def]
-    cfg, model, gates, problem, optimizers, data = setup
+    _, model, gates, problem, optimizers, data = setup
     primal = optimizers.cooper_optimizer.primal_optimizers[0]
     pairs = problem.ordered_constraints()
     if not pairs:
@@ -53,17 +53,20 @@ def _by_hand(setup) -> Callable[[int], None]:  # type: ignore[no-untyped-def]
         return dense_step
     ((target, constraint),) = pairs
     lam = constraint.multiplier.weight
-    lr = cfg.optim.dual.lr
+    dual = optimizers.dual_optimizer  # the run's own (maximize=True)
 
     def step(i: int) -> None:
         x, y = data[i % len(data)]
         primal.zero_grad()
         loss = F.cross_entropy(model(x), y)
         expected, exact = gates.densities()
+        lam.grad = (exact - target.epsilon).reshape(1)  # d(lambda * strict violation) / d lambda
+        dual.step()
         with torch.no_grad():
-            lam.add_(lr * (exact - target.epsilon)).clamp_(min=0)
-            if exact < target.epsilon:
+            lam.clamp_(min=0)
+            if exact < target.epsilon:  # dual restart
                 lam.zero_()
+                dual.state.pop(lam, None)
         (loss + lam.detach()[0] * expected).backward()
         primal.step()
 
