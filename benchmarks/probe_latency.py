@@ -3,16 +3,24 @@
     python benchmarks/probe_latency.py layers RUN_DIR [--threads 2]   # per-layer ms, dense vs compact
     python benchmarks/probe_latency.py pool [--threads 2]             # max-pooling implementations
     python benchmarks/probe_latency.py lenet-widths [--threads 2]     # synthetic LeNet-5 widths
+    python benchmarks/probe_latency.py runtimes RUN_DIR [--compile]   # eager, in-place ReLU, TorchScript
+    python benchmarks/probe_latency.py conv1 [--threads 2]            # implementations of LeNet's conv1
 
 All at batch 256, eval mode, no autograd; medians. ``layers`` times each child of the dense
 network (gates folded in, ``fast_pooling``) and of the compact one, as ``bench_compact``
 builds them. ``lenet-widths`` times LeNet-5 shapes with random weights (``MaxPool2x2``, ReLU
 after the pool), dense and pruned alternately, and prints latency ratio / FLOP ratio.
+``runtimes`` times the dense and compact networks of a run pass by pass, alternately, under
+several ways of running them: eager (as ``bench_compact``), eager with in-place ReLUs,
+TorchScript (traced, ``torch.jit.freeze``, ``torch.jit.optimize_for_inference``) and, with
+``--compile``, ``torch.compile`` (inductor; needs a C++ compiler). ``conv1`` times ways of
+computing a 1-input-channel 5x5 convolution (LeNet's conv1) and checks they agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -107,18 +115,99 @@ def lenet_widths(repeats: int, rounds: int = 5) -> None:
         )
 
 
+def _in_place_relus(net: nn.Sequential) -> nn.Sequential:
+    """A copy whose ReLUs run in place where their input is a fresh tensor (after a layer or a pool)."""
+    net = copy.deepcopy(net)
+    previous = None
+    for child in net.children():
+        if isinstance(child, nn.ReLU) and isinstance(previous, (nn.Linear, nn.Conv2d, nn.MaxPool2d)):
+            child.inplace = True
+        previous = child
+    return net
+
+
+def _torchscript(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    with torch.no_grad():
+        traced = torch.jit.trace(net, torch.rand(4, *shape))
+    return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
+def runtimes(run_dir: str, passes: int, use_compile: bool) -> None:
+    cfg, model, dataset = load_trained(run_dir)
+    shape = tuple(dataset.input_shape)
+    dense = fast_pooling(fold_l0(model)).float().eval()
+    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float().eval()
+    flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
+    pairs = {
+        "eager": (dense, small),
+        "eager, in-place ReLU": (_in_place_relus(dense), _in_place_relus(small)),
+        "TorchScript, frozen, optimize_for_inference": (_torchscript(dense, shape), _torchscript(small, shape)),
+    }
+    if use_compile:
+        pairs["torch.compile"] = (torch.compile(dense), torch.compile(small))
+    x = torch.rand(256, *shape)
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for nets in pairs.values():
+            for net in nets:
+                for _ in range(3):
+                    net(x)
+        for _ in range(passes):  # every network once per pass: drift hits all alike
+            for label, nets in pairs.items():
+                for k, net in enumerate(nets):
+                    t0 = time.perf_counter()
+                    net(x)
+                    times.setdefault((label, k), []).append(time.perf_counter() - t0)
+    print(f"{run_dir}: batch 256, {torch.get_num_threads()} threads, FLOP ratio {flop_ratio:.3f}, median of {passes}")
+    for label in pairs:
+        d, s = (1e3 * statistics.median(times[(label, k)]) for k in (0, 1))
+        ratios = f"ratio {s / d:.3f}  / FLOP ratio {s / d / flop_ratio:.2f}"
+        print(f"  {label:44s} dense {d:8.3f} ms  compact {s:8.3f} ms  {ratios}")
+
+
+def _conv1_ways(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    n, c = x.shape[0], w.shape[0]
+    cl = torch.channels_last
+    w_groups, b_groups = w.repeat(n, 1, 1, 1), b.repeat(n)
+    return {
+        "conv2d, NCHW": lambda: F.conv2d(x, w, b),
+        "conv2d, channels_last": lambda: F.conv2d(x.contiguous(memory_format=cl), w.contiguous(memory_format=cl), b),
+        "batch as groups (depthwise)": lambda: F.conv2d(x.view(1, n, 28, 28), w_groups, b_groups, groups=n).view(
+            n, c, 24, 24
+        ),
+        "unfold + matmul": lambda: (w.view(c, 25) @ F.unfold(x, 5)).add_(b.view(1, -1, 1)).view(n, c, 24, 24),
+    }
+
+
+def conv1(repeats: int) -> None:
+    x = torch.rand(256, 1, 28, 28)
+    for channels in (20, 10):
+        w, b = torch.randn(channels, 1, 5, 5), torch.randn(channels)
+        with torch.inference_mode():
+            reference = F.conv2d(x, w, b)
+            print(f"{channels} channels, 256 x 1 x 28 x 28 -> 256 x {channels} x 24 x 24:")
+            for label, fn in _conv1_ways(x, w, b).items():
+                error = float((fn() - reference).abs().max())
+                print(f"  {label:30s} {_median_ms(fn, repeats):7.3f} ms  (max difference {error:.1e})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["layers", "pool", "lenet-widths"])
+    parser.add_argument("probe", choices=["layers", "pool", "lenet-widths", "runtimes", "conv1"])
     parser.add_argument("run_dir", nargs="?")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=25, help="passes per median (runtimes: passes in all)")
+    parser.add_argument("--compile", action="store_true", help="runtimes: also torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe in ("layers", "runtimes") and not args.run_dir:
+        parser.error(f"{args.probe} needs RUN_DIR")
     if args.probe == "layers":
-        if not args.run_dir:
-            parser.error("layers needs RUN_DIR")
         layers(args.run_dir, args.repeats)
+    elif args.probe == "runtimes":
+        runtimes(args.run_dir, args.repeats, args.compile)
+    elif args.probe == "conv1":
+        conv1(args.repeats)
     elif args.probe == "pool":
         pool(args.repeats)
     else:
