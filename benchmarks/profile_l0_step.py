@@ -1,12 +1,14 @@
 """Where a training step's time goes: cProfile of steps at a run's end state (docs/benchmarks.md, issue 2).
 
-    python benchmarks/profile_l0_step.py RUN_DIR [--steps 300] [--threads 2]
+    python benchmarks/profile_l0_step.py RUN_DIR [--steps 300] [--threads 2] [--ops]
 
 Rebuilds the run's trainer from its config and checkpoint (as ``bench_l0_fashion``'s
 interleaved timing does), warms up, profiles ``--steps`` calls of ``train_step`` on real
 batches, and prints milliseconds per step of the parts: the model's forward, the
 ``backward()`` calls, the primal and dual optimizer steps, and Cooper's bookkeeping.
 Profiling slows Python calls down: compare the parts with each other, not with timings.
+With ``--ops``, also counts the PyTorch operator calls (``aten::``, nested ones included)
+per step under ``torch.profiler``, and lists the most frequent.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ops", action="store_true", help="count PyTorch operator calls per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
@@ -61,6 +64,17 @@ def main() -> int:
     for label, (suffix, name) in PARTS:
         total = sum(v[3] for (file, _, fn), v in stats.items() if fn == name and file.endswith(suffix))
         print(f"  {label:42s} {1e3 * total / args.steps:7.3f}")
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        steps = 50
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
+        counts = {e.key: e.count / steps for e in prof.key_averages() if e.key.startswith("aten::")}
+        print(f"PyTorch operator calls per step (nested included): {sum(counts.values()):.0f}; most frequent:")
+        for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {name:32s} {n:5.1f}")
     return 0
 
 
