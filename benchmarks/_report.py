@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: what each writes (the command, the machine, a JSON record and a
-Markdown table), the overrides of its trainings, and a run's trainer rebuilt from its directory."""
+Markdown table), the overrides of its trainings, a run's trainer rebuilt from its directory, its
+training batches, and its dense and compact networks."""
 
 from __future__ import annotations
 
@@ -53,6 +54,30 @@ def rebuild_trainer(run_dir: str | Path, end_state: bool = True, dataset=None): 
         optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
     model.train()
     return cfg, dataset, model, gates, problem, optimizers
+
+
+def train_batches(dataset, batch_size: int) -> list:  # type: ignore[no-untyped-def]
+    """The training set as one epoch's list of ``(inputs, labels)`` batches, shuffled with seed 0."""
+    import constrained_sparsity as cs
+
+    gen = torch.Generator().manual_seed(0)
+    return list(cs.data.batches(dataset.train_x, dataset.train_y, batch_size, gen))
+
+
+def dense_and_compact(run_dir: str | Path):  # type: ignore[no-untyped-def]
+    """``(cfg, dataset, input_shape, dense, compact)`` of a finished run, both in eval mode.
+
+    Dense is the trained architecture with the gates folded in and ``fast_pooling``;
+    compact is ``compact(..., select_inputs=True)`` (merging layers when the run had layer
+    sparsity), as ``csparse compact`` writes it.
+    """
+    from constrained_sparsity.compact import compact, fast_pooling, fold_l0, load_trained
+
+    cfg, model, dataset = load_trained(run_dir)
+    shape = tuple(dataset.input_shape)
+    dense = fast_pooling(fold_l0(model)).float().eval()
+    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float().eval()
+    return cfg, dataset, shape, dense, small
 
 
 def markdown_header(report: dict, details: str = "") -> list[str]:

@@ -30,13 +30,9 @@ import torch
 from constrained_sparsity.compact import (
     MaxPool2x2,
     active_inputs,
-    compact,
     count_flops,
     count_params,
     describe,
-    fast_pooling,
-    fold_l0,
-    load_trained,
     measure_latency,
 )
 
@@ -65,10 +61,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for run_dir in args.run_dirs:
-        cfg, model, dataset = load_trained(run_dir)
-        shape = tuple(dataset.input_shape)
-        dense = fast_pooling(fold_l0(model)).float()
-        small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float()
+        cfg, dataset, shape, dense, small = _report.dense_and_compact(run_dir)
         x = dataset.test_x[:1000]
         with torch.no_grad():
             diff = float((dense(x) - small(x)).abs().max())

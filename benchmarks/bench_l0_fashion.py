@@ -60,9 +60,7 @@ def _interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int 
     if len(flush) != 1:
         raise SystemExit(f"the runs disagree on train.flush_denormal: {flush}")
     torch.set_flush_denormal(flush.pop())
-    gen = torch.Generator().manual_seed(0)
-    bs = batch_size or next(iter(setups.values()))[3]
-    data = list(cs.data.batches(dataset.train_x, dataset.train_y, bs, gen))
+    data = _report.train_batches(dataset, batch_size or next(iter(setups.values()))[3])
     steps_per_epoch = len(data)
     times: dict = collections.defaultdict(list)
     for r in range(rounds):

@@ -33,9 +33,7 @@ import constrained_sparsity as cs
 
 def _build(run_dir: str):  # type: ignore[no-untyped-def]
     cfg, dataset, model, gates, problem, optimizers = _report.rebuild_trainer(run_dir)
-    gen = torch.Generator().manual_seed(0)
-    data = list(cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen))
-    return cfg, model, gates, problem, optimizers, data
+    return cfg, model, gates, problem, optimizers, _report.train_batches(dataset, cfg.data.batch_size)
 
 
 def _by_hand(setup) -> Callable[[int], None]:  # type: ignore[no-untyped-def]

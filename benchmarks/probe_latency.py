@@ -26,18 +26,12 @@ import sys
 import time
 from collections.abc import Callable
 
+import _report
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from constrained_sparsity.compact import (
-    MaxPool2x2,
-    compact,
-    count_flops,
-    fast_pooling,
-    fold_l0,
-    load_trained,
-)
+from constrained_sparsity.compact import MaxPool2x2, count_flops
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -53,10 +47,7 @@ def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float
 
 
 def layers(run_dir: str, repeats: int) -> None:
-    cfg, model, dataset = load_trained(run_dir)
-    shape = tuple(dataset.input_shape)
-    dense = fast_pooling(fold_l0(model)).float().eval()
-    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float().eval()
+    _, _, shape, dense, small = _report.dense_and_compact(run_dir)
     x = torch.rand(256, *shape)
     for name, net in (("dense", dense), ("compact", small)):
         times: dict[str, list[float]] = {}
@@ -133,10 +124,7 @@ def _torchscript(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 
 
 def runtimes(run_dir: str, passes: int, use_compile: bool) -> None:
-    cfg, model, dataset = load_trained(run_dir)
-    shape = tuple(dataset.input_shape)
-    dense = fast_pooling(fold_l0(model)).float().eval()
-    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float().eval()
+    _, _, shape, dense, small = _report.dense_and_compact(run_dir)
     flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
     pairs = {
         "eager": (dense, small),

@@ -50,14 +50,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     cfg, dataset, _, _, problem, optimizers = _report.rebuild_trainer(run_dir)
-    gen = torch.Generator().manual_seed(0)
-    data = list(cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen))
-    for i in range(20):
-        cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
+    data = _report.train_batches(dataset, cfg.data.batch_size)
+
+    def steps(n: int) -> None:
+        for i in range(n):
+            cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
+
+    steps(20)
     profiler = cProfile.Profile()
     profiler.enable()
-    for i in range(args.steps):
-        cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
+    steps(args.steps)
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
     print(f"{args.steps} steps of {run_dir.name}, ms per step (cumulative, under cProfile):")
@@ -67,11 +69,10 @@ def main() -> int:
     if args.ops:
         from torch.profiler import ProfilerActivity, profile
 
-        steps = 50
+        n = 50
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(steps):
-                cs.train_step(problem, optimizers, *data[i % len(data)], cfg.sparsity.dual_restarts)
-        counts = {e.key: e.count / steps for e in prof.key_averages() if e.key.startswith("aten::")}
+            steps(n)
+        counts = {e.key: e.count / n for e in prof.key_averages() if e.key.startswith("aten::")}
         print(f"PyTorch operator calls per step (nested included): {sum(counts.values()):.0f}; most frequent:")
         for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:12]:
             print(f"  {name:32s} {n:5.1f}")
