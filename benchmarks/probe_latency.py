@@ -5,6 +5,8 @@
     python benchmarks/probe_latency.py lenet-widths [--threads 2]     # synthetic LeNet-5 widths
     python benchmarks/probe_latency.py runtimes RUN_DIR [--compile]   # eager, in-place ReLU, TorchScript
     python benchmarks/probe_latency.py conv1 [--threads 2]            # implementations of LeNet's conv1
+    python benchmarks/probe_latency.py ops RUN_DIR [--threads 2]      # PyTorch operators, dense vs compact
+    python benchmarks/probe_latency.py conv-widths [--threads 2]      # conv time against channel counts
 
 All at batch 256, eval mode, no autograd; medians. ``layers`` times each child of the dense
 network (gates folded in, ``fast_pooling``) and of the compact one, as ``bench_compact``
@@ -13,8 +15,17 @@ after the pool), dense and pruned alternately, and prints latency ratio / FLOP r
 ``runtimes`` times the dense and compact networks of a run pass by pass, alternately, under
 several ways of running them: eager (as ``bench_compact``), eager with in-place ReLUs,
 TorchScript (traced, ``torch.jit.freeze``, ``torch.jit.optimize_for_inference``) and, with
-``--compile``, ``torch.compile`` (inductor; needs a C++ compiler). ``conv1`` times ways of
-computing a 1-input-channel 5x5 convolution (LeNet's conv1) and checks they agree.
+``--compile``, ``torch.compile`` (inductor; needs a C++ compiler), plain and with
+inductor's ``freezing`` (weights as constants, prepacked oneDNN kernels). ``conv1`` times
+ways of computing a 1-input-channel 5x5 convolution (LeNet's conv1) and checks they agree.
+``ops`` profiles both networks (``torch.profiler``, self time of each PyTorch operator per
+pass) and splits the time into the operators that do the FLOPs (matrix products,
+convolutions) and all others (input selection, the bias copy of ``addmm``, ReLU, pooling:
+memory passes whose size follows the layer widths, not the FLOPs). From that split it
+prints a bound: the ratio compact / dense if the compact network's FLOP operators ran
+exactly at the dense network's FLOP rate and its other operators took what they took.
+``conv-widths`` times LeNet's conv2 (12 x 12 input, 5 x 5 kernel, batch 256) for a range of
+input and output channel counts, next to their FLOPs relative to 20 -> 50 channels.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from constrained_sparsity.compact import MaxPool2x2, count_flops
+from constrained_sparsity.hard_concrete import layer_output_shapes
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -132,7 +144,15 @@ def runtimes(run_dir: str, passes: int, use_compile: bool) -> None:
         "TorchScript, frozen, optimize_for_inference": (_torchscript(dense, shape), _torchscript(small, shape)),
     }
     if use_compile:
+        import torch._inductor.config as inductor_config
+
         pairs["torch.compile"] = (torch.compile(dense), torch.compile(small))
+        with torch.inference_mode():  # compiled at the first call, under the setting
+            with inductor_config.patch(freezing=True):
+                frozen = (torch.compile(copy.deepcopy(dense)), torch.compile(copy.deepcopy(small)))
+                for net in frozen:
+                    net(torch.rand(256, *shape))
+        pairs["torch.compile, freezing"] = frozen
     x = torch.rand(256, *shape)
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
@@ -179,21 +199,113 @@ def conv1(repeats: int) -> None:
                 print(f"  {label:30s} {_median_ms(fn, repeats):7.3f} ms  (max difference {error:.1e})")
 
 
+def conv_widths(repeats: int) -> None:
+    x20 = torch.rand(256, 20, 12, 12)
+    ref = None
+    print("conv 5x5 on 256 x C_in x 12 x 12 (LeNet's conv2), ms; FLOPs relative to 20 -> 50")
+    for c_in, c_out in ((20, 50), (20, 48), (20, 33), (20, 32), (20, 17), (20, 16), (20, 8), (16, 16), (8, 8), (7, 8)):
+        conv = nn.Conv2d(c_in, c_out, 5).eval()
+        x = x20[:, :c_in].contiguous()
+        ms = statistics.median(_median_ms(lambda conv=conv, x=x: conv(x), repeats) for _ in range(3))
+        ref = ref or ms
+        flop_ratio = c_in * c_out / (20 * 50)
+        print(f"  {c_in:2d} -> {c_out:2d}: {ms:7.3f} ms  time ratio {ms / ref:.3f}  FLOP ratio {flop_ratio:.3f}")
+
+
+# Operators that do a network's multiply-adds; what every other operator does is a memory pass.
+_FLOP_OPS = {
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::mkldnn_convolution",
+    "aten::_slow_conv2d_forward",
+    "aten::convolution_overrideable",
+}
+
+
+def _op_times(net: nn.Module, x: torch.Tensor, passes: int) -> dict[str, float]:
+    """Self CPU ms per pass of each PyTorch operator in ``net(x)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(5):
+            net(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(passes):
+                net(x)
+    return {e.key: e.self_cpu_time_total / 1e3 / passes for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+
+def _block_conv_flops(net: nn.Module, shape: tuple[int, ...], block: int = 16) -> int:
+    """Convolution FLOPs per example with output channel counts rounded up to multiples of ``block``.
+
+    oneDNN's CPU convolutions compute output channels in blocks of 16 (one AVX-512
+    register of floats), so their time follows this rather than :func:`count_flops`
+    (see ``conv-widths``: 17 output channels take as long as 32).
+    """
+    up = lambda c: -(-c // block) * block  # noqa: E731
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    total = 0
+    for m, out in layer_output_shapes(net, convs, torch.zeros(1, *shape)):
+        total += 2 * out[2] * out[3] * m.in_channels * up(m.out_channels) * m.kernel_size[0] * m.kernel_size[1]
+    return total
+
+
+def ops(run_dir: str, passes: int) -> None:
+    _, _, shape, dense, small = _report.dense_and_compact(run_dir)
+    flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
+    x = torch.rand(256, *shape)
+    times = {"dense": _op_times(dense, x, passes), "compact": _op_times(small, x, passes)}
+    names = sorted(set(times["dense"]) | set(times["compact"]), key=lambda k: -times["dense"].get(k, 0.0))
+    print(f"{run_dir}: batch 256, {torch.get_num_threads()} threads, FLOP ratio {flop_ratio:.3f}")
+    print(f"  {'operator (self time, ms per pass)':36s} {'dense':>8s} {'compact':>8s}")
+    for name in names:
+        d, c = times["dense"].get(name, 0.0), times["compact"].get(name, 0.0)
+        if max(d, c) >= 0.001:
+            print(f"  {name + (' *' if name in _FLOP_OPS else ''):36s} {d:8.3f} {c:8.3f}")
+    split = {
+        k: (sum(v for n, v in t.items() if n in _FLOP_OPS), sum(v for n, v in t.items() if n not in _FLOP_OPS))
+        for k, t in times.items()
+    }
+    (gd, od), (gc, oc) = split["dense"], split["compact"]
+    ratio = (gc + oc) / (gd + od)
+    bound = (flop_ratio * gd + oc) / (gd + od)
+    print(f"  * FLOP operators: dense {gd:.3f}, compact {gc:.3f} ms (ratio {gc / gd:.3f})")
+    print(f"  other operators: dense {od:.3f}, compact {oc:.3f} ms (ratio {oc / od:.3f})")
+    print(f"  profiled latency ratio {ratio:.3f} = {ratio / flop_ratio:.2f} x the FLOP ratio")
+    print(
+        f"  bound, FLOP operators at the dense FLOP rate: {bound:.3f} = {bound / flop_ratio:.2f} x the FLOP ratio "
+        f"(goal: 1.5)"
+    )
+    if any(isinstance(m, nn.Conv2d) for m in small.modules()):
+        convs = [sum(t.get(n, 0.0) for n in _FLOP_OPS if "conv" in n) for t in (times["dense"], times["compact"])]
+        plain = _block_conv_flops(small, shape, 1) / _block_conv_flops(dense, shape, 1)
+        blocks = _block_conv_flops(small, shape) / _block_conv_flops(dense, shape)
+        print(
+            f"  convolutions: time ratio {convs[1] / convs[0]:.3f}, FLOP ratio {plain:.3f}, "
+            f"FLOP ratio with output channels rounded up to 16s {blocks:.3f}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["layers", "pool", "lenet-widths", "runtimes", "conv1"])
+    parser.add_argument("probe", choices=["layers", "pool", "lenet-widths", "runtimes", "conv1", "ops", "conv-widths"])
     parser.add_argument("run_dir", nargs="?")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=25, help="passes per median (runtimes: passes in all)")
     parser.add_argument("--compile", action="store_true", help="runtimes: also torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.probe in ("layers", "runtimes") and not args.run_dir:
+    if args.probe in ("layers", "runtimes", "ops") and not args.run_dir:
         parser.error(f"{args.probe} needs RUN_DIR")
     if args.probe == "layers":
         layers(args.run_dir, args.repeats)
     elif args.probe == "runtimes":
         runtimes(args.run_dir, args.repeats, args.compile)
+    elif args.probe == "conv-widths":
+        conv_widths(args.repeats)
+    elif args.probe == "ops":
+        ops(args.run_dir, args.repeats)
     elif args.probe == "conv1":
         conv1(args.repeats)
     elif args.probe == "pool":
