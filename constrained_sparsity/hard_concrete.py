@@ -34,7 +34,8 @@ own draws its sample itself.
 
 Sparsity measures (Gallego-Posada et al. 2021, constrained L0): the *expected* density is the
 mean of P(z != 0), the *exact* (test-time) density is the proportion of gates with
-``z_test > 0``. Model-wise measures weight every gate by the number of parameters it controls.
+``z_test > 0``. Model-wise measures weight every gate by the number of parameters it controls,
+or, after :meth:`L0Gates.weight_by_flops`, count the (expected) FLOPs per example.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from __future__ import annotations
 import copy
 import math
 import types
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -433,6 +435,108 @@ def _gate_layout(module: nn.Module, structure: str, name: str) -> tuple[int, int
     return weight.numel(), 1, tuple(weight.shape), False
 
 
+def _original_weight(module: nn.Module) -> torch.Tensor:
+    return module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
+
+
+def _active_float(gate: HardConcreteGate) -> torch.Tensor:
+    return gate.active().to(gate.log_alpha.dtype)
+
+
+@dataclass
+class _Side:
+    """The input or output units of a layer, in blocks of ``per`` units that open and close
+    together; a block is open when all its gate factors are.
+
+    A factor ``(gate, mode, per)`` says which gates open block ``u``: ``"same"`` gate ``u``;
+    ``"any"`` any of gates ``u * per .. u * per + per - 1`` (the inputs of the next layer that
+    read the unit, or a flattened channel's inputs of this layer).
+    """
+
+    size: int
+    per: int = 1
+    factors: list[tuple[HardConcreteGate, str, int]] = field(default_factory=list)
+
+    def open(
+        self, cache: dict[HardConcreteGate, torch.Tensor], value: Callable[[HardConcreteGate], torch.Tensor]
+    ) -> torch.Tensor | float:
+        """Expected number of open units, for gates open with probability ``value(gate)``."""
+        if not self.factors:
+            return float(self.size)
+        total: torch.Tensor | None = None
+        for gate, mode, per in self.factors:
+            if gate not in cache:
+                cache[gate] = value(gate)
+            v = cache[gate]
+            if mode == "any":
+                v = 1.0 - torch.prod(1.0 - v.view(-1, per), dim=1)
+            total = v if total is None else total * v
+        assert total is not None
+        return total.sum() * self.per
+
+
+@dataclass
+class _FlopTerm:
+    """One gated layer of a chain: ``cost`` FLOPs per (open input, open output) pair."""
+
+    name: str
+    cost: float
+    inputs: _Side
+    outputs: _Side
+
+
+_CHAIN_BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def _flop_terms(model: nn.Module, layers: list[_GatedLayer], positions: dict[nn.Module, int]) -> list[_FlopTerm] | str:
+    """The expected-FLOP terms of a chain of layers, or why ``model`` is not one."""
+    if not isinstance(model, nn.Sequential):
+        return f"the model is a {type(model).__name__}, not an nn.Sequential"
+    chain: list[nn.Module] = []
+    for name, m in model.named_children():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if getattr(m, "groups", 1) != 1:
+                return f"layer {name!r} is a grouped convolution"
+            chain.append(m)
+        elif not isinstance(m, _CHAIN_BETWEEN):
+            return f"module {name!r} ({type(m).__name__}) is not ReLU, max-pooling, Flatten, Dropout or Identity"
+    gated = {layer.module: layer for layer in layers}
+    for layer in layers:
+        if layer.module not in chain:
+            return f"gated layer {layer.name!r} is not a child of the model"
+        if layer.structure == "weight":
+            return f"layer {layer.name!r} has per-weight gates"
+    shapes = [tuple(_original_weight(m).shape) for m in chain]
+    for k in range(1, len(chain)):
+        (out_prev, *_), (_, in_next, *_) = shapes[k - 1], shapes[k]
+        conv_to_linear = isinstance(chain[k - 1], nn.Conv2d) and isinstance(chain[k], nn.Linear)
+        if isinstance(chain[k - 1], nn.Linear) and isinstance(chain[k], nn.Conv2d):
+            return "a linear layer feeds a convolution"
+        if (in_next % out_prev) if conv_to_linear else (in_next != out_prev):
+            return f"layers {k - 1} and {k} of the chain do not connect ({out_prev} outputs, {in_next} inputs)"
+    terms = []
+    for k, m in enumerate(chain):
+        layer = gated.get(m)
+        if layer is None:
+            continue  # only gated layers enter the measure
+        n_out, n_in, *kernel = shapes[k]
+        per_in = n_in // shapes[k - 1][0] if k > 0 else 1  # > 1: a flattened convolution's channels
+        inputs, outputs = _Side(n_in, per_in), _Side(n_out)
+        if layer.structure == "input":  # within a flattened channel, compaction keeps all or none
+            inputs.factors.append((layer.gate, "any" if per_in > 1 else "same", per_in))
+        else:
+            outputs.factors.append((layer.gate, "same", 1))
+        prev = gated.get(chain[k - 1]) if k > 0 else None
+        if prev is not None and prev.structure == "output":
+            inputs.factors.append((prev.gate, "same", 1))
+        nxt = gated.get(chain[k + 1]) if k + 1 < len(chain) else None
+        if nxt is not None and nxt.structure == "input":
+            per = shapes[k + 1][1] // n_out
+            outputs.factors.append((nxt.gate, "any" if per > 1 else "same", per))
+        terms.append(_FlopTerm(layer.name, 2.0 * positions[m] * math.prod(kernel), inputs, outputs))
+    return terms
+
+
 class L0Gates:
     """The L0 gates attached to a model, with their sparsity measures.
 
@@ -446,6 +550,7 @@ class L0Gates:
         self._weights: dict[tuple, torch.Tensor] = {}  # per selection: k_j / sum k, one per gate
         self._draw_hook: torch.utils.hooks.RemovableHandle | None = None  # set by attach_l0
         self._weighting = "params"
+        self._flop_terms: list[_FlopTerm] | None = None  # set by weight_by_flops on a chain
 
     # -- introspection ---------------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -480,39 +585,95 @@ class L0Gates:
 
     @torch.no_grad()
     def weight_by_flops(self, model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-        """Weight each gate, in model-wise measures, by the FLOPs per example of its own layer it controls.
+        """Make model-wise measures count FLOPs per example instead of parameters.
 
         One forward pass of ``example`` (a batch of one, in eval mode) gives each gated
-        layer's output size. A gate's cost is ``2 x`` the multiply-adds of its layer that
-        it switches off: a linear input neuron ``out_features`` per position, a conv output
-        channel ``in/groups * kh * kw`` per output pixel, a conv input channel
-        ``out * kh * kw / groups`` per output pixel, a single weight one per position. This is
-        a linear proxy: removing a unit also removes the next layer's work on it, which
-        the next layer's own gates account for when they close too.
-        Returns the cost per gate of every layer.
+        layer's output size. FLOPs are ``2 x`` the multiply-adds of the gated layers.
+
+        When ``model`` is a chain -- an ``nn.Sequential`` whose children are ``Linear`` /
+        ``Conv2d`` layers (groups 1) with only ReLU, max-pooling, flattening, dropout or
+        identity between them, gated per input or output unit -- the measures are the
+        **expected FLOPs** of the gated layers over their dense FLOPs, in closed form,
+        counting the units that :func:`~constrained_sparsity.compact.compact` keeps (with
+        ``select_inputs``, as ``csparse compact`` runs it: a first linear layer loses its
+        closed inputs). A
+        layer multiplies its open inputs by its open outputs:
+
+        * an input is open when its own input gate and the previous layer's output gate on
+          it are open;
+        * an output is open when its own output gate is open and the next layer reads it
+          through at least one open input gate;
+        * the inputs of a linear layer that a flattened convolution feeds open and close by
+          channel (compaction removes whole channels): all of a channel's inputs are open
+          when the channel's gate and at least one of their input gates are.
+
+        Layer ``l`` with ``a_i`` the indicator of open input ``i``, ``b_o`` of open output
+        ``o``, ``k_l`` = 2 x positions x kernel size::
+
+            FLOPs_l = k_l * (sum_i a_i) * (sum_o b_o)
+
+        Input and output sides depend on disjoint sets of independent gates, so
+        ``E[FLOPs_l] = k_l * (sum_i E a_i) * (sum_o E b_o)``, each ``E a_i``, ``E b_o`` a
+        product of ``P(z != 0)`` and of ``1 - prod(1 - P(z != 0))`` ("at least one open").
+        The exact measure puts the test-time gates in the same formula: the FLOPs of the
+        compact network's layers.
+
+        Any other model (or per-weight gates) falls back, with a warning, to a linear
+        proxy: each gate weighs the FLOPs of its own layer that it switches off (a linear
+        input neuron ``out_features`` multiply-adds per position, a conv output channel
+        ``in * kh * kw`` per output pixel, ...), which counts the work of a unit whose
+        neighbour is closed as if it were still done.
+
+        Returns the linear proxy's cost per gate of every layer.
         """
-        positions: dict[nn.Module, int] = {}  # outputs per unit (per example), of the last call
+        positions: dict[nn.Module, int] = {}  # output positions per example, of the last call
         for module, shape in layer_output_shapes(model, [layer.module for layer in self._layers], example[:1]):
-            per_example = shape[1:] if len(shape) > 1 else shape
-            positions[module] = math.prod(per_example) // per_example[0]
+            positions[module] = math.prod(shape[1:-1]) if isinstance(module, nn.Linear) else math.prod(shape[2:])
         costs = {}
         for layer in self._layers:
             if layer.module not in positions:
                 raise ValueError(f"layer {layer.name!r} was not called by the model's forward pass")
-            m, pos = layer.module, positions[layer.module]
-            w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            w = _original_weight(layer.module)
             per_output = w[0].numel()  # multiply-adds of one output value (in/groups * kh * kw)
             if layer.structure == "input":
-                cost = w.shape[0] * per_output / w.shape[1] * pos
+                cost = w.shape[0] * per_output / w.shape[1]
             elif layer.structure == "output":
-                cost = per_output * pos
+                cost = per_output
             else:
-                cost = pos
-            layer.cost_per_gate = 2.0 * cost
+                cost = 1
+            layer.cost_per_gate = 2.0 * cost * positions[layer.module]
             costs[layer.name] = layer.cost_per_gate
+        terms = _flop_terms(model, self._layers, positions)
+        if isinstance(terms, str):
+            warnings.warn(
+                f"FLOP weighting: {terms}; the measures weight each gate by the FLOPs of its own layer "
+                "(a linear proxy) instead of counting the expected FLOPs of a chain of layers",
+                stacklevel=2,
+            )
+            terms = None
+        self._flop_terms = terms
         self._weighting = "flops"
         self._weights.clear()
         return costs
+
+    def _flop_densities(self, selected: list[_GatedLayer]) -> tuple[torch.Tensor, torch.Tensor]:
+        names = {layer.name for layer in selected}
+        terms = [t for t in self._flop_terms or () if t.name in names]
+        probs: dict[HardConcreteGate, torch.Tensor] = {}
+        actives: dict[HardConcreteGate, torch.Tensor] = {}
+        first = selected[0].gate.log_alpha
+        num = first.new_zeros(())
+        with torch.no_grad():
+            act = first.new_zeros(())
+        den = 0.0
+        for t in terms:
+            num = num + t.cost * t.inputs.open(probs, HardConcreteGate.prob_nonzero) * t.outputs.open(
+                probs, HardConcreteGate.prob_nonzero
+            )
+            with torch.no_grad():
+                act += t.cost * t.inputs.open(actives, _active_float) * t.outputs.open(actives, _active_float)
+            den += t.cost * t.inputs.size * t.outputs.size
+        return num / den, act / den
 
     # -- measures --------------------------------------------------------------------------
     def expected_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
@@ -536,6 +697,8 @@ class L0Gates:
         tensor operations and one autograd node) instead of a handful per layer and measure.
         """
         selected = self._select(layers)
+        if self._flop_terms is not None:
+            return self._flop_densities(selected)
         first = selected[0].gate
         if not _one_vector([g.gate for g in selected]):
             num = sum(layer.gate.prob_nonzero().sum() * layer.cost_per_gate for layer in selected)

@@ -229,3 +229,15 @@ def test_fast_pooling_moves_relu_after_the_pool_exactly():
     assert [type(m) for m in fast] == [nn.Conv2d, MaxPool2x2, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.ReLU]
     assert list(fast._modules) == ["0", "2", "1", "3", "5", "4"]  # names (and state_dict keys) kept
     torch.testing.assert_close(fast(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make, shape", [(lambda: MLP(64, [20, 12], 10), (1, 8, 8)), (lambda: LeNet5Caffe(), (1, 28, 28))]
+)
+def test_exact_flop_density_counts_the_flops_compaction_keeps(make, shape):
+    model, gates = _gated(make(), closed=0.5)
+    gates.weight_by_flops(model, torch.zeros(1, *shape, dtype=torch.float64))
+    small = compact(model, shape, select_inputs=True).module
+    dense = count_flops(make(), shape)
+    assert gates.exact_density().item() * dense == pytest.approx(count_flops(small.float(), shape), rel=1e-9)
+    assert count_flops(small.float(), shape) < dense

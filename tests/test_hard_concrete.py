@@ -317,23 +317,94 @@ def test_density_gradient_matches_autograd_of_the_formula():
     )
 
 
-def test_flop_weighting_against_hand_computed_costs():
-    model = nn.Sequential(
+def _conv_linear_chain() -> nn.Sequential:
+    return nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5), nn.ReLU(), nn.Linear(5, 2)
     )
+
+
+class _NotAChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _conv_linear_chain()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_flop_weighting_of_a_chain_against_hand_computed_flops():
+    model = _conv_linear_chain()
     gates = attach_l0(model)  # conv: 4 output-channel gates; linear: 36 and 5 input gates
     costs = gates.weight_by_flops(model, torch.zeros(3, 1, 8, 8))
-    # conv output channel: 2 x (1 x 3 x 3) multiply-adds x 6 x 6 pixels; linear input: 2 x out
+    # the linear proxy's cost per gate: conv output channel 2 x (1 x 3 x 3) x 6 x 6 pixels; linear input 2 x out
     assert costs == {"0": 2 * 9 * 36, "4": 2 * 5, "6": 2 * 2}
     assert gates.weighting == "flops"
-    assert 4 * costs["0"] + 36 * costs["4"] + 5 * costs["6"] == count_flops(model, (1, 8, 8))
     with torch.no_grad():
         model[0].l0_gate.log_alpha.copy_(torch.tensor([5.0, -5.0, -5.0, -5.0]))  # 1 of 4 channels
         model[4].l0_gate.log_alpha.fill_(5.0)
-        model[6].l0_gate.log_alpha.fill_(5.0)
-    want = (1 * 648 + 36 * 10 + 5 * 4) / (4 * 648 + 36 * 10 + 5 * 4)
+        model[6].l0_gate.log_alpha.copy_(torch.tensor([5.0, 5.0, -5.0, -5.0, -5.0]))  # 2 of 5 hidden units
+    # conv: 1 input x 1 open channel; fc1: the 9 inputs of the open channel x 2 read outputs; fc2: 2 x 2
+    dense = 2 * 36 * 9 * 4 + 2 * 36 * 5 + 2 * 5 * 2
+    assert dense == count_flops(model, (1, 8, 8))
+    want = (2 * 36 * 9 * 1 + 2 * 9 * 2 + 2 * 2 * 2) / dense
+    assert gates.exact_density().item() == pytest.approx(want, rel=1e-6)
+    assert gates.exact_density(["4"]).item() == pytest.approx(9 * 2 / (36 * 5), rel=1e-6)  # one layer's FLOPs
+
+
+def test_flop_weighting_falls_back_to_the_linear_proxy_off_a_chain():
+    model = _NotAChain()
+    gates = attach_l0(model)
+    with pytest.warns(UserWarning, match="not an nn.Sequential"):
+        costs = gates.weight_by_flops(model, torch.zeros(1, 1, 8, 8))
+    assert costs == {"body.0": 2 * 9 * 36, "body.4": 2 * 5, "body.6": 2 * 2}
+    with torch.no_grad():
+        model.body[0].l0_gate.log_alpha.copy_(torch.tensor([5.0, -5.0, -5.0, -5.0]))
+        model.body[4].l0_gate.log_alpha.fill_(5.0)
+        model.body[6].l0_gate.log_alpha.fill_(5.0)
+    want = (1 * 648 + 36 * 10 + 5 * 4) / (4 * 648 + 36 * 10 + 5 * 4)  # each gate its own layer's FLOPs
     assert gates.exact_density().item() == pytest.approx(want)
-    assert gates.exact_density(["0"]).item() == pytest.approx(0.25)  # within a layer: unchanged
+    assert gates.exact_density(["body.0"]).item() == pytest.approx(0.25)
+
+
+def test_expected_flops_of_a_chain_equal_brute_force_over_all_gate_states():
+    # conv 1 -> 2 channels (2 output gates), flatten 2 x 2 x 2 -> fc1 8 -> 3 (8 input gates),
+    # fc2 3 -> 2 (3 input gates): 13 gates, 8,192 states.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2)
+    ).double()
+    gates = attach_l0(model)
+    gates.weight_by_flops(model, torch.zeros(1, 1, 6, 6, dtype=torch.float64))
+    conv, fc1, fc2 = model[0].l0_gate, model[4].l0_gate, model[6].l0_gate
+    with torch.no_grad():
+        for g in (conv, fc1, fc2):
+            g.log_alpha.copy_(torch.randn(g.num_gates, dtype=torch.float64) * 2)
+    p = torch.cat([g.prob_nonzero() for g in (conv, fc1, fc2)]).tolist()
+    expected = 0.0
+    for state in range(1 << 13):
+        on = [(state >> j) & 1 for j in range(13)]
+        c, f1, f2 = on[:2], on[2:10], on[10:]
+        weight = math.prod(p[j] if on[j] else 1 - p[j] for j in range(13))
+        conv_out = sum(c[k] and any(f1[4 * k : 4 * k + 4]) for k in range(2))  # read by fc1 through an open input
+        fc1_in = 4 * conv_out  # a flattened channel's 4 inputs are kept or removed together
+        flops = 2 * 16 * 9 * 1 * conv_out + 2 * fc1_in * sum(f2) + 2 * sum(f2) * 2
+        expected += weight * flops
+    dense = 2 * 16 * 9 * 2 + 2 * 8 * 3 + 2 * 3 * 2
+    assert dense == count_flops(copy.deepcopy(model).float(), (1, 6, 6))
+    got, _ = gates.densities()
+    assert got.item() == pytest.approx(expected / dense, rel=1e-12)
+    # its gradient against central differences, one log_alpha at a time
+    grads = torch.autograd.grad(got, [g.log_alpha for g in (conv, fc1, fc2)])
+    h = 1e-6
+    for g, grad in zip((conv, fc1, fc2), grads):
+        for j in range(g.num_gates):
+            with torch.no_grad():
+                g.log_alpha[j] += h
+                up = gates.densities()[0].item()
+                g.log_alpha[j] -= 2 * h
+                down = gates.densities()[0].item()
+                g.log_alpha[j] += h
+            assert grad[j].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-10)
 
 
 def test_a_deep_copy_draws_for_its_own_gates():

@@ -45,6 +45,16 @@ def test_constrained_digits_meets_model_wise_target(quiet, eps):
 
 
 @pytest.mark.slow
+def test_flop_budget_is_met_in_the_compact_networks_flops(quiet):
+    result = _run([*quiet, "sparsity.weighting=flops", "sparsity.targets=0.3"])
+    assert result.weighting == "flops" and result.density["model"] <= 0.3 + TOL
+    compaction = json.loads((result.run_dir / "summary.json").read_text())["compaction"]
+    # the exact FLOP measure of a chain is the compact network's share of the FLOPs
+    flop_share = compaction["flops_after"] / compaction["flops_before"]
+    assert flop_share == pytest.approx(result.density["model"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_layer_wise_targets_are_each_met(quiet):
     eps = [0.5, 0.3, 0.8]
     result = _run([*quiet, f"sparsity.targets={eps}"])
@@ -107,7 +117,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     result = _run(["tracking.wandb=offline", "tracking.progress=false", "train.epochs=2"], run_dir=tmp_path / "r")
     offline = wandb_files.offline_run_dir(tmp_path / "r")
     rows = wandb_files.history(offline)
-    assert len(rows) == 2
+    assert len(rows) == 2, wandb_files.describe(offline)
     keys = set().union(*rows)
     for key in [
         "epoch",

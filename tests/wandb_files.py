@@ -83,3 +83,13 @@ def run_record(run_dir: Path):
         if record.WhichOneof("record_type") == "run":
             return record.run
     raise AssertionError(f"no run record in {wandb_file}")
+
+
+def describe(run_dir: Path) -> str:
+    """What the run file holds, for assertion messages: its size and record kinds."""
+    (wandb_file,) = Path(run_dir).glob("run-*.wandb")
+    kinds: dict[str, int] = {}
+    for record in iter_records(wandb_file):
+        kind = record.WhichOneof("record_type")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return f"{wandb_file.name}: {wandb_file.stat().st_size} bytes, records {kinds}"
