@@ -74,7 +74,7 @@ def main() -> int:
             "model": cfg.model.name,
             "dense": describe(dense, shape),
             "compact": describe(small, shape),
-            "active_inputs": active_inputs(dense),
+            "active_inputs": active_inputs(dense, shape),
             "params": [count_params(dense), count_params(small)],
             "flops": [flops_dense, flops_small],
             "flop_ratio": flops_small / flops_dense,

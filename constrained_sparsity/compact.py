@@ -444,9 +444,18 @@ def load_trained(run_dir: str | Path) -> tuple[Any, nn.Module, Any]:
     return cfg, model.eval(), dataset
 
 
-def active_inputs(module: nn.Sequential) -> list[int]:
-    """Input features of each linear layer that some weight still reads (the L0 paper's widths)."""
-    return [int((m.weight != 0).any(dim=0).sum()) for m in module if isinstance(m, nn.Linear)]
+def active_inputs(module: nn.Module, input_shape: Sequence[int]) -> list[int]:
+    """Input features of each linear layer that can change the output (the L0 paper's widths).
+
+    A feature counts when some weight reads it and the layers before can make it vary: a
+    feature from a removed unit or channel (one that is always 0 or constant) does not. So
+    these are the read columns of each linear layer of
+    ``compact(module, input_shape, select_inputs=True)``. After a flattened convolution
+    they count single features (LeNet-5's fc1 reads 45 of 800 in the paper's table), which
+    can be fewer than the kept channels' positions that the compact layer holds.
+    """
+    small = compact(module, input_shape, select_inputs=True).module
+    return [int((m.weight != 0).any(dim=0).sum()) for m in small.modules() if isinstance(m, nn.Linear)]
 
 
 def compact_trained(model: nn.Module, cfg: Any, dataset: Any, select_inputs: bool = True) -> CompactModel:
@@ -497,7 +506,7 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
         "source": source,
         "paths": {k: str(v) for k, v in paths.items()},
         **size_summary(folded, compacted.module, shape),  # type: ignore[arg-type]
-        "active_inputs_before": active_inputs(folded),  # type: ignore[arg-type]
+        "active_inputs_before": active_inputs(folded, shape),
         "nonzero_params_after": count_params(compacted.module, nonzero=True),
         "test_error_gated": error_rate(model, dataset.test_x, dataset.test_y, bs),  # the source network
         "test_error_compact": error_rate(compacted.module, dataset.test_x, dataset.test_y, bs),
@@ -513,7 +522,8 @@ def format_compact_report(r: dict[str, Any]) -> str:
     lines = [
         f"compacted: {r['source']}",
         f"architecture: {r['architecture_before']}  ->  {r['architecture_after']}",
-        f"active inputs per linear layer before compaction: {'-'.join(map(str, r['active_inputs_before']))}",
+        "active inputs per linear layer (features that can vary, the L0 paper's widths): "
+        + "-".join(map(str, r["active_inputs_before"])),
         f"parameters: {r['params_before']} -> {r['params_after']} ({r['nonzero_params_after']} non-zero)",
         f"FLOPs per example: {r['flops_before']} -> {r['flops_after']} "
         f"(ratio {r['flops_after'] / max(r['flops_before'], 1):.3f})",

@@ -13,6 +13,7 @@ from torch import nn
 from constrained_sparsity import MLP, LeNet5Caffe, attach_l0
 from constrained_sparsity.compact import (
     MaxPool2x2,
+    active_inputs,
     compact,
     count_flops,
     count_params,
@@ -86,6 +87,24 @@ def test_select_inputs_drops_the_first_layers_closed_inputs(tmp_path):
     torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
     loaded, _ = load_compact(save_compact(compacted, tmp_path, (30,))["model"])
     torch.testing.assert_close(loaded(x.float()), model(x).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_active_inputs_count_only_features_that_can_change_the_output():
+    model = MLP(6, [4, 3], 2).double().eval()
+    with torch.no_grad():
+        model.fc1.weight[:, [0, 5]] = 0.0  # inputs 0 and 5 unread: 4 of 6
+        model.fc1.weight[2] = 0.0  # unit 2 of fc1 is the constant relu(b_2): fc2 reads 3 of 4
+        model.fc2.weight[:, 1] = 0.0  # and unit 1 is unread: 2 of 4
+    assert active_inputs(model, (6,)) == [4, 2, 3]
+    lenet = LeNet5Caffe().double().eval()
+    with torch.no_grad():
+        lenet.conv2.weight[7:] = 0.0  # conv2 keeps 7 of 50 channels; fc1 still reads all 800 inputs
+        lenet.conv2.bias[7:] = 0.0
+        lenet.fc1.weight[:300] = 0.0  # fc1 keeps 200 of 500 units
+        lenet.fc1.bias[:300] = 0.0
+        lenet.fc1.weight[:, [0, 1, 17, 700]] = 0.0  # single features unread (700: a removed channel)
+    assert (lenet.fc1.weight != 0).any(dim=0).sum() == 800 - 4
+    assert active_inputs(lenet, (1, 28, 28)) == [7 * 16 - 3, 200]
 
 
 def test_a_layer_with_every_unit_pruned_still_gives_an_output():
