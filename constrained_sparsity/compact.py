@@ -10,6 +10,9 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
    constant -- its incoming weights are all 0. A dead unit is removed from both layers; a
    constant unit ``relu(b_j)`` is first folded into the next layer's bias (for a conv,
    only when the next layer is linear or the constant is 0, which keeps it exact).
+   A linear layer may end with 0 units (the network then outputs the constant its biases
+   give); a convolution whose every channel is pruned keeps one all-zero channel, with a
+   warning, because PyTorch's ``Conv2d`` cannot have 0 output channels.
    Zero input columns of a first linear layer are removed only with ``select_inputs``
    (a :class:`SelectInputs` layer then picks the kept input features, so the module still
    takes the original input).
@@ -183,16 +186,33 @@ def compact(
                 nxt.bias = nn.Parameter(torch.zeros(nxt.weight.shape[0], dtype=nxt.weight.dtype))
             nxt.bias.add_(contribution)
         keep = (~dead).nonzero().squeeze(1)
-        items[i] = (name, _shrink_out(layer, keep))
-        items[j] = (next_name, _shrink_in(nxt, keep, w_next.shape[2] if isinstance(nxt, nn.Linear) else 1))
-        removed[name] = int(dead.sum())
+        blank = isinstance(layer, nn.Conv2d) and keep.numel() == 0
+        if blank:  # torch's conv2d rejects 0 output channels: keep one that outputs exactly 0
+            keep = torch.zeros(1, dtype=torch.long)
+            warnings.warn(
+                f"compact: every output channel of {name!r} is pruned; it keeps one all-zero channel, "
+                "because PyTorch's Conv2d cannot have 0 output channels (the outputs are unchanged)",
+                stacklevel=3,  # the caller of compact, past torch.no_grad's wrapper
+            )
+        shrunk = _shrink_out(layer, keep)
+        shrunk_next = _shrink_in(nxt, keep, w_next.shape[2] if isinstance(nxt, nn.Linear) else 1)
+        if blank:  # its contribution, if any, is already in the next layer's bias
+            with torch.no_grad():
+                shrunk.weight.zero_()
+                if shrunk.bias is not None:
+                    shrunk.bias.zero_()
+                shrunk_next.weight.zero_()  # reads the blank channel only
+        items[i], items[j] = (name, shrunk), (next_name, shrunk_next)
+        removed[name] = units - keep.numel()
     if select_inputs:
         items = _select_inputs(items)
     module = fast_pooling(nn.Sequential(OrderedDict(items))).eval()
     sparse = [
         n
         for n, m in module.named_children()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() and float((m.weight == 0).float().mean()) > 0.5
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and bool(m.weight.any())  # not an empty layer, nor one a blank channel feeds
+        and float((m.weight == 0).float().mean()) > 0.5
     ]
     return CompactModel(module, removed, sparse)
 

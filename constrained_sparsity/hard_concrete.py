@@ -616,7 +616,9 @@ class L0Gates:
         ``E[FLOPs_l] = k_l * (sum_i E a_i) * (sum_o E b_o)``, each ``E a_i``, ``E b_o`` a
         product of ``P(z != 0)`` and of ``1 - prod(1 - P(z != 0))`` ("at least one open").
         The exact measure puts the test-time gates in the same formula: the FLOPs of the
-        compact network's layers.
+        compact network's layers, unless every input of some layer is closed. Compaction
+        then folds that layer's constant outputs into the next layer's bias and drops the
+        next layer's inputs too, which the measure still counts: it is an upper bound.
 
         Any other model (or per-weight gates) falls back, with a warning, to a linear
         proxy: each gate weighs the FLOPs of its own layer that it switches off (a linear

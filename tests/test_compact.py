@@ -119,6 +119,31 @@ def test_a_layer_with_every_unit_pruned_still_gives_an_output():
     assert torch.allclose(compacted.module(x), compacted.module(x[:1]).expand(5, -1))
 
 
+@pytest.mark.parametrize(
+    ("make", "shape", "layer"),
+    [
+        (LeNet5Caffe, (1, 28, 28), "conv1"),
+        (LeNet5Caffe, (1, 28, 28), "conv2"),
+        (UserNet, (3, 8, 8), "conv_a"),  # the next conv has padding 0
+        (UserNet, (3, 8, 8), "conv_b"),
+    ],
+)
+def test_a_conv_with_every_channel_pruned_keeps_one_blank_channel(tmp_path, make, shape, layer):
+    model, gates = _gated(make(), closed=0.3)
+    with torch.no_grad():
+        dict(gates.named_gates())[layer].log_alpha.fill_(-20.0)
+    with pytest.warns(UserWarning, match=f"every output channel of '{layer}' is pruned"):
+        compacted = compact(model, shape)
+    x = torch.rand(5, *shape, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    blank = getattr(compacted.module, layer)
+    assert blank.out_channels == 1 and not blank.weight.any()
+    assert layer not in compacted.sparse_weights
+    assert count_flops(compacted.module.float(), shape) < count_flops(make(), shape)
+    loaded, _ = load_compact(save_compact(compacted, tmp_path, shape)["model"])
+    torch.testing.assert_close(loaded(x.float()), model(x).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_constant_units_fold_into_the_next_bias():
     model = MLP(4, [3], 2).double().eval()
     with torch.no_grad():
@@ -260,3 +285,16 @@ def test_exact_flop_density_counts_the_flops_compaction_keeps(make, shape):
     dense = count_flops(make(), shape)
     assert gates.exact_density().item() * dense == pytest.approx(count_flops(small.float(), shape), rel=1e-9)
     assert count_flops(small.float(), shape) < dense
+
+
+def test_exact_flop_density_is_an_upper_bound_when_a_layer_is_cut_off_whole():
+    model, gates = _gated(MLP(20, [15, 9], 4), closed=0.3)
+    with torch.no_grad():
+        dict(gates.named_gates())["fc2"].log_alpha.fill_(-20.0)  # fc2's outputs are constants
+    gates.weight_by_flops(model, torch.zeros(1, 20, dtype=torch.float64))
+    small = compact(model, (20,), select_inputs=True).module
+    fc3_open = int(dict(gates.named_gates())["fc3"].active().sum())
+    assert fc3_open > 0
+    # the measure still counts fc3's open inputs; compaction folded them into fc3's bias
+    assert gates.exact_density().item() * count_flops(MLP(20, [15, 9], 4), (20,)) == pytest.approx(2 * 4 * fc3_open)
+    assert count_flops(small.float(), (20,)) == 0
