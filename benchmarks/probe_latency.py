@@ -2,7 +2,7 @@
 
     python benchmarks/probe_latency.py layers RUN_DIR [--threads 2]   # per-layer ms, dense vs compact
     python benchmarks/probe_latency.py pool [--threads 2]             # max-pooling implementations
-    python benchmarks/probe_latency.py lenet-widths [--threads 2]     # synthetic LeNet-5 widths
+    python benchmarks/probe_latency.py lenet-widths [--widths C1-C2-F1 ...] # synthetic LeNet-5 widths
     python benchmarks/probe_latency.py runtimes RUN_DIR [--compile]   # eager, in-place ReLU, TorchScript
     python benchmarks/probe_latency.py conv1 [--threads 2]            # implementations of LeNet's conv1
     python benchmarks/probe_latency.py ops RUN_DIR [--threads 2]      # PyTorch operators, dense vs compact
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import sys
 import time
@@ -98,10 +99,13 @@ def _lenet(c1: int, c2: int, f1: int) -> nn.Sequential:
     ).eval()  # fmt: skip
 
 
-def lenet_widths(repeats: int, rounds: int = 5) -> None:
-    widths = {"dense": (20, 50, 500), "20-17-416": (20, 17, 416), "10-17-416": (10, 17, 416),
-              "8-15-200": (8, 15, 200), "5-15-200": (5, 15, 200), "10-16-400": (10, 16, 400),
-              "10-24-300": (10, 24, 300)}  # fmt: skip
+def lenet_widths(repeats: int, rounds: int = 5, chosen: list[str] | None = None) -> None:
+    if chosen:
+        widths = {"dense": (20, 50, 500), **{w: tuple(int(n) for n in w.split("-")) for w in chosen}}
+    else:
+        widths = {"dense": (20, 50, 500), "20-17-416": (20, 17, 416), "10-17-416": (10, 17, 416),
+                  "8-15-200": (8, 15, 200), "5-15-200": (5, 15, 200), "10-16-400": (10, 16, 400),
+                  "10-24-300": (10, 24, 300)}  # fmt: skip
     nets = {k: _lenet(*v) for k, v in widths.items()}
     x = torch.rand(256, 1, 28, 28)
     times: dict[str, list[float]] = {k: [] for k in nets}
@@ -294,6 +298,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=25, help="passes per median (runtimes: passes in all)")
     parser.add_argument("--compile", action="store_true", help="runtimes: also torch.compile")
+    parser.add_argument(
+        "--widths", nargs="+", metavar="C1-C2-F1", help="lenet-widths: these widths instead of the default set"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.probe in ("layers", "runtimes", "ops") and not args.run_dir:
@@ -311,7 +318,9 @@ def main() -> int:
     elif args.probe == "pool":
         pool(args.repeats)
     else:
-        lenet_widths(args.repeats)
+        if args.widths and not all(re.fullmatch(r"\d+-\d+-\d+", w) for w in args.widths):
+            parser.error("--widths takes C1-C2-F1 triples of integers, e.g. 16-16-400")
+        lenet_widths(args.repeats, chosen=args.widths)
     return 0
 
 
