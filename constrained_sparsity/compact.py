@@ -10,6 +10,8 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
    constant -- its incoming weights are all 0. A dead unit is removed from both layers; a
    constant unit ``relu(b_j)`` is first folded into the next layer's bias (for a conv,
    only when the next layer is linear or the constant is 0, which keeps it exact).
+   The pass over the chain repeats until nothing changes: removing a layer's units can leave
+   units of the layers before it unread.
    A linear layer may end with 0 units (the network then outputs the constant its biases
    give); a convolution whose every channel is pruned keeps one all-zero channel, with a
    warning, because PyTorch's ``Conv2d`` cannot have 0 output channels.
@@ -158,52 +160,11 @@ def compact(
     items = _chain(folded)
     positions = [i for i, (_, m) in enumerate(items) if isinstance(m, (nn.Linear, nn.Conv2d))]
     removed: dict[str, int] = {}
-    for i, j in zip(positions[:-1], positions[1:]):
-        (name, layer), (next_name, nxt) = items[i], items[j]
-        between = [m for _, m in items[i + 1 : j]]
-        units = layer.weight.shape[0]
-        # The next layer's weights grouped by the unit they read: (out, units, inputs per unit).
-        if isinstance(nxt, nn.Linear):
-            if nxt.in_features % units:
-                continue  # not a plain flatten of this layer's output
-            w_next = nxt.weight.view(nxt.out_features, units, nxt.in_features // units)
-            const_ok_anyway = True  # a constant input folds exactly into a linear bias
-        else:
-            w_next = nxt.weight.flatten(2)
-            const_ok_anyway = tuple(nxt.padding) == (0, 0)  # every window sees the whole constant map
-        unused = (w_next == 0).all(dim=2).all(dim=0)
-        zero_in = (layer.weight.flatten(1) == 0).all(dim=1)
-        bias = layer.bias if layer.bias is not None else torch.zeros(units, dtype=layer.weight.dtype)
-        const = torch.relu(bias) if any(isinstance(m, nn.ReLU) for m in between) else bias
-        constant = zero_in & ((const == 0) | const_ok_anyway)
-        dead = unused | constant
-        if not bool(dead.any()):
-            continue
-        fold = dead & ~unused & (const != 0)
-        if bool(fold.any()):  # the constant output of a unit with no input goes into the next bias
-            contribution = (w_next[:, fold, :].sum(dim=2) * const[fold]).sum(dim=1)
-            if nxt.bias is None:
-                nxt.bias = nn.Parameter(torch.zeros(nxt.weight.shape[0], dtype=nxt.weight.dtype))
-            nxt.bias.add_(contribution)
-        keep = (~dead).nonzero().squeeze(1)
-        blank = isinstance(layer, nn.Conv2d) and keep.numel() == 0
-        if blank:  # torch's conv2d rejects 0 output channels: keep one that outputs exactly 0
-            keep = torch.zeros(1, dtype=torch.long)
-            warnings.warn(
-                f"compact: every output channel of {name!r} is pruned; it keeps one all-zero channel, "
-                "because PyTorch's Conv2d cannot have 0 output channels (the outputs are unchanged)",
-                stacklevel=3,  # the caller of compact, past torch.no_grad's wrapper
-            )
-        shrunk = _shrink_out(layer, keep)
-        shrunk_next = _shrink_in(nxt, keep, w_next.shape[2] if isinstance(nxt, nn.Linear) else 1)
-        if blank:  # its contribution, if any, is already in the next layer's bias
-            with torch.no_grad():
-                shrunk.weight.zero_()
-                if shrunk.bias is not None:
-                    shrunk.bias.zero_()
-                shrunk_next.weight.zero_()  # reads the blank channel only
-        items[i], items[j] = (name, shrunk), (next_name, shrunk_next)
-        removed[name] = units - keep.numel()
+    changed = True
+    while changed:  # removing a layer's units can leave units of the layers before it unread
+        changed = False
+        for i, j in zip(positions[:-1], positions[1:]):
+            changed |= _remove_dead_units(items, i, j, removed)
     if select_inputs:
         items = _select_inputs(items)
     module = fast_pooling(nn.Sequential(OrderedDict(items))).eval()
@@ -215,6 +176,62 @@ def compact(
         and float((m.weight == 0).float().mean()) > 0.5
     ]
     return CompactModel(module, removed, sparse)
+
+
+def _remove_dead_units(items: list[tuple[str, nn.Module]], i: int, j: int, removed: dict[str, int]) -> bool:
+    """Remove the dead units of layer ``items[i]`` and their inputs of ``items[j]``, the next
+    linear / conv layer; ``removed`` counts them. Whether anything changed."""
+    (name, layer), (next_name, nxt) = items[i], items[j]
+    between = [m for _, m in items[i + 1 : j]]
+    units = layer.weight.shape[0]
+    if units == 0:
+        return False  # a linear layer with nothing left
+    # The next layer's weights grouped by the unit they read: (out, units, inputs per unit).
+    if isinstance(nxt, nn.Linear):
+        if nxt.in_features % units:
+            return False  # not a plain flatten of this layer's output
+        w_next = nxt.weight.view(nxt.out_features, units, nxt.in_features // units)
+        const_ok_anyway = True  # a constant input folds exactly into a linear bias
+    else:
+        w_next = nxt.weight.flatten(2)
+        const_ok_anyway = tuple(nxt.padding) == (0, 0)  # every window sees the whole constant map
+    unused = (w_next == 0).all(dim=2).all(dim=0)
+    zero_in = (layer.weight.flatten(1) == 0).all(dim=1)
+    bias = layer.bias if layer.bias is not None else torch.zeros(units, dtype=layer.weight.dtype)
+    const = torch.relu(bias) if any(isinstance(m, nn.ReLU) for m in between) else bias
+    constant = zero_in & ((const == 0) | const_ok_anyway)
+    dead = unused | constant
+    if not bool(dead.any()):
+        return False
+    if isinstance(layer, nn.Conv2d) and units == 1 and bool(dead.all()):
+        if not (layer.weight.any() or bias.any() or w_next.any()):
+            return False  # already the blank channel of an earlier pass
+    fold = dead & ~unused & (const != 0)
+    if bool(fold.any()):  # the constant output of a unit with no input goes into the next bias
+        contribution = (w_next[:, fold, :].sum(dim=2) * const[fold]).sum(dim=1)
+        if nxt.bias is None:
+            nxt.bias = nn.Parameter(torch.zeros(nxt.weight.shape[0], dtype=nxt.weight.dtype))
+        nxt.bias.add_(contribution)
+    keep = (~dead).nonzero().squeeze(1)
+    blank = isinstance(layer, nn.Conv2d) and keep.numel() == 0
+    if blank:  # torch's conv2d rejects 0 output channels: keep one that outputs exactly 0
+        keep = torch.zeros(1, dtype=torch.long)
+        warnings.warn(
+            f"compact: every output channel of {name!r} is pruned; it keeps one all-zero channel, "
+            "because PyTorch's Conv2d cannot have 0 output channels (the outputs are unchanged)",
+            stacklevel=4,  # the caller of compact, past torch.no_grad's wrapper
+        )
+    shrunk = _shrink_out(layer, keep)
+    shrunk_next = _shrink_in(nxt, keep, w_next.shape[2] if isinstance(nxt, nn.Linear) else 1)
+    if blank:  # its contribution, if any, is already in the next layer's bias
+        with torch.no_grad():
+            shrunk.weight.zero_()
+            if shrunk.bias is not None:
+                shrunk.bias.zero_()
+            shrunk_next.weight.zero_()  # reads the blank channel only
+    items[i], items[j] = (name, shrunk), (next_name, shrunk_next)
+    removed[name] = removed.get(name, 0) + units - keep.numel()
+    return True
 
 
 class MaxPool2x2(nn.MaxPool2d):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -142,6 +143,29 @@ def test_a_conv_with_every_channel_pruned_keeps_one_blank_channel(tmp_path, make
     assert count_flops(compacted.module.float(), shape) < count_flops(make(), shape)
     loaded, _ = load_compact(save_compact(compacted, tmp_path, shape)["model"])
     torch.testing.assert_close(loaded(x.float()), model(x).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "layer", "arch"),
+    [
+        (lambda: MLP(20, [15, 9], 4), (20,), "fc3", "20-0-0-4"),
+        (LeNet5Caffe, (1, 28, 28), "fc1", "conv 1-1 | fc 16-0-10"),
+        (LeNet5Caffe, (1, 28, 28), "fc2", "conv 1-1 | fc 16-0-10"),
+    ],
+)
+def test_a_layer_cut_off_whole_leaves_nothing_before_it(make, shape, layer, arch):
+    """Removing a layer's units can leave the units before it unread: compaction repeats its
+    pass until nothing changes (convolutions keep their one blank channel)."""
+    model, gates = _gated(make(), closed=0.3)
+    with torch.no_grad():
+        dict(gates.named_gates())[layer].log_alpha.fill_(-20.0)  # every input of `layer` closed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the blank-channel warnings
+        compacted = compact(model, shape)
+    assert describe(compacted.module, shape) == arch
+    x = torch.rand(5, *shape, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(compacted.module(x), compacted.module(x[:1]).expand(5, -1), rtol=TOL, atol=TOL)
 
 
 def test_constant_units_fold_into_the_next_bias():
