@@ -35,6 +35,7 @@ on them; the report says so.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -389,7 +390,7 @@ def save_compact(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    module = compacted.module.float().eval()
+    module = copy.deepcopy(compacted.module).float().eval()  # float32 on disk; the caller's module untouched
     arch = _architecture(module)
     state: dict[str, torch.Tensor] = {}
     stored_sparse = []

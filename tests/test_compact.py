@@ -87,6 +87,7 @@ def test_select_inputs_drops_the_first_layers_closed_inputs(tmp_path):
     x = torch.rand(5, 30, dtype=torch.float64)
     torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
     loaded, _ = load_compact(save_compact(compacted, tmp_path, (30,))["model"])
+    assert compacted.module.fc1.weight.dtype == torch.float64  # saving (as float32) left it alone
     torch.testing.assert_close(loaded(x.float()), model(x).float(), rtol=1e-5, atol=1e-5)
 
 
