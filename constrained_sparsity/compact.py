@@ -592,6 +592,7 @@ def evaluate(
 
     path = Path(path)
     networks: list[tuple[str, nn.Module]] = []
+    structure: nn.Sequential | None = None  # of a torch.export program: its layers, from architecture.json
     if path.is_dir():
         cfg, model, dataset = load_trained(path)
         shape = tuple(dataset.input_shape)
@@ -612,6 +613,7 @@ def evaluate(
                 raise ConfigError(f"{path}: no architecture.json beside it to say which data it was trained on")
             info = json.loads(description.read_text())
             module = torch.export.load(path).module()
+            structure = _build(info["architecture"])
         meta = info.get("meta", {})
         if "dataset" not in meta:
             raise ConfigError(f"{path}: the description names no dataset")
@@ -625,11 +627,11 @@ def evaluate(
         if isinstance(module, nn.Sequential):
             module = module.float()
         row: dict[str, Any] = {"network": name}
-        is_seq = isinstance(module, nn.Sequential)
-        row["architecture"] = describe(module, shape) if is_seq else "-"
+        layers = module if isinstance(module, nn.Sequential) else structure
+        row["architecture"] = describe(layers, shape) if layers is not None else "-"
         row["params"] = count_params(module)
         row["nonzero_params"] = count_params(module, nonzero=True)
-        row["flops"] = count_flops(module, shape) if is_seq else None
+        row["flops"] = count_flops(layers, shape) if layers is not None else None
         row["test_error"] = error_rate(module, dataset.test_x, dataset.test_y, 1024)
         for b in batches:
             for t in threads:

@@ -19,6 +19,7 @@ from constrained_sparsity.compact import (
     count_flops,
     count_params,
     describe,
+    evaluate,
     fast_pooling,
     load_compact,
     save_compact,
@@ -267,6 +268,12 @@ def test_compact_and_eval_cli_on_a_digits_run(tmp_path, quiet):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| network | architecture") and len(lines) == 3  # header + 2 networks
+    compact_row = evaluate(result.run_dir, batches=(2,), threads=(1,), repeats=2)[1]
+    for saved in ("model.pt", "model.pt2"):  # the saved files, the exported program without the package's layers
+        (row,) = evaluate(result.run_dir / "compact" / saved, batches=(2,), threads=(1,), repeats=2)
+        for key in ("architecture", "params", "nonzero_params", "flops", "test_error"):
+            assert row[key] == compact_row[key], (saved, key)
+        assert row["latency_ms/b2/t1"] > 0
     proc = subprocess.run(
         [sys.executable, "-m", "constrained_sparsity", "eval", str(tmp_path / "nothing")],
         capture_output=True,
