@@ -336,14 +336,26 @@ def _architecture(module: nn.Sequential) -> list[dict[str, Any]]:
                     "out": m.out_channels,
                     "kernel": list(m.kernel_size),
                     "stride": list(m.stride),
-                    "padding": list(m.padding),
+                    "padding": m.padding if isinstance(m.padding, str) else list(m.padding),  # or "same" / "valid"
+                    "dilation": list(m.dilation),
+                    "padding_mode": m.padding_mode,
                     "bias": m.bias is not None,
                 }
             )
         elif isinstance(m, nn.MaxPool2d):
-            arch.append({"name": name, "type": "MaxPool2d", "kernel": m.kernel_size, "stride": m.stride})
+            arch.append(
+                {
+                    "name": name,
+                    "type": "MaxPool2d",
+                    "kernel": m.kernel_size,
+                    "stride": m.stride,
+                    "padding": m.padding,
+                    "dilation": m.dilation,
+                    "ceil_mode": m.ceil_mode,
+                }
+            )
         elif isinstance(m, nn.Flatten):
-            arch.append({"name": name, "type": "Flatten"})
+            arch.append({"name": name, "type": "Flatten", "start_dim": m.start_dim, "end_dim": m.end_dim})
         elif isinstance(m, SelectInputs):
             arch.append({"name": name, "type": "SelectInputs", "index": m.index.tolist()})
         elif isinstance(m, nn.ReLU):
@@ -353,6 +365,10 @@ def _architecture(module: nn.Sequential) -> list[dict[str, Any]]:
     return arch
 
 
+def _tuple_or_int(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples into lists
+
+
 def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for spec in arch:
@@ -360,18 +376,28 @@ def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
         if kind == "Linear":
             layers[spec["name"]] = nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
         elif kind == "Conv2d":
+            padding = spec["padding"]
             layers[spec["name"]] = nn.Conv2d(
                 spec["in"],
                 spec["out"],
                 tuple(spec["kernel"]),
                 tuple(spec["stride"]),
-                tuple(spec["padding"]),
+                padding if isinstance(padding, str) else tuple(padding),
+                tuple(spec.get("dilation", (1, 1))),  # files of earlier versions hold no dilation
+                padding_mode=spec.get("padding_mode", "zeros"),
                 bias=spec["bias"],
             )
         elif kind == "MaxPool2d":
-            layers[spec["name"]] = fast_pooling(nn.MaxPool2d(spec["kernel"], spec["stride"]))
+            pool = nn.MaxPool2d(
+                _tuple_or_int(spec["kernel"]),
+                _tuple_or_int(spec["stride"]),
+                _tuple_or_int(spec.get("padding", 0)),
+                _tuple_or_int(spec.get("dilation", 1)),
+                ceil_mode=spec.get("ceil_mode", False),
+            )
+            layers[spec["name"]] = fast_pooling(pool)
         elif kind == "Flatten":
-            layers[spec["name"]] = nn.Flatten()
+            layers[spec["name"]] = nn.Flatten(spec.get("start_dim", 1), spec.get("end_dim", -1))
         elif kind == "SelectInputs":
             layers[spec["name"]] = SelectInputs(torch.tensor(spec["index"]))
         elif kind == "ReLU":

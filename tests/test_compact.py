@@ -79,6 +79,30 @@ def test_compact_outputs_equal_gated_test_time_outputs(make, shape, closed):
         assert type(m) in (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, MaxPool2x2, nn.Flatten, nn.Dropout)
 
 
+def test_saved_layers_keep_every_setting(tmp_path):
+    """Dilation, padding modes, "same" padding, pooling padding and ceil mode survive saving."""
+    model = nn.Sequential(
+        OrderedDict(
+            conv_a=nn.Conv2d(2, 6, 3, padding=2, dilation=2, padding_mode="reflect"),
+            act_a=nn.ReLU(),
+            pool_a=nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+            conv_b=nn.Conv2d(6, 5, 3, padding="same", padding_mode="circular"),
+            act_b=nn.ReLU(),
+            flat=nn.Flatten(1, -1),
+            head=nn.Linear(5 * 6 * 6, 3),
+        )
+    )
+    model, _ = _gated(model, closed=0.3)
+    compacted = compact(model, (2, 11, 11))
+    x = torch.rand(4, 2, 11, 11, dtype=torch.float64)
+    torch.testing.assert_close(compacted.module(x), model(x), rtol=TOL, atol=TOL)
+    paths = save_compact(compacted, tmp_path, (2, 11, 11))
+    loaded, _ = load_compact(paths["model"])
+    program = torch.export.load(paths["program"]).module()
+    for net in (loaded, program):
+        torch.testing.assert_close(net(x.float()), model(x).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_select_inputs_drops_the_first_layers_closed_inputs(tmp_path):
     model, gates = _gated(MLP(30, [12], 4), closed=0.6)
     open_inputs = int(dict(gates.named_gates())["fc1"].active().sum())
