@@ -57,6 +57,7 @@ __all__ = [
     "CompactModel",
     "MaxPool2x2",
     "SelectInputs",
+    "active_inputs",
     "compact",
     "fast_pooling",
     "count_flops",
