@@ -205,17 +205,16 @@ def _remove_dead_units(items: list[tuple[str, nn.Module]], i: int, j: int, remov
     dead = unused | constant
     if not bool(dead.any()):
         return False
-    if isinstance(layer, nn.Conv2d) and units == 1 and bool(dead.all()):
-        if not (layer.weight.any() or bias.any() or w_next.any()):
-            return False  # already the blank channel of an earlier pass
+    keep = (~dead).nonzero().squeeze(1)
+    blank = isinstance(layer, nn.Conv2d) and keep.numel() == 0
+    if blank and units == 1 and not (layer.weight.any() or bias.any() or w_next.any()):
+        return False  # already the blank channel of an earlier pass
     fold = dead & ~unused & (const != 0)
     if bool(fold.any()):  # the constant output of a unit with no input goes into the next bias
         contribution = (w_next[:, fold, :].sum(dim=2) * const[fold]).sum(dim=1)
         if nxt.bias is None:
             nxt.bias = nn.Parameter(torch.zeros(nxt.weight.shape[0], dtype=nxt.weight.dtype))
         nxt.bias.add_(contribution)
-    keep = (~dead).nonzero().squeeze(1)
-    blank = isinstance(layer, nn.Conv2d) and keep.numel() == 0
     if blank:  # torch's conv2d rejects 0 output channels: keep one that outputs exactly 0
         keep = torch.zeros(1, dtype=torch.long)
         warnings.warn(
@@ -367,7 +366,7 @@ def _architecture(module: nn.Sequential) -> list[dict[str, Any]]:
 
 
 def _tuple_or_int(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples into lists
+    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples into lists; ints, strings stay
 
 
 def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
@@ -377,13 +376,12 @@ def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
         if kind == "Linear":
             layers[spec["name"]] = nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
         elif kind == "Conv2d":
-            padding = spec["padding"]
             layers[spec["name"]] = nn.Conv2d(
                 spec["in"],
                 spec["out"],
                 tuple(spec["kernel"]),
                 tuple(spec["stride"]),
-                padding if isinstance(padding, str) else tuple(padding),
+                _tuple_or_int(spec["padding"]),  # a list, or "same" / "valid"
                 tuple(spec.get("dilation", (1, 1))),  # files of earlier versions hold no dilation
                 padding_mode=spec.get("padding_mode", "zeros"),
                 bias=spec["bias"],
