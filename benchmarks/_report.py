@@ -35,7 +35,8 @@ def run_overrides(epochs: int, threads: int, out_dir: Path | None = None, root: 
 def rebuild_trainer(run_dir: str | Path, end_state: bool = True, dataset=None):  # type: ignore[no-untyped-def]
     """A run's trainer rebuilt from its config, at its final checkpoint (or at its start), in training mode.
 
-    Returns ``(cfg, dataset, model, gates, problem, optimizers)``; sets
+    Returns ``(cfg, dataset, model, gates, problem, optimizers)`` (``gates``: the run's first
+    sparsity method, its L0 gates in the L0 runs these scripts time); sets
     ``torch.set_flush_denormal`` as the run's config does. ``dataset``: reuse one already loaded.
     """
     import constrained_sparsity as cs
@@ -46,9 +47,10 @@ def rebuild_trainer(run_dir: str | Path, end_state: bool = True, dataset=None): 
     if dataset is None:
         dataset = cs.load_dataset(cfg.data.name, root=cfg.data.root, seed=cfg.train.seed)
     torch.manual_seed(0)
-    model, gates, problem, optimizers = cs.train.build_trainer(cfg, dataset)
+    model, methods, problem, optimizers = cs.training.build_trainer(cfg, dataset)
+    gates = methods[0] if methods else None
     if end_state:
-        ck = cs.checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
+        ck = cs.training.load_checkpoint(run_dir / "checkpoint.pt")
         model.load_state_dict(ck["model"])
         problem.load_state_dict(ck["cmp"])
         optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
@@ -68,16 +70,18 @@ def dense_and_compact(run_dir: str | Path):  # type: ignore[no-untyped-def]
     """``(cfg, dataset, input_shape, dense, compact)`` of a finished run, both in eval mode.
 
     Dense is the trained architecture with the gates folded in and ``fast_pooling``;
-    compact is ``compact(..., select_inputs=True)`` (merging layers when the run had layer
-    sparsity), as ``csparse compact`` writes it.
+    compact is ``compact(..., select_inputs=True)`` with the run's methods folded in
+    (merging layers when the run had layer sparsity), as ``csparse compact`` writes it.
     """
-    from constrained_sparsity.compact import compact, fast_pooling, fold_l0, load_trained
+    from constrained_sparsity.compact import fast_pooling
+    from constrained_sparsity.graph import bake
+    from constrained_sparsity.runs import compact_trained, load_run
 
-    cfg, model, dataset = load_trained(run_dir)
-    shape = tuple(dataset.input_shape)
-    dense = fast_pooling(fold_l0(model)).float().eval()
-    small = compact(model, shape, merge=cfg.sparsity.layers.enabled, select_inputs=True).module.float().eval()
-    return cfg, dataset, shape, dense, small
+    trained = load_run(run_dir)
+    shape = tuple(trained.dataset.input_shape)
+    dense = fast_pooling(bake(trained.model)).float().eval()
+    small = compact_trained(trained).module.float().eval()
+    return trained.cfg, trained.dataset, shape, dense, small
 
 
 def markdown_header(report: dict, details: str = "") -> list[str]:

@@ -66,7 +66,7 @@ def main() -> int:
     n_layers, n_params = 7, 784 * 256 + 5 * 256 * 256 + 256 * 10 + 6 * 256 + 10
     rows.append(_row("(a) dense", n_layers, n_params, dense.test_error))
     con = run("fashion_deep_mlp_layers_constrained.yaml", [])
-    r = con.refit
+    r = con.phases["refit"]
     assert r is not None
     depth = con.targets[0]["depth"]
     rows.append(
@@ -91,7 +91,7 @@ def main() -> int:
     penalized = []
     for lam in args.lambdas:
         pen = run("fashion_deep_mlp_layers_penalized.yaml", [f"sparsity.layers.lam={lam}"])
-        pr = pen.refit
+        pr = pen.phases["refit"]
         assert pr is not None
         penalized.append(
             {

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from constrained_sparsity.compact import MaxPool2x2, count_flops
-from constrained_sparsity.hard_concrete import layer_output_shapes
+from constrained_sparsity.graph import layer_output_shapes
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:

@@ -29,7 +29,7 @@ PARTS = [
     ("step (train_step)", ("constrained_sparsity/problem.py", "train_step")),
     ("CMP state: forward + loss + measures", ("constrained_sparsity/problem.py", "compute_cmp_state")),
     ("  model forward", ("torch/nn/modules/container.py", "forward")),
-    ("  the one draw of all gate samples", ("constrained_sparsity/hard_concrete.py", "__call__")),
+    ("  the one draw of all gate samples", ("constrained_sparsity/methods/l0.py", "__call__")),
     ("  constraint states (density measures)", ("constrained_sparsity/problem.py", "_constraint_states")),
     ("backward() calls", ("torch/autograd/__init__.py", "backward")),
     ("primal step", ("cooper/optim/optimizer.py", "primal_step")),

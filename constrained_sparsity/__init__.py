@@ -1,7 +1,9 @@
 """constrained_sparsity: train sparse networks to a sparsity budget declared as a constraint.
 
 The budget is a Lagrangian constraint solved by gradient descent-ascent on its multiplier
-(Cooper 1.0); penalized training is the same game with the multiplier frozen.
+(Cooper 1.0); penalized training is the same game with the multiplier frozen. Sparsity
+methods (L0 gates, layer sparsity, or your own) plug in through one interface,
+:class:`SparsityMethod`.
 
 Typical use::
 
@@ -13,30 +15,55 @@ Typical use::
         cs.train_step(problem, opt, x, y)
 """
 
-from .compact import compact, evaluate, load_compact, save_compact
+from .compact import compact
 from .compare import bisect_lambda, compare
 from .config import Config, load_config
 from .data import Dataset, load_dataset
-from .errors import ConfigError, CSparseError, DataError, TrainingDiverged, TrainingInterrupted
-from .hard_concrete import HardConcreteGate, L0Gates, LayerReport, attach_l0, fold_l0
-from .layer_sparsity import LayerSparsity, attach_layer_sparsity, merge_layers
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CSparseError,
+    DataError,
+    OptionError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
+from .evaluation import error_rate
+from .export import load_compact, save_compact
+from .methods import (
+    HardConcreteGate,
+    L0Gates,
+    LayerReport,
+    LayerSparsity,
+    Phase,
+    PhaseContext,
+    SparsityMethod,
+    Target,
+    attach_l0,
+    attach_layer_sparsity,
+    fold_l0,
+    get_method,
+    merge_layers,
+    register_method,
+)
 from .models import MLP, LeNet5Caffe
 from .problem import (
     DualOptimizer,
     LayerTarget,
     PrimalOptimizer,
     SparsityProblem,
-    Target,
     build_optimizer,
     scheduled_lr,
     train_step,
 )
-from .train import RunResult, error_rate, format_report, run
+from .runs import evaluate
+from .training import RunResult, format_report, run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CSparseError",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataError",
@@ -49,8 +76,12 @@ __all__ = [
     "LayerTarget",
     "LeNet5Caffe",
     "MLP",
+    "OptionError",
+    "Phase",
+    "PhaseContext",
     "PrimalOptimizer",
     "RunResult",
+    "SparsityMethod",
     "SparsityProblem",
     "Target",
     "TrainingDiverged",
@@ -58,19 +89,21 @@ __all__ = [
     "attach_l0",
     "attach_layer_sparsity",
     "bisect_lambda",
+    "build_optimizer",
     "compact",
     "compare",
+    "error_rate",
     "evaluate",
     "fold_l0",
-    "load_compact",
-    "merge_layers",
-    "save_compact",
-    "build_optimizer",
-    "error_rate",
     "format_report",
+    "get_method",
+    "load_compact",
     "load_config",
     "load_dataset",
+    "merge_layers",
+    "register_method",
     "run",
+    "save_compact",
     "scheduled_lr",
     "train_step",
 ]

@@ -55,14 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from .compact import compact_run, format_compact_report
+    from .runs import compact_run, format_compact_report
 
     print(format_compact_report(compact_run(args.run_dir, args.out, select_inputs=not args.keep_inputs)))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .compact import evaluate, format_eval
+    from .runs import evaluate, format_eval
 
     if any(b <= 0 for b in args.batches) or any(t <= 0 for t in args.threads) or args.repeats <= 0:
         raise CSparseError("--batches, --threads and --repeats take positive integers")
@@ -95,7 +95,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import format_report, run
+    from .training import format_report, run
 
     overrides = list(args.overrides)
     if args.resume:

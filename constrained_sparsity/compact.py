@@ -2,8 +2,11 @@
 
 Masks that multiply by zero save nothing; :func:`compact` removes what the zeros make dead:
 
-1. L0 gates are folded into the weights at their test-time values (:func:`fold_l0`), and
-   mergeable layers of a layer-sparsity run are merged (:func:`merge_layers`).
+1. Every attached sparsity method folds itself into plain layers
+   (:meth:`SparsityMethod.fold <constrained_sparsity.methods.SparsityMethod.fold>`: L0 gates at
+   their test-time values, the mergeable layers of layer sparsity merged); without methods
+   given, every parametrized layer is baked at its eval-mode weights
+   (:func:`~constrained_sparsity.graph.bake`).
 2. In a chain of ``Linear`` / ``Conv2d`` layers separated by ReLU, max-pooling, flattening or
    dropout, a hidden unit (a linear output neuron, a conv output channel) is *dead* when
    nothing it computes is used -- every weight that reads it is 0 -- or when it computes a
@@ -24,9 +27,9 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
    before it (batch 256), a cost that pruning later layers does not reduce;
    :func:`fast_pooling` gives any network the same layer, so that dense and compact
    networks are timed alike).
-4. The result is an ``nn.Sequential`` of standard layers; :func:`save_compact` writes it as a
-   state_dict plus an architecture description (weights of per-weight gated layers stored
-   as CSR where that is smaller) and as a ``torch.export`` program that loads without this
+4. The result is an ``nn.Sequential`` of standard layers, on the model's device and with its
+   dtype; :func:`~constrained_sparsity.export.save_compact` writes it as a state_dict plus
+   an architecture description and as a ``torch.export`` program that loads without this
    package.
 
 Per-weight (unstructured) zeros do not shrink a dense layer and dense kernels run no faster
@@ -35,23 +38,18 @@ on them; the report says so.
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import statistics
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .hard_concrete import fold_l0, layer_output_shapes, plain_layer_like
-from .layer_sparsity import merge_layers
+from .graph import ChainError, bake, layer_output_shapes, parse_chain, plain_layer_like
+from .methods.base import SparsityMethod
 
 __all__ = [
     "CompactModel",
@@ -59,16 +57,13 @@ __all__ = [
     "SelectInputs",
     "active_inputs",
     "compact",
-    "fast_pooling",
     "count_flops",
     "count_params",
     "describe",
-    "load_compact",
-    "measure_latency",
-    "save_compact",
+    "fast_pooling",
+    "fold",
+    "size_summary",
 ]
-
-_BETWEEN = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 
 
 @dataclass
@@ -93,7 +88,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """FLOPs per example of the ``Linear`` and ``Conv2d`` layers: 2 x multiply-accumulates.
 
     Bias additions, activations and pooling are not counted. Zero weights count like any
-    other (a dense kernel multiplies them).
+    other (a dense kernel multiplies them). One example runs on the model's device.
     """
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     flops = 0
@@ -117,50 +112,58 @@ def describe(model: nn.Sequential, input_shape: Sequence[int]) -> str:
 
 
 # -- compaction --------------------------------------------------------------------------------
-def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(
-            f"compaction needs an nn.Sequential of Linear / Conv2d layers with ReLU, MaxPool2d, Flatten or "
-            f"Dropout between them (got {type(model).__name__})"
-        )
-    items = list(model.named_children())
-    for name, m in items:
-        if not isinstance(m, (nn.Linear, nn.Conv2d, SelectInputs, *_BETWEEN)):
+def _chain(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
+    """The children of a compactable chain and the positions of its layers."""
+    try:
+        chain = parse_chain(model, leading=(SelectInputs,))
+    except ChainError as exc:
+        if exc.name is None:
             raise TypeError(
-                f"compaction cannot see through module {name!r} ({type(m).__name__}); supported between layers: "
-                "ReLU, MaxPool2d, Flatten, Dropout, Identity"
-            )
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise TypeError(f"layer {name!r}: grouped convolutions are not compacted")
-    return items
+                f"compaction needs an nn.Sequential of Linear / Conv2d layers with ReLU, MaxPool2d, Flatten or "
+                f"Dropout between them ({exc})"
+            ) from None
+        if isinstance(exc.module, nn.Conv2d):
+            raise TypeError(f"layer {exc.name!r}: grouped convolutions are not compacted") from None
+        raise TypeError(
+            f"compaction cannot see through module {exc.name!r} ({type(exc.module).__name__}); supported between "
+            "layers: ReLU, MaxPool2d, Flatten, Dropout, Identity"
+        ) from None
+    return list(chain.items), chain.positions()
+
+
+def fold(model: nn.Module, methods: Sequence[SparsityMethod] | None = None) -> nn.Module:
+    """A copy of ``model`` with ``methods`` folded into plain layers, in order (the model untouched).
+
+    Without ``methods``, every parametrized layer is baked at its eval-mode weights.
+    """
+    folded = bake(model)
+    for method in methods or ():
+        folded = method.fold(folded)
+    return folded
 
 
 @torch.no_grad()
 def compact(
     model: nn.Module,
     input_shape: Sequence[int],
-    merge: bool = False,
-    input_nonnegative: bool = False,
     select_inputs: bool = False,
+    methods: Sequence[SparsityMethod] | None = None,
 ) -> CompactModel:
     """The smaller dense network equivalent to ``model`` at test time (see the module doc).
 
     Args:
-        model: an ``nn.Sequential`` (gated by :func:`attach_l0` or not); left untouched.
+        model: an ``nn.Sequential`` (with sparsity methods attached or not); left untouched.
         input_shape: shape of one example, e.g. ``(1, 28, 28)``.
-        merge: merge layers whose parameters are all non-negative first (layer sparsity).
-        input_nonnegative: for ``merge``: the input is >= 0, so the first layer may merge.
         select_inputs: when the first layer is linear (after an optional ``Flatten``), drop
             its zero input columns too, behind a :class:`SelectInputs` layer that picks the
             kept input features (``torch.index_select``); the module still takes the
             original input. This is the architecture of the L0 paper's tables (e.g.
             784-300-100 -> 198-233-100 counts the selected inputs).
+        methods: the methods attached to ``model``, folded in this order first (e.g. the
+            layer-sparsity method merges the mergeable layers); see :func:`fold`.
     """
-    folded = fold_l0(model)
-    if merge:
-        folded = merge_layers(folded, input_nonnegative=input_nonnegative)  # type: ignore[arg-type]
-    items = _chain(folded)
-    positions = [i for i, (_, m) in enumerate(items) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    folded = fold(model, methods)
+    items, positions = _chain(folded)
     removed: dict[str, int] = {}
     changed = True
     while changed:  # removing a layer's units can leave units of the layers before it unread
@@ -199,7 +202,7 @@ def _remove_dead_units(items: list[tuple[str, nn.Module]], i: int, j: int, remov
         const_ok_anyway = tuple(nxt.padding) == (0, 0)  # every window sees the whole constant map
     unused = (w_next == 0).all(dim=2).all(dim=0)
     zero_in = (layer.weight.flatten(1) == 0).all(dim=1)
-    bias = layer.bias if layer.bias is not None else torch.zeros(units, dtype=layer.weight.dtype)
+    bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(units)
     const = torch.relu(bias) if any(isinstance(m, nn.ReLU) for m in between) else bias
     constant = zero_in & ((const == 0) | const_ok_anyway)
     dead = unused | constant
@@ -213,10 +216,10 @@ def _remove_dead_units(items: list[tuple[str, nn.Module]], i: int, j: int, remov
     if bool(fold.any()):  # the constant output of a unit with no input goes into the next bias
         contribution = (w_next[:, fold, :].sum(dim=2) * const[fold]).sum(dim=1)
         if nxt.bias is None:
-            nxt.bias = nn.Parameter(torch.zeros(nxt.weight.shape[0], dtype=nxt.weight.dtype))
+            nxt.bias = nn.Parameter(nxt.weight.new_zeros(nxt.weight.shape[0]))
         nxt.bias.add_(contribution)
     if blank:  # torch's conv2d rejects 0 output channels: keep one that outputs exactly 0
-        keep = torch.zeros(1, dtype=torch.long)
+        keep = keep.new_zeros(1)
         warnings.warn(
             f"compact: every output channel of {name!r} is pruned; it keeps one all-zero channel, "
             "because PyTorch's Conv2d cannot have 0 output channels (the outputs are unchanged)",
@@ -315,196 +318,8 @@ def _shrink_out(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 def _shrink_in(layer: nn.Module, keep: torch.Tensor, per_unit: int) -> nn.Module:
     if isinstance(layer, nn.Linear):  # each kept unit feeds per_unit consecutive inputs (Flatten)
-        keep = (keep.view(-1, 1) * per_unit + torch.arange(per_unit).view(1, -1)).reshape(-1)
+        keep = (keep.view(-1, 1) * per_unit + torch.arange(per_unit, device=keep.device).view(1, -1)).reshape(-1)
     return plain_layer_like(layer, layer.weight.index_select(1, keep), layer.bias)
-
-
-# -- saving and loading ------------------------------------------------------------------------
-def _architecture(module: nn.Sequential) -> list[dict[str, Any]]:
-    arch = []
-    for name, m in module.named_children():
-        if isinstance(m, nn.Linear):
-            arch.append(
-                {"name": name, "type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-            )
-        elif isinstance(m, nn.Conv2d):
-            arch.append(
-                {
-                    "name": name,
-                    "type": "Conv2d",
-                    "in": m.in_channels,
-                    "out": m.out_channels,
-                    "kernel": list(m.kernel_size),
-                    "stride": list(m.stride),
-                    "padding": m.padding if isinstance(m.padding, str) else list(m.padding),  # or "same" / "valid"
-                    "dilation": list(m.dilation),
-                    "padding_mode": m.padding_mode,
-                    "bias": m.bias is not None,
-                }
-            )
-        elif isinstance(m, nn.MaxPool2d):
-            arch.append(
-                {
-                    "name": name,
-                    "type": "MaxPool2d",
-                    "kernel": m.kernel_size,
-                    "stride": m.stride,
-                    "padding": m.padding,
-                    "dilation": m.dilation,
-                    "ceil_mode": m.ceil_mode,
-                }
-            )
-        elif isinstance(m, nn.Flatten):
-            arch.append({"name": name, "type": "Flatten", "start_dim": m.start_dim, "end_dim": m.end_dim})
-        elif isinstance(m, SelectInputs):
-            arch.append({"name": name, "type": "SelectInputs", "index": m.index.tolist()})
-        elif isinstance(m, nn.ReLU):
-            arch.append({"name": name, "type": "ReLU"})
-        else:  # Dropout / Identity are the identity at inference
-            arch.append({"name": name, "type": "Identity"})
-    return arch
-
-
-def _tuple_or_int(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples into lists; ints, strings stay
-
-
-def _build(arch: list[dict[str, Any]]) -> nn.Sequential:
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for spec in arch:
-        kind = spec["type"]
-        if kind == "Linear":
-            layers[spec["name"]] = nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
-        elif kind == "Conv2d":
-            layers[spec["name"]] = nn.Conv2d(
-                spec["in"],
-                spec["out"],
-                tuple(spec["kernel"]),
-                tuple(spec["stride"]),
-                _tuple_or_int(spec["padding"]),  # a list, or "same" / "valid"
-                tuple(spec.get("dilation", (1, 1))),  # files of earlier versions hold no dilation
-                padding_mode=spec.get("padding_mode", "zeros"),
-                bias=spec["bias"],
-            )
-        elif kind == "MaxPool2d":
-            pool = nn.MaxPool2d(
-                _tuple_or_int(spec["kernel"]),
-                _tuple_or_int(spec["stride"]),
-                _tuple_or_int(spec.get("padding", 0)),
-                _tuple_or_int(spec.get("dilation", 1)),
-                ceil_mode=spec.get("ceil_mode", False),
-            )
-            layers[spec["name"]] = fast_pooling(pool)
-        elif kind == "Flatten":
-            layers[spec["name"]] = nn.Flatten(spec.get("start_dim", 1), spec.get("end_dim", -1))
-        elif kind == "SelectInputs":
-            layers[spec["name"]] = SelectInputs(torch.tensor(spec["index"]))
-        elif kind == "ReLU":
-            layers[spec["name"]] = nn.ReLU()
-        else:
-            layers[spec["name"]] = nn.Identity()
-    return nn.Sequential(layers)
-
-
-def save_compact(
-    compacted: CompactModel, out_dir: str | Path, input_shape: Sequence[int], meta: dict[str, Any] | None = None
-) -> dict[str, Path]:
-    """Write ``model.pt`` (architecture + state_dict), ``model.pt2`` (torch.export) and ``architecture.json``.
-
-    Weights of layers with per-weight zeros are stored as CSR tensors when that is smaller.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    module = copy.deepcopy(compacted.module).float().eval()  # float32 on disk; the caller's module untouched
-    arch = _architecture(module)
-    state: dict[str, torch.Tensor] = {}
-    stored_sparse = []
-    for key, value in module.state_dict().items():
-        value = value.detach().clone()
-        if key.endswith("weight") and key.split(".")[0] in compacted.sparse_weights:
-            flat = value.reshape(value.shape[0], -1)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                csr = flat.to_sparse_csr()
-            csr_bytes = sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
-            if csr_bytes < value.numel() * value.element_size():
-                state[key] = csr
-                stored_sparse.append({"key": key, "shape": list(value.shape)})
-                continue
-        state[key] = value
-    info = {"architecture": arch, "input_shape": list(input_shape), "sparse": stored_sparse, "meta": meta or {}}
-    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
-    tmp = paths["model"].with_suffix(".tmp")
-    torch.save({**info, "state_dict": state}, tmp)
-    tmp.replace(paths["model"])
-    paths["architecture"].write_text(json.dumps(info, indent=2))
-    example = torch.zeros(2, *input_shape)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, paths["program"])
-    return paths
-
-
-def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Load ``model.pt`` written by :func:`save_compact`: the module and its description."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    module = _build(data["architecture"])
-    state = {}
-    shapes = {s["key"]: s["shape"] for s in data["sparse"]}
-    for key, value in data["state_dict"].items():
-        state[key] = value.to_dense().reshape(shapes[key]) if key in shapes else value
-    module.load_state_dict(state)
-    info = {k: v for k, v in data.items() if k != "state_dict"}
-    return module.eval(), info
-
-
-def measure_latency(
-    model: nn.Module, input_shape: Sequence[int], batch: int, threads: int, repeats: int = 30, warmup: int = 5
-) -> float:
-    """Median seconds of one forward pass (eval mode, no autograd) at ``batch`` on ``threads``."""
-    from .train import set_training
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        set_training(model, False)
-        x = torch.rand(batch, *input_shape)
-        times = []
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    finally:
-        torch.set_num_threads(previous)
-
-
-# -- run directories ---------------------------------------------------------------------------
-def load_trained(run_dir: str | Path) -> tuple[Any, nn.Module, Any]:
-    """``(config, model, dataset)`` of a finished run: the returned iterate, gates attached.
-
-    The weights are those the run reported: ``selected_model.pt`` when ``train.select``
-    kept an earlier iterate, else the last checkpoint.
-    """
-    from .checkpoint import load_checkpoint
-    from .config import config_from_dict, read_config_dict
-    from .errors import ConfigError
-    from .train import CHECKPOINT, SELECTED, build_trainer, dataset_for
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (needs config.yaml and {CHECKPOINT})")
-    cfg = config_from_dict(read_config_dict(run_dir / "config.yaml"))
-    dataset = dataset_for(cfg)
-    model, _, _, _ = build_trainer(cfg, dataset)
-    summary = run_dir / "summary.json"
-    selected = json.loads(summary.read_text()).get("selected_epoch") if summary.is_file() else None
-    source = run_dir / SELECTED if selected is not None and (run_dir / SELECTED).is_file() else run_dir / CHECKPOINT
-    model.load_state_dict(load_checkpoint(source)["model"])
-    return cfg, model.eval(), dataset
 
 
 def active_inputs(module: nn.Module, input_shape: Sequence[int]) -> list[int]:
@@ -521,19 +336,6 @@ def active_inputs(module: nn.Module, input_shape: Sequence[int]) -> list[int]:
     return [int((m.weight != 0).any(dim=0).sum()) for m in small.modules() if isinstance(m, nn.Linear)]
 
 
-def compact_trained(model: nn.Module, cfg: Any, dataset: Any, select_inputs: bool = True) -> CompactModel:
-    """:func:`compact` with what a run's config says: merge after layer sparsity, its input sign."""
-    from .train import input_nonnegative
-
-    return compact(
-        model,
-        tuple(dataset.input_shape),
-        merge=cfg.sparsity.layers.enabled,
-        input_nonnegative=input_nonnegative(cfg, dataset),
-        select_inputs=select_inputs,
-    )
-
-
 def size_summary(dense: nn.Sequential, small: nn.Sequential, input_shape: Sequence[int]) -> dict[str, Any]:
     """Architecture, parameters and FLOPs per example of a network and its compact version."""
     return {
@@ -544,138 +346,3 @@ def size_summary(dense: nn.Sequential, small: nn.Sequential, input_shape: Sequen
         "flops_before": count_flops(dense, input_shape),
         "flops_after": count_flops(small, input_shape),
     }
-
-
-def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_inputs: bool = True) -> dict[str, Any]:
-    """Compact the network of a run directory into ``out_dir`` (default ``RUN_DIR/compact``)."""
-    from .train import error_rate
-
-    run_dir = Path(run_dir)
-    cfg, model, dataset = load_trained(run_dir)
-    shape = tuple(dataset.input_shape)
-    source = "trained network"
-    if (run_dir / "refit_model.pt").is_file():  # layer sparsity: the merged, refitted network
-        model, _ = load_compact(run_dir / "refit_model.pt")
-        source = "refit_model.pt (merged and refitted)"
-    compacted = compact_trained(model, cfg, dataset, select_inputs)
-    folded = fold_l0(model)
-    x = dataset.test_x[:512]
-    with torch.no_grad():
-        diff = float((model(x) - compacted.module(x)).abs().max())
-    meta = {"run_dir": str(run_dir), "dataset": cfg.data.name, "root": cfg.data.root}
-    paths = save_compact(compacted, Path(out_dir) if out_dir else run_dir / "compact", shape, meta)
-    bs = cfg.data.eval_batch_size
-    report = {
-        "source": source,
-        "paths": {k: str(v) for k, v in paths.items()},
-        **size_summary(folded, compacted.module, shape),  # type: ignore[arg-type]
-        "active_inputs_before": active_inputs(folded, shape),
-        "nonzero_params_after": count_params(compacted.module, nonzero=True),
-        "test_error_gated": error_rate(model, dataset.test_x, dataset.test_y, bs),  # the source network
-        "test_error_compact": error_rate(compacted.module, dataset.test_x, dataset.test_y, bs),
-        "max_abs_diff": diff,
-        "removed_units": compacted.removed,
-        "unstructured_layers": compacted.sparse_weights,
-    }
-    (Path(paths["model"]).parent / "report.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
-def format_compact_report(r: dict[str, Any]) -> str:
-    lines = [
-        f"compacted: {r['source']}",
-        f"architecture: {r['architecture_before']}  ->  {r['architecture_after']}",
-        "active inputs per linear layer (features that can vary, the L0 paper's widths): "
-        + "-".join(map(str, r["active_inputs_before"])),
-        f"parameters: {r['params_before']} -> {r['params_after']} ({r['nonzero_params_after']} non-zero)",
-        f"FLOPs per example: {r['flops_before']} -> {r['flops_after']} "
-        f"(ratio {r['flops_after'] / max(r['flops_before'], 1):.3f})",
-        f"test error: gated {100 * r['test_error_gated']:.2f} %, compact {100 * r['test_error_compact']:.2f} % "
-        f"(max |output difference| {r['max_abs_diff']:.2e})",
-    ]
-    if r["unstructured_layers"]:
-        lines.append(
-            f"layers {r['unstructured_layers']} keep per-weight zeros: stored as CSR where smaller, but dense "
-            "kernels multiply the zeros, so they gain no speed from them"
-        )
-    lines.append(f"written: {r['paths']['model']} (state_dict + architecture), {r['paths']['program']} (torch.export)")
-    return "\n".join(lines)
-
-
-def evaluate(
-    path: str | Path, batches: Sequence[int] = (1, 256), threads: Sequence[int] = (1, 2), repeats: int = 30
-) -> list[dict[str, Any]]:
-    """Test error, parameters, FLOPs per example and latency of the networks at ``path``.
-
-    ``path`` is a run directory (the original network with its gates folded in, and its
-    compact version: ``RUN_DIR/compact/model.pt`` if written, else compacted now) or a
-    compact model written by :func:`save_compact` (``model.pt`` or the ``model.pt2`` program).
-    """
-    from .data import load_dataset
-    from .errors import ConfigError
-    from .train import error_rate
-
-    path = Path(path)
-    networks: list[tuple[str, nn.Module]] = []
-    structure: nn.Sequential | None = None  # of a torch.export program: its layers, from architecture.json
-    if path.is_dir():
-        cfg, model, dataset = load_trained(path)
-        shape = tuple(dataset.input_shape)
-        networks.append(("original (gates folded)", fast_pooling(fold_l0(model))))  # pooled as the compact one
-        if (path / "refit_model.pt").is_file():
-            networks.append(("merged + refit", load_compact(path / "refit_model.pt")[0]))
-        saved = path / "compact" / "model.pt"
-        if saved.is_file():
-            networks.append(("compact", load_compact(saved)[0]))
-        else:
-            networks.append(("compact", compact_trained(model, cfg, dataset).module))
-    elif path.suffix in (".pt", ".pt2") and path.is_file():
-        description = path.with_name("architecture.json")
-        if path.suffix == ".pt":
-            module, info = load_compact(path)
-        else:
-            if not description.is_file():
-                raise ConfigError(f"{path}: no architecture.json beside it to say which data it was trained on")
-            info = json.loads(description.read_text())
-            module = torch.export.load(path).module()
-            structure = _build(info["architecture"])
-        meta = info.get("meta", {})
-        if "dataset" not in meta:
-            raise ConfigError(f"{path}: the description names no dataset")
-        dataset = load_dataset(meta["dataset"], root=meta.get("root"))
-        shape = tuple(info["input_shape"])
-        networks.append((f"compact ({path.name})", module))
-    else:
-        raise ConfigError(f"{path}: expected a run directory or a compact model (model.pt / model.pt2)")
-    rows = []
-    for name, module in networks:
-        if isinstance(module, nn.Sequential):
-            module = module.float()
-        row: dict[str, Any] = {"network": name}
-        layers = module if isinstance(module, nn.Sequential) else structure
-        row["architecture"] = describe(layers, shape) if layers is not None else "-"
-        row["params"] = count_params(module)
-        row["nonzero_params"] = count_params(module, nonzero=True)
-        row["flops"] = count_flops(layers, shape) if layers is not None else None
-        row["test_error"] = error_rate(module, dataset.test_x, dataset.test_y, 1024)
-        for b in batches:
-            for t in threads:
-                row[f"latency_ms/b{b}/t{t}"] = 1e3 * measure_latency(module, shape, b, t, repeats=repeats)
-        rows.append(row)
-    return rows
-
-
-def format_eval(rows: list[dict[str, Any]]) -> str:
-    keys = [k for k in rows[0] if k.startswith("latency_ms/")]
-    head = "| network | architecture | params (non-zero) | FLOPs/example | test error | " + " | ".join(
-        k.replace("latency_ms/", "ms ").replace("/", " ") for k in keys
-    )
-    lines = [head + " |", "|" + "---|" * (5 + len(keys))]
-    for r in rows:
-        flops = "-" if r["flops"] is None else str(r["flops"])
-        lat = " | ".join(f"{r[k]:.3f}" for k in keys)
-        lines.append(
-            f"| {r['network']} | {r['architecture']} | {r['params']} ({r['nonzero_params']}) | {flops} | "
-            f"{100 * r['test_error']:.2f} % | {lat} |"
-        )
-    return "\n".join(lines)

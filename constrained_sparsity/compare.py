@@ -14,8 +14,11 @@ into the comparison directory. Every run carries the W&B group of the comparison
 job type ``constrained`` / ``penalized``; a last W&B run of the group logs the results as a
 ``wandb.Table``.
 
-Budgets are L0 densities (model-wise, or one list per layer: ``"0.5,0.3,0.8"``) when the
-config's method is ``l0``, and counts of layers when it declares ``sparsity.layers``.
+The compared method is the one the config declares budgets for (``sparsity.method``, or a
+section such as ``sparsity.layers``); budgets are in its units -- densities for L0 (model-wise,
+or one list per layer: ``"0.5,0.3,0.8"``), counts of layers for layer sparsity. The method
+says where its budget and penalty live in the config (``budget_key``, ``lambda_key``), how
+close a bisection must land (``compare_tolerance``) and what the budget counts.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, apply_overrides, config_from_dict
+from .config import Config, DeclaredMethod, apply_overrides, config_from_dict
 from .errors import ConfigError
-from .train import RunResult, run
+from .methods import method_spec
+from .training import RunResult, run
 
 __all__ = ["BisectResult", "Comparison", "bisect_lambda", "compare", "parse_budget"]
 
@@ -109,97 +113,71 @@ def parse_budget(text: str) -> float | list[float]:
 
 
 class _Method:
-    """How a comparison talks to one sparsity method: overrides in, measure out."""
+    """How a comparison talks to the compared method: overrides in, measures out.
 
-    kind = ""
-    tol = 0.0
+    Everything comes from the method's class attributes and from the runs' target entries
+    (``summary.json``'s ``targets``): no method is named here.
+    """
+
+    def __init__(self, declared: DeclaredMethod) -> None:
+        self.cls = declared.cls
+        self.prefix = declared.prefix
+        self.tol = declared.cls.compare_tolerance
+        self.spec = method_spec(declared.cls)
+        self.names: list[str] = []  # target names, learnt from the first run
+        self.label = declared.cls.measure_label if declared.cls.count_budget else f"exact {declared.cls.measure_label}"
+
+    def _budget(self, budget: Any) -> str:
+        if self.cls.count_budget:
+            return json.dumps([int(b) for b in budget] if isinstance(budget, list) else int(budget))
+        return json.dumps(budget)
 
     def constrained(self, budget: Any) -> list[str]:
-        raise NotImplementedError
+        return ["sparsity.mode=constrained", f"{self.prefix}{self.cls.budget_key}={self._budget(budget)}"]
 
     def penalized(self, budget: Any, lam: list[float]) -> list[str]:
-        raise NotImplementedError
+        lams = json.dumps(lam if isinstance(budget, list) else lam[0])
+        return [
+            "sparsity.mode=penalized",
+            f"{self.prefix}{self.cls.budget_key}={self._budget(budget)}",
+            f"{self.prefix}{self.cls.lambda_key}={lams}",
+        ]
+
+    def _targets(self, result: RunResult) -> list[dict[str, Any]]:
+        found = [t for t in result.targets if t["method"] == self.spec]
+        if not self.names:
+            self.names = [t["name"] for t in found]
+        return found
 
     def measure(self, result: RunResult, budget: Any) -> list[float]:
-        raise NotImplementedError
+        return [float(t["exact"]) for t in self._targets(result)]
 
-    def history_measure(self, row: dict[str, Any], budget: Any) -> list[float]:
-        raise NotImplementedError
+    def history_measure(self, row: dict[str, Any], result: RunResult) -> list[float]:
+        return [
+            float(row.get(t["metric"], float("nan"))) if t["metric"] else float("nan") for t in self._targets(result)
+        ]
 
-    def multiplier_keys(self, budget: Any) -> list[str]:
-        raise NotImplementedError
+    def multiplier_keys(self, result: RunResult) -> list[str]:
+        return [f"constraint/{t['name']}/multiplier" for t in self._targets(result)]
+
+    def per_layer(self, result: RunResult) -> dict[str, Any]:
+        rows = [r for r in result.layers if r.get("method") == self.spec]
+        return {r["name"]: round(float(r["value"]), 4) for r in rows if "value" in r}
 
     def budgets(self, budget: Any) -> list[float]:
         return [float(b) for b in budget] if isinstance(budget, list) else [float(budget)]
 
 
-class _L0(_Method):
-    kind = "l0"
-    tol = 0.01
-
-    def __init__(self, layer_names: list[str]) -> None:
-        self.layer_names = layer_names
-
-    def _targets(self, budget: Any) -> str:
-        return json.dumps(budget)
-
-    def constrained(self, budget: Any) -> list[str]:
-        return ["sparsity.mode=constrained", f"sparsity.targets={self._targets(budget)}"]
-
-    def penalized(self, budget: Any, lam: list[float]) -> list[str]:
-        lams = json.dumps(lam if isinstance(budget, list) else lam[0])
-        return ["sparsity.mode=penalized", f"sparsity.targets={self._targets(budget)}", f"sparsity.lambdas={lams}"]
-
-    def measure(self, result: RunResult, budget: Any) -> list[float]:
-        if isinstance(budget, list):
-            return [result.density[n] for n in self.layer_names]
-        return [result.density["model"]]
-
-    def history_measure(self, row: dict[str, Any], budget: Any) -> list[float]:
-        if isinstance(budget, list):
-            return [row[f"density/{n}"] for n in self.layer_names]
-        return [row["density/model"]]
-
-    def multiplier_keys(self, budget: Any) -> list[str]:
-        if isinstance(budget, list):
-            return [f"constraint/l0_{n}/multiplier" for n in self.layer_names]
-        return ["constraint/l0_model/multiplier"]
-
-
-class _Layers(_Method):
-    kind = "layers"
-    tol = 0.0
-
-    def constrained(self, budget: Any) -> list[str]:
-        return ["sparsity.mode=constrained", f"sparsity.layers.max_layers={int(budget)}"]
-
-    def penalized(self, budget: Any, lam: list[float]) -> list[str]:
-        return ["sparsity.mode=penalized", f"sparsity.layers.max_layers={int(budget)}", f"sparsity.layers.lam={lam[0]}"]
-
-    def measure(self, result: RunResult, budget: Any) -> list[float]:
-        return [float(next(t["depth"] for t in result.targets if t["layers"] == "depth"))]
-
-    def history_measure(self, row: dict[str, Any], budget: Any) -> list[float]:
-        return [float(row["layers/active"])]
-
-    def multiplier_keys(self, budget: Any) -> list[str]:
-        return ["constraint/layers/multiplier"]
-
-
 def _method_of(cfg: Config) -> _Method:
-    if cfg.sparsity.method == "l0" and cfg.sparsity.layers.enabled:
-        raise ConfigError("compare: the config declares both L0 and layer budgets; compare one budget at a time")
-    if cfg.sparsity.method == "l0":
-        from .data import load_dataset
-        from .train import build_model, build_sparsity
-
-        ds = load_dataset(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
-        gates, _ = build_sparsity(cfg, build_model(cfg, ds), tuple(ds.input_shape))
-        assert gates is not None
-        return _L0(gates.layer_names())
-    if cfg.sparsity.layers.enabled:
-        return _Layers()
-    raise ConfigError("compare: the config declares no sparsity budget (sparsity.method=l0 or sparsity.layers)")
+    declared = cfg.sparsity.declarations()
+    if len(declared) > 1:
+        names = ", ".join(d.cls.name for d in declared)
+        raise ConfigError(f"compare: the config declares budgets for several methods ({names}); compare one at a time")
+    if not declared:
+        raise ConfigError(
+            "compare: the config declares no sparsity budget (sparsity.method, or a section such as sparsity.layers)"
+        )
+    return _Method(declared[0])
 
 
 @dataclass
@@ -268,9 +246,7 @@ def compare(
 
     def row_of(label: str, search: str, result: RunResult, budget: Any, lam: Any, runs: int, wall: float) -> dict:
         achieved = method.measure(result, budget)
-        per_layer = {r["name"]: round(r["exact_density"], 4) for r in result.layers}
-        if method.kind == "layers":
-            per_layer = {"depth": int(achieved[0])}
+        per_layer = method.per_layer(result)
         feasible: Any = "-"
         if budget is not None:
             feasible = all(a <= b + 1e-12 for a, b in zip(achieved, method.budgets(budget)))
@@ -359,7 +335,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], method: _Method) -> Non
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _cell(row[k]) if isinstance(row[k], (list, dict)) else row[k] for k in _COLUMNS})
-    measure = "active layers" if method.kind == "layers" else "exact density"
+    measure = method.label
     lines = [
         f"| method | search | target | λ | achieved {measure} | per layer | test error | feasible | runs | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -386,7 +362,7 @@ def _plots(
     import matplotlib.pyplot as plt
 
     paths = []
-    measure = "active layers (after merging)" if method.kind == "layers" else "exact density (model-wise)"
+    measure = method.label
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     styles = {"constrained": ("o", "tab:blue"), "grid": ("s", "tab:orange"), "bisect": ("^", "tab:red")}
     labels = {"constrained": "constrained", "grid": "penalized (λ grid)", "bisect": "penalized (bisection)"}
@@ -423,8 +399,8 @@ def _plots(
         epochs = [h["epoch"] for h in hist]
         ref = budget if budget is not None else targets[0]
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
-        series = [method.history_measure(h, ref) for h in hist]
-        names = ["model"] if len(series[0]) == 1 else getattr(method, "layer_names", [])
+        series = [method.history_measure(h, result) for h in hist]
+        names = [t["name"] for t in method._targets(result)]
         for i, name in enumerate(names):
             top.plot(epochs, [s[i] for s in series], marker=".", label=name)
         for i, b in enumerate(method.budgets(ref) if budget is not None else []):
@@ -438,7 +414,7 @@ def _plots(
         top.set_title(title, fontsize=10)
         top.grid(alpha=0.3)
         top.legend(fontsize=8)
-        for key in method.multiplier_keys(ref):
+        for key in method.multiplier_keys(result):
             bottom.plot(epochs, [h.get(key, float("nan")) for h in hist], marker=".", label=key.split("/")[1])
         bottom.set_ylabel("multiplier λ")
         bottom.set_xlabel("epoch")

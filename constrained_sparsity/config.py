@@ -2,6 +2,11 @@
 
 YAML is read at the edge (:func:`load_config`); ``key.sub=value`` overrides are applied to
 the nested dict before validation. Unknown keys are refused with the closest valid key.
+
+The ``sparsity`` section names a method (``sparsity.method``: a registered name or
+``module:Class``); its options are further keys of the section, validated by the method's
+own options dataclass. Methods that are declared beside it (``sparsity.layers``) are
+sub-sections named after them.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from typing import Any, Union
 import yaml
 
 from .data import DATASETS
-from .errors import ConfigError
-from .hard_concrete import GATE_STRUCTURES
-from .problem import MEASURES, MODES, SCHEMES
+from .errors import ConfigError, OptionError
+from .methods import MEASURES, NONE, BudgetSpec, SparsityMethod, get_method, method_names
+from .problem import MODES, SCHEMES
 
 __all__ = [
     "Config",
@@ -55,7 +60,6 @@ _Loader.add_implicit_resolver(
 )
 
 MODELS = ("mlp", "lenet5")
-METHODS = ("l0", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -68,8 +72,12 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise _fail(key, value, f"should be one of {', '.join(map(str, choices))}")
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_positive(key: str, value: Any) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_finite(value) and value > 0):
         raise _fail(key, value, "should be a number > 0")
 
 
@@ -106,86 +114,81 @@ class ModelConfig:
                 raise _fail("model.hidden", self.hidden, "widths should be positive integers")
 
 
-@dataclass
-class LayersConfig:
-    """Layer sparsity (Hebiri & Lederer 2020): at most ``max_layers`` linear layers after merging."""
+@dataclass(frozen=True)
+class DeclaredMethod:
+    """A method the config declares: its class, its options and where it is declared."""
 
-    max_layers: int | None = None  # null: layer sparsity off
-    lam: float | None = None  # the frozen multiplier in penalized mode
-    weights: float | list[float] = 1.0  # r_j, one for all regularised layers or one per layer
-    eligible: list[str] | None = None  # layers to regularise; null: every mergeable one
-    input_nonnegative: bool | None = None  # null: decided from the training data
-    dual_restarts: bool = False
-    refit_epochs: int = 0  # after training: merge, then retrain the shallower net this long
-
-    def __post_init__(self) -> None:
-        if self.max_layers is not None and self.max_layers < 0:
-            raise _fail("sparsity.layers.max_layers", self.max_layers, "should be >= 0")
-        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
-            raise _fail("sparsity.layers.lam", self.lam, "should be >= 0")
-        ws = self.weights if isinstance(self.weights, list) else [self.weights]
-        if any(w < 0 for w in ws):
-            raise _fail("sparsity.layers.weights", self.weights, "should be >= 0")
-        if self.refit_epochs < 0:
-            raise _fail("sparsity.layers.refit_epochs", self.refit_epochs, "should be >= 0")
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_layers is not None
+    cls: type[SparsityMethod]
+    options: Any
+    prefix: str  # "sparsity." or "sparsity.<section>."
 
 
 @dataclass
 class SparsityConfig:
+    """What to make sparse and how much: the method, the mode, the budgets.
+
+    ``options`` holds the options of ``method`` (the other keys of the ``sparsity`` section);
+    ``sections`` those of methods declared beside it (``sparsity.layers: {...}``).
+    """
+
     method: str = "l0"
     mode: str = "constrained"
     targets: float | list[float] = 0.5
     lambdas: None | float | list[float] = None
     measure: str | list[str] = "exact"
-    structure: str = "auto"
-    droprate_init: float = 0.5
-    beta: float = 2.0 / 3.0
-    gamma: float = -0.1
-    zeta: float = 1.1
     lambda_init: float = 0.0
     dual_restarts: bool = True
-    # What a gate weighs in the model-wise density: the parameters it controls, or the
-    # FLOPs per example of its layer it switches off (a budget on compute: convolutions
-    # early in a network cost far more per parameter).
-    weighting: str = "params"
-    layers: LayersConfig = field(default_factory=LayersConfig)
+    options: Any = None
+    sections: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_choice("sparsity.method", self.method, METHODS)
-        if self.layers.enabled and self.mode == "penalized" and self.layers.lam is None:
-            raise _fail("sparsity.layers.lam", None, "penalized mode needs a lambda for the layer budget")
+        cls = self.method_class()
+        if cls is not None and cls.options is not None and self.options is None:
+            self.options = cls.options()
         _check_choice("sparsity.mode", self.mode, MODES)
-        _check_choice("sparsity.structure", self.structure, GATE_STRUCTURES)
         for eps in self.target_list():
-            if not 0.0 <= eps <= 1.0:
+            if not (_finite(eps) and 0.0 <= eps <= 1.0):
                 raise _fail("sparsity.targets", self.targets, f"epsilon {eps} is outside [0, 1]")
         lambdas = self.lambda_list()
         for lam in lambdas or []:
-            if not (math.isfinite(lam) and lam >= 0):
+            if not (_finite(lam) and lam >= 0):
                 raise _fail("sparsity.lambdas", self.lambdas, f"lambda {lam} should be >= 0")
-        if self.method == "l0" and self.mode == "penalized":
+        if cls is not None and self.mode == "penalized":
             if lambdas is None:
                 raise _fail("sparsity.lambdas", None, "penalized mode needs a lambda per target")
             if len(lambdas) not in (1, len(self.target_list())):
                 raise _fail("sparsity.lambdas", self.lambdas, f"needs 1 or {len(self.target_list())} values")
-        _check_choice("sparsity.weighting", self.weighting, ("params", "flops"))
         for m in self.measure_list():
             _check_choice("sparsity.measure", m, MEASURES)
         if isinstance(self.measure, list) and len(self.measure) != len(self.target_list()):
             raise _fail("sparsity.measure", self.measure, f"needs one entry per target ({len(self.target_list())})")
-        if not 0.0 < self.droprate_init < 1.0:
-            raise _fail("sparsity.droprate_init", self.droprate_init, "should be in (0, 1)")
-        _check_positive("sparsity.beta", self.beta)
-        if self.gamma >= 0:
-            raise _fail("sparsity.gamma", self.gamma, "should be < 0")
-        if self.zeta <= 1:
-            raise _fail("sparsity.zeta", self.zeta, "should be > 1")
-        if self.lambda_init < 0:
-            raise _fail("sparsity.lambda_init", self.lambda_init, "should be >= 0")
+        if not (_finite(self.lambda_init) and self.lambda_init >= 0):
+            raise _fail("sparsity.lambda_init", self.lambda_init, "should be a finite number >= 0")
+
+    def method_class(self) -> type[SparsityMethod] | None:
+        """The class ``method`` names (``None`` for ``none``)."""
+        return None if self.method == NONE else _method_class("sparsity.method", self.method)
+
+    def declarations(self) -> list[DeclaredMethod]:
+        """The declared methods: ``method`` first, then the sections in config order."""
+        out = []
+        cls = self.method_class()
+        if cls is not None:
+            out.append(DeclaredMethod(cls, self.options, "sparsity."))
+        for name, options in self.sections.items():
+            out.append(DeclaredMethod(get_method(name), options, f"sparsity.{name}."))
+        return out
+
+    def budget_spec(self) -> BudgetSpec:
+        return BudgetSpec(
+            mode=self.mode,
+            targets=self.target_list(),
+            per_layer=self.per_layer,
+            lambdas=self.lambda_list(),
+            measures=self.measure_list(),
+            restarts=self.dual_restarts,
+            raw_targets=self.targets,
+        )
 
     @property
     def per_layer(self) -> bool:
@@ -206,6 +209,60 @@ class SparsityConfig:
         if isinstance(self.measure, list):
             return list(self.measure)
         return [self.measure] * len(self.target_list())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as a config file writes it: options flat, declared sections nested."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _GENERIC}
+        if self.options is not None:
+            out.update(dataclasses.asdict(self.options))
+        for name, options in self.sections.items():
+            out[name] = dataclasses.asdict(options) if options is not None else {}
+        return out
+
+
+_GENERIC = ("method", "mode", "targets", "lambdas", "measure", "lambda_init", "dual_restarts")
+
+
+def _method_class(key: str, spec: Any) -> type[SparsityMethod]:
+    if not isinstance(spec, str):
+        raise _fail(key, spec, "should be a method name or module:Class")
+    try:
+        return get_method(spec)
+    except ValueError as exc:
+        raise _fail(key, spec, str(exc)) from None
+
+
+def _sections() -> list[str]:
+    """Methods declared as sections of ``sparsity`` (not as ``sparsity.method``)."""
+    return [n for n in method_names() if not get_method(n).primary]
+
+
+def _build_sparsity(data: dict, prefix: str) -> SparsityConfig:
+    spec = data.get("method", SparsityConfig.method)
+    cls = None if spec == NONE else _method_class(f"{prefix}method", spec)
+    if cls is not None and not cls.primary:
+        raise _fail(f"{prefix}method", spec, f"is declared as a section: {prefix}{spec}: {{...}}")
+    option_names = [f.name for f in dataclasses.fields(cls.options)] if cls is not None and cls.options else []
+    sections = _sections()
+    generic: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    declared: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _GENERIC:
+            generic[key] = value
+        elif key in option_names:
+            options[key] = value
+        elif key in sections:
+            declared[key] = value
+        else:
+            _unknown(key, [*_GENERIC, *option_names, *sections], prefix)
+    kwargs = _kwargs(SparsityConfig, generic, prefix)
+    if cls is not None and cls.options is not None:
+        kwargs["options"] = _build(cls.options, options, prefix)
+    kwargs["sections"] = {
+        name: _build(get_method(name).options, value, f"{prefix}{name}.") for name, value in declared.items()
+    }
+    return _construct(SparsityConfig, kwargs, prefix)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -321,25 +378,20 @@ class Config:
     def __post_init__(self) -> None:
         if self.model.name == "lenet5" and self.data.name == "digits":
             raise _fail("model.name", "lenet5", "needs 28x28 images (mnist or fashion_mnist), not digits")
-        if (self.sparsity.layers.enabled or self.sparsity.layers.refit_epochs) and self.model.activation != "relu":
-            raise _fail(
-                "model.activation", self.model.activation, "layer sparsity merges layers, which needs ReLU activations"
-            )
-        if self.sparsity.layers.refit_epochs and not self.sparsity.layers.enabled:
-            raise _fail(
-                "sparsity.layers.refit_epochs", self.sparsity.layers.refit_epochs, "needs sparsity.layers.max_layers"
-            )
-        if self.sparsity.layers.enabled and self.model.name != "mlp":
-            raise _fail(
-                "sparsity.layers.max_layers", self.sparsity.layers.max_layers, "layer sparsity needs model.name=mlp"
-            )
         if self.train.select == "best_feasible" and self.data.val_fraction <= 0:
             raise _fail(
                 "train.select", "best_feasible", "needs a validation split (data.val_fraction > 0) to rank iterates"
             )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The resolved config as nested dicts, in the shape of a config file."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in out.items():
+            if isinstance(value, SparsityConfig):
+                out[key] = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                out[key] = dataclasses.asdict(value)
+        return out
 
 
 # -- building from dicts ---------------------------------------------------------------------
@@ -370,18 +422,22 @@ def _describe(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}={data!r}: should be a mapping of keys to values")
+def _unknown(key: Any, names: list[str], prefix: str) -> None:
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+    full = f"{prefix}{key}"
+    raise ConfigError(f"unknown config key {full!r}{hint}")
+
+
+def _kwargs(cls: type, data: dict, prefix: str) -> dict[str, Any]:
+    """``data`` checked against ``cls``'s fields and types; nested dataclasses built."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {full!r}{hint}")
+            _unknown(key, names, prefix)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{full}.")
@@ -389,12 +445,26 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             if not _type_ok(value, hint):
                 raise ConfigError(f"{full}={value!r}: should be {_describe(hint)}")
             kwargs[key] = value
+    return kwargs
+
+
+def _construct(cls: type, kwargs: dict[str, Any], prefix: str) -> Any:
     try:
         return cls(**kwargs)
+    except OptionError as exc:  # a method's option: its key is relative to where it is declared
+        raise ConfigError(f"{prefix}{exc.key}={exc.value!r}: {exc.allowed}") from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r}: should be a mapping of keys to values")
+    if cls is SparsityConfig:
+        return _build_sparsity(data, prefix)
+    return _construct(cls, _kwargs(cls, data, prefix), prefix)
 
 
 def config_from_dict(data: dict) -> Config:

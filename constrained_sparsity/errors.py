@@ -6,7 +6,17 @@ Every error a user can cause by what they type (a config key, a data directory) 
 
 from __future__ import annotations
 
-__all__ = ["CSparseError", "ConfigError", "DataError", "TrainingDiverged", "TrainingInterrupted"]
+from typing import Any
+
+__all__ = [
+    "CSparseError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "OptionError",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+]
 
 
 class CSparseError(Exception):
@@ -17,8 +27,21 @@ class ConfigError(CSparseError, ValueError):
     """A configuration key or value is invalid. The message names the key and the value."""
 
 
+class OptionError(ConfigError):
+    """A method's option is invalid: ``key`` is relative to where the method is declared
+    (the config prefixes it, e.g. ``sparsity.structure``)."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key}={value!r}: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
 class DataError(CSparseError, ValueError):
     """A dataset could not be found, downloaded, verified or parsed."""
+
+
+class CheckpointError(CSparseError, ValueError):
+    """A checkpoint or saved model cannot be used (another format version, not such a file)."""
 
 
 class TrainingDiverged(CSparseError, RuntimeError):

@@ -9,27 +9,31 @@ mode lambda_c is learned by projected gradient ascent (Cooper's dual optimizer).
 *penalized* mode lambda_c is frozen at the user's value and the game reduces to
 ``f + lambda_c * g_c`` (the eps_c term is a constant): one code path for both.
 
-Measures are proxy constraints: the differentiable expected density moves the primal
-variables; the multiplier moves with the exact (test-time) density by default, so that
-"feasible" means the deployed network meets the budget.
+Measures are proxy constraints: a method's differentiable surrogate moves the primal
+variables; the multiplier moves with the exact (test-time) measure by default, so that
+"feasible" means the deployed network meets the budget. A method without a surrogate acts
+through a proximal step after each primal step, with strength ``primal_lr x lambda``.
+The problem knows methods only through :class:`~constrained_sparsity.methods.SparsityMethod`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cooper
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hard_concrete import L0Gates
-from .layer_sparsity import LayerSparsity
+from .methods.base import SparsityMethod, Target
 
 __all__ = [
+    "MODES",
     "DualOptimizer",
+    "OptimizerSet",
     "LayerTarget",
     "PrimalOptimizer",
     "SCHEMES",
@@ -42,121 +46,80 @@ __all__ = [
 ]
 
 MODES = ("constrained", "penalized")
-MEASURES = ("exact", "expected")
 SCHEMES = ("alternating", "alternating_primal_dual", "simultaneous", "extrapolation")
 
 
-@dataclass(frozen=True)
-class Target:
-    """One declared sparsity budget: ``density(layers) <= epsilon``.
-
-    Args:
-        epsilon: the budget, a proportion of active parameters in [0, 1].
-        layers: gated layer names the measure covers; ``None`` for the whole model
-            (parameter-weighted over all gated layers).
-        measure: which measure moves the multiplier: ``"exact"`` (test-time density, a proxy
-            constraint) or ``"expected"`` (the surrogate itself, as in the paper).
-        lam: the frozen multiplier in penalized mode (ignored in constrained mode).
-        name: constraint name used in metrics (``constraint/<name>/...``).
-    """
-
-    epsilon: float
-    layers: tuple[str, ...] | None = None
-    measure: str = "exact"
-    lam: float | None = None
-    name: str = "l0_model"
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.epsilon, (int, float)) and 0.0 <= self.epsilon <= 1.0):
-            raise ValueError(f"epsilon={self.epsilon!r} should be a number in [0, 1]")
-        if self.measure not in MEASURES:
-            raise ValueError(f"measure={self.measure!r} should be one of {MEASURES}")
-        if self.lam is not None and (not math.isfinite(self.lam) or self.lam < 0):
-            raise ValueError(f"lam={self.lam!r} should be a finite number >= 0")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+def LayerTarget(max_layers: int, lam: float | None = None, restarts: bool = False, name: str = "layers") -> Target:  # noqa: N802
+    """Deprecated: ``Target(max_layers, method="layers", restarts=False)``, a budget on depth."""
+    warnings.warn(
+        "LayerTarget(k) is deprecated; use Target(k, method='layers', restarts=False)", DeprecationWarning, stacklevel=2
+    )
+    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
+        raise ValueError(f"max_layers={max_layers!r} should be an integer >= 0")
+    return Target(max_layers, lam=lam, name=name, method="layers", restarts=restarts)
 
 
-@dataclass(frozen=True)
-class LayerTarget:
-    """A budget on depth: at most ``max_layers`` linear layers once mergeable layers are merged.
-
-    The exact depth moves the multiplier (``strict_violation = depth - max_layers``); the
-    weights feel the budget through the proximal step on the negative parts, of strength
-    ``primal_lr * lambda * r_j`` (Hebiri & Lederer 2020), applied after every primal step.
-
-    Args:
-        max_layers: k, the most linear layers the merged network may have.
-        lam: the frozen multiplier in penalized mode.
-        restarts: reset the multiplier to 0 when the depth is strictly under k.
-        name: constraint name used in metrics.
-    """
-
-    max_layers: int
-    lam: float | None = None
-    restarts: bool = False
-    name: str = "layers"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_layers, bool) or not isinstance(self.max_layers, int) or self.max_layers < 0:
-            raise ValueError(f"max_layers={self.max_layers!r} should be an integer >= 0")
-        if self.lam is not None and (not math.isfinite(self.lam) or self.lam < 0):
-            raise ValueError(f"lam={self.lam!r} should be a finite number >= 0")
+def _as_methods(methods: SparsityMethod | Sequence[SparsityMethod] | None) -> list[SparsityMethod]:
+    if methods is None:
+        return []
+    if isinstance(methods, SparsityMethod):
+        return [methods]
+    out = list(methods)
+    for m in out:
+        if not isinstance(m, SparsityMethod):
+            raise TypeError(f"methods: {m!r} is not a SparsityMethod")
+    return out
 
 
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     """Cooper CMP: task loss plus one inequality constraint per :class:`Target`.
 
     Args:
-        model: the network (with gates attached).
-        gates: the :class:`L0Gates` handle returned by :func:`attach_l0`, or ``None`` for a
+        model: the network (with its sparsity methods attached).
+        methods: the attached method(s) (e.g. the :class:`~constrained_sparsity.L0Gates`
+            handle returned by :func:`~constrained_sparsity.attach_l0`), or ``None`` for a
             dense baseline with no constraint.
-        targets: the declared budgets.
+        targets: the declared budgets. A target names its method (``Target.method``: the
+            instance or its name); ``None`` means the first method.
         mode: ``"constrained"`` (learned multipliers) or ``"penalized"`` (frozen at
             ``Target.lam``).
         loss_fn: ``loss_fn(outputs, labels)``; cross-entropy by default.
         lambda_init: initial multiplier in constrained mode.
+        layers: deprecated; pass the layer-sparsity method in ``methods``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        gates: L0Gates | None,
-        targets: Sequence[Target | LayerTarget] = (),
+        methods: SparsityMethod | Sequence[SparsityMethod] | None = None,
+        targets: Sequence[Target] = (),
         mode: str = "constrained",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
         lambda_init: float = 0.0,
-        layers: LayerSparsity | None = None,
+        layers: SparsityMethod | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} should be one of {MODES}")
-        if lambda_init < 0:
-            raise ValueError(f"lambda_init={lambda_init} should be >= 0")
-        if any(isinstance(t, Target) for t in targets) and gates is None:
-            raise ValueError("L0 targets were declared but no gates are attached")
-        if any(isinstance(t, LayerTarget) for t in targets):
-            if layers is None:
-                raise ValueError("a LayerTarget was declared but no layer sparsity is attached (layers=...)")
-            for t in targets:
-                if isinstance(t, LayerTarget) and not layers.min_depth <= t.max_layers <= layers.num_linear:
-                    raise ValueError(
-                        f"max_layers={t.max_layers} should be between {layers.min_depth} (every regularised "
-                        f"layer merged) and {layers.num_linear} (the number of linear layers)"
-                    )
-        names = [t.name for t in targets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"target names {names} must be unique")
+        if not (math.isfinite(lambda_init) and lambda_init >= 0):
+            raise ValueError(f"lambda_init={lambda_init} should be a finite number >= 0")
+        self.methods = _as_methods(methods)
+        if layers is not None:
+            warnings.warn(
+                "SparsityProblem(..., layers=...) is deprecated; pass every method in `methods`",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.methods.append(layers)
         self.model = model
-        self.gates = gates
-        self.layers = layers
         self.mode = mode
         self.loss_fn = loss_fn
-        self.targets = tuple(targets)
+        self.targets = tuple(self._resolve(t) for t in targets)
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names {names} must be unique")
         self._constraints_in_order: list[cooper.Constraint] = []
         for target in self.targets:
-            if isinstance(target, Target) and gates is not None and target.layers is not None:
-                gates.expected_density(target.layers)  # validates the layer names
             if mode == "penalized":
                 if target.lam is None:
                     raise ValueError(f"target {target.name!r}: penalized mode needs a lambda (lam=...)")
@@ -171,11 +134,41 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             setattr(self, target.name, constraint)
             self._constraints_in_order.append(constraint)
 
+    def _resolve(self, target: Target) -> Target:
+        """``target`` with its method instance and name filled in, checked by its method."""
+        if not isinstance(target, Target):
+            raise TypeError(f"targets: {target!r} is not a Target")
+        spec = target.method
+        if isinstance(spec, SparsityMethod):
+            if spec not in self.methods:
+                raise ValueError(f"target {target.name or ''!r}: its method {type(spec).__name__} is not attached")
+            method = spec
+        elif spec is None:
+            if not self.methods:
+                raise ValueError("a target was declared but no sparsity method is attached")
+            method = self.methods[0]
+        else:
+            found = [m for m in self.methods if m.name == spec]
+            if not found:
+                raise ValueError(
+                    f"a target for method {spec!r} was declared but no such method is attached "
+                    f"(attached: {[m.name for m in self.methods]})"
+                )
+            method = found[0]
+        method.check_target(target)
+        return replace(target, method=method, name=target.name or method.default_target_name(target))
+
     @property
     def learns_multipliers(self) -> bool:
         return self.mode == "constrained"
 
-    def ordered_constraints(self) -> list[tuple[Target | LayerTarget, cooper.Constraint]]:
+    @property
+    def gates(self) -> SparsityMethod | None:
+        """Deprecated: the first method (the L0 gates of the problems built before methods)."""
+        warnings.warn("SparsityProblem.gates is deprecated; use .methods", DeprecationWarning, stacklevel=2)
+        return self.methods[0] if self.methods else None
+
+    def ordered_constraints(self) -> list[tuple[Target, cooper.Constraint]]:
         """(target, constraint) pairs in declaration order (checkpoint slots follow it)."""
         return list(zip(self.targets, self._constraints_in_order))
 
@@ -185,19 +178,15 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def _constraint_states(self) -> dict[cooper.Constraint, cooper.ConstraintState]:
         states = {}
         for target, constraint in self.ordered_constraints():
-            if isinstance(target, LayerTarget):
-                # No differentiable term: the regulariser acts through the proximal step.
-                excess = torch.tensor([float(self.layers.depth() - target.max_layers)])  # type: ignore[union-attr]
-                states[constraint] = cooper.ConstraintState(
-                    violation=excess, strict_violation=excess, contributes_to_dual_update=self.learns_multipliers
-                )
-                continue
-            expected, exact = self.gates.densities(target.layers)  # type: ignore[union-attr]
-            strict = exact - target.epsilon if target.measure == "exact" else None
+            surrogate, exact = target.method.measure(target)
+            if surrogate is None:  # no differentiable term: the method acts through its proximal step
+                violation = exact - target.epsilon
+                strict = violation
+            else:
+                violation = surrogate - target.epsilon
+                strict = exact - target.epsilon if target.measure == "exact" else None
             states[constraint] = cooper.ConstraintState(
-                violation=expected - target.epsilon,
-                strict_violation=strict,
-                contributes_to_dual_update=self.learns_multipliers,
+                violation=violation, strict_violation=strict, contributes_to_dual_update=self.learns_multipliers
             )
         return states
 
@@ -207,7 +196,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=loss, observed_constraints=self._constraint_states())
 
     def compute_violations(self, inputs: torch.Tensor, labels: torch.Tensor) -> cooper.CMPState:
-        # The measures depend on the gates only, not on the data: no forward pass needed.
+        # The measures depend on the sparsity parameters only, not on the data: no forward pass.
         return cooper.CMPState(loss=None, observed_constraints=self._constraint_states())
 
     @torch.no_grad()
@@ -232,28 +221,27 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
     @torch.no_grad()
     def proximal_step_(self, lr: float) -> None:
-        """The proximal step of every layer-sparsity target: threshold ``lr * lambda * r_j``."""
-        if self.layers is None:
-            return
+        """Every method's proximal step, per target: strength ``lr * lambda`` when lambda > 0."""
         for target, constraint in self.ordered_constraints():
-            if isinstance(target, LayerTarget):
+            if target.method.has_proximal_step:
                 lam = float(constraint.multiplier.weight.detach()[0])
                 if lam > 0:
-                    self.layers.prox_(lr * lam)
+                    target.method.proximal_step_(target, lr * lam)
 
     @torch.no_grad()
     def dual_restart_(self, cmp_state: cooper.CMPState, dual_optimizer: torch.optim.Optimizer | None) -> list[str]:
         """Reset to 0 the multipliers of strictly satisfied constraints, with their optimizer state.
 
         Dual restarts (Gallego-Posada et al. 2021; removed from Cooper 1.0): once a budget is
-        met, the pressure it put on the gates is released at once instead of decaying.
-        Returns the names of the constraints that were restarted.
+        met, the pressure it put on the parameters is released at once instead of decaying.
+        Targets with ``restarts=False`` are left alone. Returns the names of the constraints
+        that were restarted.
         """
         if not self.learns_multipliers:
             return []
         restarted = []
         for target, constraint in self.ordered_constraints():
-            if isinstance(target, LayerTarget) and not target.restarts:
+            if not target.restarts:
                 continue
             state = cmp_state.observed_constraints.get(constraint)
             if state is None:
@@ -292,7 +280,9 @@ class DualOptimizer:
 
 
 @dataclass
-class _OptimizerSet:
+class OptimizerSet:
+    """A Cooper optimizer with the dual optimizer it steps (``None`` without constraints)."""
+
     cooper_optimizer: cooper.optim.CooperOptimizer
     dual_optimizer: torch.optim.Optimizer | None
     scheme: str
@@ -303,12 +293,14 @@ class _OptimizerSet:
         return float(self.cooper_optimizer.primal_optimizers[0].param_groups[0]["lr"])
 
 
-def _primal_param_groups(model: nn.Module, gates: L0Gates | None, cfg: PrimalOptimizer) -> list[dict]:
-    gate_ids = {id(p) for p in gates.parameters()} if gates is not None else set()
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+def _primal_param_groups(model: nn.Module, methods: Sequence[SparsityMethod], cfg: PrimalOptimizer) -> list[dict]:
+    """The model's weights, then (if any) the methods' own parameters at ``gate_lr``, no weight decay."""
+    own = [p for m in methods for p in m.parameters()]
+    own_ids = {id(p) for p in own}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in own_ids]
     groups = [{"params": weights, "weight_decay": cfg.weight_decay}]
-    if gates is not None:
-        groups.append({"params": list(gates.parameters()), "weight_decay": 0.0, "lr": cfg.gate_lr or cfg.lr})
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0, "lr": cfg.gate_lr or cfg.lr})
     return groups
 
 
@@ -317,7 +309,7 @@ def build_optimizer(
     primal: PrimalOptimizer = PrimalOptimizer(),
     dual: DualOptimizer = DualOptimizer(),
     scheme: str = "alternating",
-) -> _OptimizerSet:
+) -> OptimizerSet:
     """Build the Cooper optimizer for ``problem``.
 
     Schemes: ``alternating`` (dual step first, then primal, same cost as simultaneous; the
@@ -327,7 +319,7 @@ def build_optimizer(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} should be one of {SCHEMES}")
-    groups = _primal_param_groups(problem.model, problem.gates, primal)
+    groups = _primal_param_groups(problem.model, problem.methods, primal)
     extra = scheme == "extrapolation"
     if primal.name == "adam":
         cls = cooper.optim.ExtraAdam if extra else torch.optim.Adam
@@ -340,7 +332,7 @@ def build_optimizer(
 
     multipliers = [c.multiplier.weight for _, c in problem.ordered_constraints()]
     if not multipliers:
-        return _OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, primal_opt), None, scheme)
+        return OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, primal_opt), None, scheme)
     if dual.name == "sgd":
         cls = cooper.optim.ExtraSGD if extra else torch.optim.SGD
         dual_opt = cls(multipliers, lr=dual.lr, momentum=dual.momentum, maximize=True)
@@ -360,7 +352,7 @@ def build_optimizer(
         "extrapolation": cooper.optim.ExtrapolationConstrainedOptimizer,
     }
     opt = cls_by_scheme[scheme](problem, primal_optimizers=primal_opt, dual_optimizers=dual_opt)
-    return _OptimizerSet(opt, dual_opt, scheme)
+    return OptimizerSet(opt, dual_opt, scheme)
 
 
 def scheduled_lr(
@@ -386,7 +378,7 @@ class StepResult(dict):
 
 def train_step(
     problem: SparsityProblem,
-    optimizers: _OptimizerSet,
+    optimizers: OptimizerSet,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     dual_restarts: bool = True,
@@ -401,11 +393,12 @@ def train_step(
         rollout = optimizers.cooper_optimizer.roll(compute_cmp_state_kwargs=kwargs, compute_violations_kwargs=kwargs)
     else:
         rollout = optimizers.cooper_optimizer.roll(compute_cmp_state_kwargs=kwargs)
-    if problem.layers is not None:
-        problem.proximal_step_(optimizers.primal_lr)
+    problem.proximal_step_(optimizers.primal_lr)
     restarted: list[str] = []
     if dual_restarts:
         restarted = problem.dual_restart_(rollout.cmp_state, optimizers.dual_optimizer)
+    for method in problem.methods:
+        method.after_step()
     lagrangian = rollout.primal_lagrangian_store.lagrangian
     return StepResult(
         loss=rollout.loss.detach(),

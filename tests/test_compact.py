@@ -19,11 +19,10 @@ from constrained_sparsity.compact import (
     count_flops,
     count_params,
     describe,
-    evaluate,
     fast_pooling,
-    load_compact,
-    save_compact,
 )
+from constrained_sparsity.export import load_compact, save_compact
+from constrained_sparsity.runs import evaluate
 
 from .test_train import DIGITS, ROOT
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from constrained_sparsity import HardConcreteGate, attach_l0, hard_concrete
+from constrained_sparsity import HardConcreteGate, attach_l0
 from constrained_sparsity.compact import count_flops
+from constrained_sparsity.methods import l0 as hard_concrete
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 N_SAMPLES = 200_000

@@ -9,8 +9,8 @@ from scipy.optimize import minimize
 from torch import nn
 
 from constrained_sparsity import MLP, load_config, run
-from constrained_sparsity.compact import compact_run
-from constrained_sparsity.layer_sparsity import attach_layer_sparsity, merge_layers, negative_part_prox_
+from constrained_sparsity.methods.layers import attach_layer_sparsity, merge_layers, negative_part_prox_
+from constrained_sparsity.runs import compact_run
 
 from .test_train import ROOT
 
@@ -147,7 +147,7 @@ def test_constrained_digits_run_reaches_the_layer_budget(quiet):
     # while over budget the multiplier grows
     over = [row for row in history if row["layers/active"] > 2]
     assert over and all(row["constraint/layers/multiplier"] > 0 for row in over)
-    refit = result.refit
+    refit = result.phases["refit"]
     assert refit["depth_before"] == 6 and refit["depth_after"] == target["depth"]
     assert refit["max_abs_diff_merged"] < 1e-4  # float32 outputs of the two networks
     assert refit["test_error_merged"] == pytest.approx(refit["test_error_before"], abs=0.003)
@@ -175,7 +175,7 @@ def test_combined_with_l0_tracks_two_constraints(quiet):
     for name in ("l0_model", "layers"):
         assert f"constraint/{name}/multiplier" in row and f"constraint/{name}/feasible" in row
     assert "density/model" in row and "layers/neg_norm/fc1" in row
-    assert result.refit["max_abs_diff_merged"] < 1e-4
+    assert result.phases["refit"]["max_abs_diff_merged"] < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_combined_with_l0_tracks_two_constraints(quiet):
         (["sparsity.layers.max_layers=-1"], r"sparsity.layers.max_layers=-1.*>= 0"),
         (["sparsity.layers.max_layers=9"], r"sparsity.layers.max_layers=9.*between 1 .* and 6"),
         (["sparsity.layers.weights=[1, 2]"], r"sparsity.layers.weights.*2 entries for 5"),
-        (["model.activation=tanh"], r"model.activation='tanh'.*ReLU"),
+        (["model.activation=tanh"], r"sparsity.layers: layer sparsity needs ReLU .* 'act1' is a Tanh"),
         (["sparsity.mode=penalized"], r"sparsity.layers.lam.*penalized"),
     ],
 )

@@ -159,13 +159,18 @@ def test_dense_problem_uses_unconstrained_optimizer():
 
 
 def test_bad_targets_and_problems_are_refused():
-    with pytest.raises(ValueError, match=r"epsilon=1.5 should be a number in \[0, 1\]"):
-        Target(1.5)
     with pytest.raises(ValueError, match="lam=-1"):
         Target(0.3, lam=-1.0)
     with pytest.raises(ValueError, match="measure='mean'"):
         Target(0.3, measure="mean")
+    for bad in (float("nan"), float("inf"), -0.1, True):
+        with pytest.raises(ValueError, match="epsilon=.* should be a finite number >= 0"):
+            Target(bad)
     model, gates = _model()
+    with pytest.raises(ValueError, match=r"epsilon=1.5 should be a number in \[0, 1\]"):  # the method's range
+        SparsityProblem(model, gates, [Target(1.5)])
+    with pytest.raises(ValueError, match="no such method is attached"):
+        SparsityProblem(model, gates, [Target(2, method="layers")])
     with pytest.raises(ValueError, match="penalized mode needs a lambda"):
         SparsityProblem(model, gates, [Target(0.3)], mode="penalized")
     with pytest.raises(ValueError, match="mode='lagrangian'"):

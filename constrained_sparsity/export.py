@@ -1,0 +1,175 @@
+"""Saving compact networks: a state_dict with an architecture description, and a
+``torch.export`` program that loads without this package.
+
+``model.pt`` holds ``{"architecture", "input_shape", "sparse", "meta", "state_dict"}``
+(plain tensors; weights of layers with per-weight zeros as CSR where that is smaller) and is
+read with ``torch.load(weights_only=True)``. ``model.pt2`` is ``torch.export.save`` of the
+network, exported on the CPU in float32. ``architecture.json`` repeats the description.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compact import CompactModel, SelectInputs, fast_pooling
+
+__all__ = ["architecture", "build_architecture", "load_compact", "save_compact", "save_sequential"]
+
+
+def architecture(module: nn.Sequential) -> list[dict[str, Any]]:
+    """The layers of a plain ``nn.Sequential`` as JSON-able dicts (see :func:`build_architecture`)."""
+    arch = []
+    for name, m in module.named_children():
+        if isinstance(m, nn.Linear):
+            arch.append(
+                {"name": name, "type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+            )
+        elif isinstance(m, nn.Conv2d):
+            arch.append(
+                {
+                    "name": name,
+                    "type": "Conv2d",
+                    "in": m.in_channels,
+                    "out": m.out_channels,
+                    "kernel": list(m.kernel_size),
+                    "stride": list(m.stride),
+                    "padding": m.padding if isinstance(m.padding, str) else list(m.padding),  # or "same" / "valid"
+                    "dilation": list(m.dilation),
+                    "padding_mode": m.padding_mode,
+                    "bias": m.bias is not None,
+                }
+            )
+        elif isinstance(m, nn.MaxPool2d):
+            arch.append(
+                {
+                    "name": name,
+                    "type": "MaxPool2d",
+                    "kernel": m.kernel_size,
+                    "stride": m.stride,
+                    "padding": m.padding,
+                    "dilation": m.dilation,
+                    "ceil_mode": m.ceil_mode,
+                }
+            )
+        elif isinstance(m, nn.Flatten):
+            arch.append({"name": name, "type": "Flatten", "start_dim": m.start_dim, "end_dim": m.end_dim})
+        elif isinstance(m, SelectInputs):
+            arch.append({"name": name, "type": "SelectInputs", "index": m.index.tolist()})
+        elif isinstance(m, nn.ReLU):
+            arch.append({"name": name, "type": "ReLU"})
+        else:  # Dropout / Identity are the identity at inference
+            arch.append({"name": name, "type": "Identity"})
+    return arch
+
+
+def _tuple_or_int(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples into lists; ints, strings stay
+
+
+def build_architecture(arch: list[dict[str, Any]]) -> nn.Sequential:
+    """The ``nn.Sequential`` an :func:`architecture` describes (weights uninitialised)."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for spec in arch:
+        kind = spec["type"]
+        if kind == "Linear":
+            layers[spec["name"]] = nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+        elif kind == "Conv2d":
+            layers[spec["name"]] = nn.Conv2d(
+                spec["in"],
+                spec["out"],
+                tuple(spec["kernel"]),
+                tuple(spec["stride"]),
+                _tuple_or_int(spec["padding"]),  # a list, or "same" / "valid"
+                tuple(spec.get("dilation", (1, 1))),  # files of earlier versions hold no dilation
+                padding_mode=spec.get("padding_mode", "zeros"),
+                bias=spec["bias"],
+            )
+        elif kind == "MaxPool2d":
+            pool = nn.MaxPool2d(
+                _tuple_or_int(spec["kernel"]),
+                _tuple_or_int(spec["stride"]),
+                _tuple_or_int(spec.get("padding", 0)),
+                _tuple_or_int(spec.get("dilation", 1)),
+                ceil_mode=spec.get("ceil_mode", False),
+            )
+            layers[spec["name"]] = fast_pooling(pool)
+        elif kind == "Flatten":
+            layers[spec["name"]] = nn.Flatten(spec.get("start_dim", 1), spec.get("end_dim", -1))
+        elif kind == "SelectInputs":
+            layers[spec["name"]] = SelectInputs(torch.tensor(spec["index"]))
+        elif kind == "ReLU":
+            layers[spec["name"]] = nn.ReLU()
+        else:
+            layers[spec["name"]] = nn.Identity()
+    return nn.Sequential(layers)
+
+
+def save_compact(
+    compacted: CompactModel, out_dir: str | Path, input_shape: Sequence[int], meta: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``model.pt`` (architecture + state_dict), ``model.pt2`` (torch.export) and ``architecture.json``.
+
+    Weights of layers with per-weight zeros are stored as CSR tensors when that is smaller.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # float32 on the CPU on disk, whatever the caller's device; the caller's module untouched
+    module = copy.deepcopy(compacted.module).float().cpu().eval()
+    arch = architecture(module)
+    state: dict[str, torch.Tensor] = {}
+    stored_sparse = []
+    for key, value in module.state_dict().items():
+        value = value.detach().clone()
+        if key.endswith("weight") and key.split(".")[0] in compacted.sparse_weights:
+            flat = value.reshape(value.shape[0], -1)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = flat.to_sparse_csr()
+            csr_bytes = sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+            if csr_bytes < value.numel() * value.element_size():
+                state[key] = csr
+                stored_sparse.append({"key": key, "shape": list(value.shape)})
+                continue
+        state[key] = value
+    info = {"architecture": arch, "input_shape": list(input_shape), "sparse": stored_sparse, "meta": meta or {}}
+    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
+    tmp = paths["model"].with_suffix(".tmp")
+    torch.save({**info, "state_dict": state}, tmp)
+    tmp.replace(paths["model"])
+    paths["architecture"].write_text(json.dumps(info, indent=2))
+    example = torch.zeros(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, paths["program"])
+    return paths
+
+
+def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Load ``model.pt`` written by :func:`save_compact`: the module and its description."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    module = build_architecture(data["architecture"])
+    state = {}
+    shapes = {s["key"]: s["shape"] for s in data["sparse"]}
+    for key, value in data["state_dict"].items():
+        state[key] = value.to_dense().reshape(shapes[key]) if key in shapes else value
+    module.load_state_dict(state)
+    info = {k: v for k, v in data.items() if k != "state_dict"}
+    return module.eval(), info
+
+
+def save_sequential(model: nn.Sequential, path: str | Path) -> None:
+    """``{"architecture": [...], "sparse": [], "state_dict": ...}`` (CPU tensors), readable by :func:`load_compact`."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"architecture": architecture(model), "sparse": [], "state_dict": state}, tmp)
+    tmp.replace(path)

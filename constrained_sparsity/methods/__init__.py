@@ -1,0 +1,120 @@
+"""Sparsity methods: one module each, behind one interface (:mod:`.base`), found by name.
+
+``sparsity.method`` in a config takes a registered name (``l0``; ``layers`` is declared as
+the section ``sparsity.layers``) or ``module:Class`` for a method importable on the Python
+path -- a user's own subclass of :class:`SparsityMethod`, used without registering it.
+:func:`register_method` adds a class under its ``name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+
+from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
+from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
+from .layers import LayersOptions, LayerSparsity, attach_layer_sparsity, merge_layers
+
+__all__ = [
+    "MEASURES",
+    "NONE",
+    "BudgetSpec",
+    "BuildContext",
+    "HardConcreteGate",
+    "L0Gates",
+    "L0Options",
+    "LayerReport",
+    "LayerSparsity",
+    "LayersOptions",
+    "Phase",
+    "PhaseContext",
+    "SparsityMethod",
+    "Target",
+    "attach_l0",
+    "attach_layer_sparsity",
+    "fold_l0",
+    "get_method",
+    "merge_layers",
+    "method_names",
+    "method_spec",
+    "register_method",
+]
+
+NONE = "none"  # sparsity.method: none -- a dense network (or only sections such as sparsity.layers)
+
+_REGISTRY: dict[str, type[SparsityMethod]] = {}
+
+
+def _check_options(cls: type[SparsityMethod]) -> None:
+    if cls.options is not None and not (isinstance(cls.options, type) and dataclasses.is_dataclass(cls.options)):
+        raise ValueError(f"{cls.__qualname__}.options={cls.options!r} should be a dataclass or None")
+
+
+def register_method(cls: type[SparsityMethod]) -> type[SparsityMethod]:
+    """Register ``cls`` under ``cls.name`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, SparsityMethod)):
+        raise TypeError(f"{cls!r} is not a subclass of SparsityMethod")
+    if not cls.name or cls.name == NONE or ":" in cls.name:
+        raise ValueError(f"{cls.__name__}.name={cls.name!r}: a method needs a name, not {NONE!r} and without ':'")
+    _check_options(cls)
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"method name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+register_method(L0Gates)
+register_method(LayerSparsity)
+
+
+def method_names() -> list[str]:
+    """The registered method names."""
+    return sorted(_REGISTRY)
+
+
+def get_method(spec: str) -> type[SparsityMethod]:
+    """The method class ``spec`` names: a registered name or ``module:Class``.
+
+    Raises:
+        ValueError: unknown name (with the closest registered one), a module that does not
+            import, or a class that is not a :class:`SparsityMethod`.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"method={spec!r} should be a registered name or module:Class")
+    if ":" not in spec:
+        if spec in _REGISTRY:
+            return _REGISTRY[spec]
+        close = difflib.get_close_matches(spec, list(_REGISTRY), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        primary = [n for n in method_names() if _REGISTRY[n].primary]
+        sections = [n for n in method_names() if not _REGISTRY[n].primary]
+        raise ValueError(
+            f"unknown method; {hint}methods: {', '.join(primary)}"
+            + (f" (declared as sections: {', '.join(sections)})" if sections else "")
+            + f", {NONE}, or module:Class for a method of your own"
+        )
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} ({exc})") from None
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no {qualname!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, SparsityMethod)):
+        raise ValueError(f"{qualname} is not a subclass of constrained_sparsity.methods.SparsityMethod")
+    if not obj.name:
+        raise ValueError(f"{qualname}.name is empty: a method needs a name (the prefix of its metrics)")
+    _check_options(obj)
+    return obj
+
+
+def method_spec(method: SparsityMethod | type[SparsityMethod]) -> str:
+    """How a config names ``method``: its registered name, or ``module:Class``."""
+    cls = method if isinstance(method, type) else type(method)
+    if _REGISTRY.get(cls.name) is cls:
+        return cls.name
+    return f"{cls.__module__}:{cls.__qualname__}"

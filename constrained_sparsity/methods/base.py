@@ -1,0 +1,316 @@
+"""The interface every sparsity method implements, and the generic sparsity target.
+
+A method is shaped after ``torch.ao.pruning.BaseSparsifier`` (*prepare*: attach to a model;
+*step*: what happens after each optimizer step; *squash_mask*: fold into plain layers) and
+after Cooper's ``Multiplier`` ABC (a small abstract base with the math in one place):
+
+==============================  ==========================================================
+attach                          the constructor (or ``attach_*`` function) registers
+                                parametrizations, masks or hooks on an ordinary
+                                ``nn.Module``, so ``model.state_dict()`` holds its state
+:meth:`~SparsityMethod.measure`  for a target: the differentiable surrogate (or ``None``)
+                                and the exact test-time measure -- all the problem needs to
+                                build the Cooper ``ConstraintState``
+:meth:`~SparsityMethod.proximal_step_`  optional: after each primal step, strength
+                                ``lr x lambda`` (exact zeros: layer, group sparsity)
+:meth:`~SparsityMethod.after_step`      optional: after each step (mask updates, re-weighting)
+:meth:`~SparsityMethod.after_training`  optional: a :class:`Phase` run by the same training
+                                loop (merge + refit, prune + retrain)
+:meth:`~SparsityMethod.metrics`, :meth:`~SparsityMethod.report_rows`  what it logs and reports
+:meth:`~SparsityMethod.fold`    a copy of the model with the method's state folded into
+                                plain layers (compaction starts from it)
+``state_dict`` / ``load_state_dict``  whatever it keeps outside the model
+==============================  ==========================================================
+
+The problem (:mod:`constrained_sparsity.problem`), the trainer, the report, ``compare`` and
+``compact`` talk to methods through this interface only.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..graph import bake
+
+__all__ = [
+    "MEASURES",
+    "BudgetSpec",
+    "BuildContext",
+    "Phase",
+    "PhaseContext",
+    "SparsityMethod",
+    "Target",
+]
+
+MEASURES = ("exact", "expected")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One declared budget: ``measure(layers) <= epsilon`` for one method.
+
+    Args:
+        epsilon: the budget, in the method's units (a proportion in [0, 1] for densities, a
+            count for layer sparsity); the method checks its range.
+        layers: layer names the measure covers; ``None`` for the whole model.
+        measure: which measure moves the multiplier: ``"exact"`` (the test-time measure, a
+            proxy constraint) or ``"expected"`` (the differentiable surrogate itself).
+        lam: the frozen multiplier in penalized mode (ignored in constrained mode).
+        name: constraint name used in metrics (``constraint/<name>/...``); ``None`` for the
+            method's default (``l0_model``, ``l0_fc1``, ``layers``, ...).
+        method: the method the budget is on: an attached method, its registered name, or
+            ``None`` for the problem's first method.
+        restarts: whether dual restarts may reset this multiplier (when the training step
+            asks for restarts).
+    """
+
+    epsilon: float
+    layers: tuple[str, ...] | None = None
+    measure: str = "exact"
+    lam: float | None = None
+    name: str | None = None
+    method: Any = None
+    restarts: bool = True
+
+    def __post_init__(self) -> None:
+        eps = self.epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"epsilon={eps!r} should be a finite number >= 0")
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure={self.measure!r} should be one of {MEASURES}")
+        if self.lam is not None and (
+            isinstance(self.lam, bool)
+            or not isinstance(self.lam, (int, float))
+            or not math.isfinite(self.lam)
+            or self.lam < 0
+        ):
+            raise ValueError(f"lam={self.lam!r} should be a finite number >= 0")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """The budgets a config declares for a method (``sparsity.targets`` and its companions)."""
+
+    mode: str
+    targets: list[float]
+    per_layer: bool
+    lambdas: list[float] | None
+    measures: list[str]
+    restarts: bool
+    raw_targets: Any = None  # as written, for messages
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What building a method from a config may need to know about the data."""
+
+    input_shape: tuple[int, ...]
+    input_nonnegative: bool  # every training input is >= 0
+    prefix: str = "sparsity."  # where the method is declared: error messages name prefix + key
+
+
+@dataclass
+class PhaseContext:
+    """What a method's phase after training may use; the trainer provides it.
+
+    ``error(module)`` is the test error of a network; ``max_output_difference(a, b)`` the
+    largest absolute difference of two networks' outputs over the test set.
+    """
+
+    primal_lr: float
+    others: bool  # other sparsity methods are attached (their zeros must be kept)
+    error: Callable[[nn.Module], float]
+    max_output_difference: Callable[[nn.Module, nn.Module], float]
+
+
+@dataclass
+class Phase:
+    """A training phase after the main one, run by the same training loop.
+
+    The trainer saves each of ``files`` (name -> network) into the run directory, trains
+    ``model`` for ``epochs`` epochs on the task loss alone (Adam, learning rate ``lr``),
+    keeping its zero weights at zero when ``keep_zeros`` (a fixed ``torch.nn.utils.prune``
+    mask), logs ``<name>/train_loss`` and ``<name>/test_error`` per epoch, and saves the
+    result as ``<name>_model.pt``. ``info`` is what the method measured before the phase;
+    the trainer adds ``<name>_epochs`` and ``test_error_<name>``.
+    """
+
+    name: str
+    model: nn.Module
+    epochs: int
+    lr: float
+    keep_zeros: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, nn.Module] = field(default_factory=dict)
+
+
+class SparsityMethod(ABC):
+    """Base class of sparsity methods (see the module docstring for the contract).
+
+    Class attributes describe the method to configs, reports and ``compare``:
+
+    * ``name``: registered name, and the prefix of its default target names.
+    * ``options``: a dataclass of its config options (``None``: it takes none); config
+      errors name the key.
+    * ``primary``: whether it can be ``sparsity.method`` (its options then sit in
+      ``sparsity.*``); otherwise it is declared as a section ``sparsity.<name>``.
+    * ``budget_key`` / ``lambda_key``: the config keys of its budget and penalized lambda,
+      relative to where it is declared.
+    * ``measure_label``: what the budget counts, in words; ``count_budget``: the budget is
+      an integer count rather than a proportion.
+    * ``compare_tolerance``: how close to the budget a bisected penalty must land.
+    """
+
+    name: ClassVar[str] = ""
+    options: ClassVar[type | None] = None
+    primary: ClassVar[bool] = True
+    budget_key: ClassVar[str] = "targets"
+    lambda_key: ClassVar[str] = "lambdas"
+    measure_label: ClassVar[str] = "density"
+    count_budget: ClassVar[bool] = False
+    compare_tolerance: ClassVar[float] = 0.01
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, options: Any, spec: BudgetSpec, context: BuildContext
+    ) -> tuple[SparsityMethod, list[Target]] | None:
+        """Attach the method to ``model`` as a config declares it, with its targets.
+
+        ``options`` is an instance of ``cls.options`` (or ``None``). Returns ``None`` when
+        the options declare nothing to attach. Raise :class:`~constrained_sparsity.errors.ConfigError`
+        naming the config key for bad input. The default builds the method with no
+        arguments besides the model and takes the budgets of ``spec``.
+        """
+        method = cls(model)  # type: ignore[call-arg]
+        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+
+    def targets_from_spec(self, spec: BudgetSpec, key: str = "sparsity.targets") -> list[Target]:
+        """``sparsity.targets`` as targets: one model-wise budget, or one per layer of
+        :meth:`layer_names` (named ``<name>_model`` / ``<name>_<layer>``)."""
+        eps = spec.targets
+        lams: Sequence[float | None] = spec.lambdas or [None] * len(eps)
+        if spec.per_layer:
+            names = self.layer_names()
+            if len(eps) != len(names):
+                raise ConfigError(
+                    f"{key}={spec.raw_targets!r}: {len(eps)} values for {len(names)} gated layers {names}"
+                )
+            return [
+                Target(e, (n,), m, lam, f"{self.name}_{n}", self, spec.restarts)
+                for e, n, m, lam in zip(eps, names, spec.measures, lams)
+            ]
+        return [Target(eps[0], None, spec.measures[0], lams[0], f"{self.name}_model", self, spec.restarts)]
+
+    # -- what the problem needs ------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        """Names of the layers the method acts on (per-layer targets follow this order)."""
+        return []
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The method's own trainable parameters (gates, scales): optimised in their own
+        parameter group (``optim.primal.gate_lr``), without weight decay."""
+        return iter(())
+
+    def default_target_name(self, target: Target) -> str:
+        if target.layers is None:
+            return f"{self.name}_model"
+        return f"{self.name}_{'_'.join(target.layers)}"
+
+    def check_target(self, target: Target) -> None:
+        """Refuse a target this method cannot measure (``ValueError`` naming the value).
+
+        The default: a proportion in [0, 1], on layers of :meth:`layer_names`.
+        """
+        if target.epsilon > 1:
+            raise ValueError(f"epsilon={target.epsilon!r} should be a number in [0, 1]")
+        if target.layers is not None:
+            unknown = [n for n in target.layers if n not in self.layer_names()]
+            if unknown:
+                raise ValueError(f"layers={unknown} are not gated; gated layers are {self.layer_names()}")
+
+    @abstractmethod
+    def measure(self, target: Target) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(surrogate, exact)`` of ``target``'s measure now.
+
+        ``surrogate`` is differentiable in the parameters it should move, or ``None`` when a
+        proximal step moves them instead; ``exact`` is the test-time measure (no gradient).
+        Both are tensors on the model's device.
+        """
+
+    def proximal_step_(self, target: Target, strength: float) -> None:
+        """In place, after each primal step: the proximal step of ``target``'s regulariser
+        with strength ``primal_lr x lambda`` (called only when lambda > 0)."""
+        raise NotImplementedError
+
+    @property
+    def has_proximal_step(self) -> bool:
+        return type(self).proximal_step_ is not SparsityMethod.proximal_step_
+
+    def after_step(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
+        """Called after every training step (primal, dual and proximal steps done)."""
+
+    def after_training(self, model: nn.Module, context: PhaseContext) -> Phase | None:
+        """A phase after the main training (e.g. merge and refit), or ``None``."""
+        return None
+
+    # -- what the trainer logs and reports -------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the current state, by name (e.g. ``density/<layer>``)."""
+        return {}
+
+    def measure_key(self, target: Target) -> str | None:
+        """The metric key that holds ``target``'s exact measure, if one does."""
+        return None
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        """One row per layer for the report and ``summary.json`` (each with ``name``)."""
+        return []
+
+    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        """Entries of ``target``'s summary beyond the generic ones."""
+        return {}
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        """``<measure> <value> <= <budget>?`` for a target's summary entry."""
+        return f"{entry['measure']} {cls.measure_label} {entry['value']:.4g} <= {entry['budget']:.4g}?"
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        """Report lines for this method's rows (a table per layer)."""
+        return []
+
+    @classmethod
+    def format_phase(cls, name: str, info: dict[str, Any]) -> list[str]:
+        """Report lines for what this method's phase ``name`` measured."""
+        return []
+
+    # -- compaction ----------------------------------------------------------------------------
+    def fold(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with this method folded into plain layers (the model untouched).
+
+        The default bakes every parametrized layer at its eval-mode weights
+        (:func:`~constrained_sparsity.graph.bake`).
+        """
+        return bake(model)
+
+    # -- state outside the model ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state outside the model; got keys {sorted(state)}")

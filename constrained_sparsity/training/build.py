@@ -1,0 +1,88 @@
+"""From a config to the objects of a run: dataset, model, sparsity methods, problem, optimizers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import Dataset, load_dataset
+from ..errors import ConfigError
+from ..methods import BuildContext, SparsityMethod, Target
+from ..models import MLP, LeNet5Caffe
+from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
+
+__all__ = ["build_methods", "build_model", "build_trainer", "dataset_for", "nonnegative_inputs"]
+
+
+def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
+    shape = dataset.input_shape
+    if cfg.model.name == "mlp":
+        return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
+    if shape[1:] != (28, 28):
+        raise ConfigError(f"model.name='lenet5' needs 1x28x28 images; dataset {dataset.name!r} has {shape}")
+    return LeNet5Caffe(shape[0], dataset.num_classes)
+
+
+def nonnegative_inputs(dataset: Dataset) -> bool:
+    """Whether every training input is >= 0 (pixel intensities, say)."""
+    return bool(dataset.train_x.min() >= 0)
+
+
+def dataset_for(cfg: Config) -> Dataset:
+    """The dataset a config names, with its split (downloads only if ``data.download``)."""
+    d = cfg.data
+    return load_dataset(
+        d.name,
+        root=d.root,
+        download=d.download,
+        cache_dir=d.cache_dir,
+        mirror=d.mirror,
+        val_fraction=d.val_fraction,
+        seed=cfg.train.seed,
+    )
+
+
+def build_methods(cfg: Config, model: nn.Module, dataset: Dataset) -> tuple[list[SparsityMethod], list[Target]]:
+    """Attach the sparsity methods the config declares to ``model``, with their targets.
+
+    The method of ``sparsity.method`` comes first, then the sections (``sparsity.layers``)
+    in the order the config gives them.
+    """
+    context = BuildContext(tuple(dataset.input_shape), nonnegative_inputs(dataset))
+    spec = cfg.sparsity.budget_spec()
+    methods: list[SparsityMethod] = []
+    targets: list[Target] = []
+    for declared in cfg.sparsity.declarations():
+        built = declared.cls.from_config(model, declared.options, spec, replace(context, prefix=declared.prefix))
+        if built is None:
+            continue
+        method, method_targets = built
+        methods.append(method)
+        targets.extend(method_targets)
+    return methods, targets
+
+
+def build_trainer(
+    cfg: Config, dataset: Dataset, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, list[SparsityMethod], SparsityProblem, Any]:
+    """Model, attached methods, problem and optimizers of a config, as a run builds them."""
+    model = build_model(cfg, dataset).to(device)
+    methods, targets = build_methods(cfg, model, dataset)
+    try:
+        problem = SparsityProblem(model, methods, targets, mode=cfg.sparsity.mode, lambda_init=cfg.sparsity.lambda_init)
+    except ValueError as exc:
+        raise ConfigError(f"sparsity: {exc}") from None
+    problem.to(device)
+    p, d = cfg.optim.primal, cfg.optim.dual
+    optimizers = build_optimizer(
+        problem,
+        PrimalOptimizer(p.name, p.lr, p.gate_lr, p.momentum, p.weight_decay),
+        DualOptimizer(d.name, d.lr, d.momentum, d.kp, d.ki, d.ema_nu),
+        scheme=cfg.optim.scheme,
+    )
+    return model, methods, problem, optimizers

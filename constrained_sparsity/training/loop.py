@@ -1,0 +1,165 @@
+"""The epoch loop: one loop plays every phase of a run (the main game and the phases after it).
+
+A phase is a :class:`Plan`: which problem and optimizers, which data, how many epochs, and
+what to do at the phase's points (the learning rate at a step, after a step, at the end of an
+epoch, on a stop signal). The loop owns the steps, the running sums, the checks (a loss that
+is not finite, a stop signal), the progress bar and the JSONL / W&B log.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import batches
+from ..errors import TrainingDiverged, TrainingInterrupted
+from ..problem import SparsityProblem, train_step
+from ..tracking import Tracker
+
+__all__ = ["Plan", "Position", "play", "stop_on_signals"]
+
+
+@dataclass
+class Position:
+    """Where a phase stands: epochs done, steps done in the epoch in progress, steps in all,
+    and the data order generator's state at the start of the epoch in progress."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    data_state: torch.Tensor
+
+
+@dataclass
+class Plan:
+    """One phase of training, for :func:`play`.
+
+    ``metrics(epoch, loss, lagrangian, restarts, seconds)`` makes an epoch's log record;
+    ``end_epoch(metrics, position)`` runs after it is logged (iterate selection,
+    checkpoint); ``start_epoch`` and ``after_step`` see the position before the step counts
+    (``after_step``: the step just taken is ``position.step_in_epoch + 1``); ``on_stop``
+    writes what it can and returns the message of the interruption; ``diverged`` says where
+    the last good state is.
+    """
+
+    name: str
+    problem: SparsityProblem
+    optimizers: Any
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+    generator: torch.Generator
+    epochs: int
+    tracker: Tracker
+    metrics: Callable[[int, float, float, dict[str, int], float], dict[str, Any]]
+    end_epoch: Callable[[dict[str, Any], Position], None]
+    on_stop: Callable[[Position, str], str]
+    diverged: Callable[[Position], str]
+    lr: Callable[[int], float] | None = None  # learning rate of the weights at a global step
+    dual_restarts: bool = True
+    start_epoch: Callable[[Position], None] | None = None
+    after_step: Callable[[Position], None] | None = None
+    postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    progress: bool = True
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict[str, int | None]]:
+    """Turn SIGINT / SIGTERM into a flag checked after every step (main thread only)."""
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
+    """Play ``plan`` from ``pos`` until ``plan.epochs`` epochs are done; return the position.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+        TrainingInterrupted: a stop signal arrived (after ``plan.on_stop``).
+    """
+    steps_per_epoch = math.ceil(len(plan.y) / plan.batch_size)
+    total = plan.epochs * steps_per_epoch
+    weights_group = plan.optimizers.cooper_optimizer.primal_optimizers[0].param_groups[0]
+    progress = None
+    if plan.progress:
+        from tqdm import tqdm
+
+        done = min(pos.epoch * steps_per_epoch + pos.step_in_epoch, total)
+        progress = tqdm(total=total, initial=done, desc=plan.name, unit="step", dynamic_ncols=True, file=sys.stderr)
+    plan.problem.model.train()
+    try:
+        while pos.epoch < plan.epochs:
+            if plan.start_epoch is not None:
+                plan.start_epoch(pos)
+            t0 = time.perf_counter()
+            plan.generator.set_state(pos.data_state)
+            loss_sum = torch.zeros((), device=plan.x.device)
+            lagr_sum = torch.zeros((), device=plan.x.device)
+            restarts: dict[str, int] = {}
+            steps = 0
+            for xb, yb in batches(plan.x, plan.y, plan.batch_size, plan.generator, start=pos.step_in_epoch):
+                if plan.lr is not None:
+                    weights_group["lr"] = plan.lr(pos.global_step)
+                result = train_step(plan.problem, plan.optimizers, xb, yb, plan.dual_restarts)
+                loss = result["loss"]
+                if not math.isfinite(float(loss)):
+                    raise TrainingDiverged(
+                        f"loss became {float(loss)} at epoch {pos.epoch + 1}, step {pos.step_in_epoch + 1}"
+                        f"{'' if plan.name == 'main' else f' of the {plan.name} phase'}; training stopped; "
+                        f"last good checkpoint: {plan.diverged(pos)}"
+                    )
+                if plan.after_step is not None:
+                    plan.after_step(pos)
+                loss_sum += loss
+                lagr_sum += result["lagrangian"]
+                for name in result["restarted"]:
+                    restarts[name] = restarts.get(name, 0) + 1
+                steps += 1
+                pos.step_in_epoch += 1
+                pos.global_step += 1
+                if progress is not None:
+                    progress.update(1)
+                if stop["signum"] is not None:
+                    sig = signal.Signals(stop["signum"]).name
+                    raise TrainingInterrupted(plan.on_stop(pos, sig), stop["signum"])
+            pos.epoch += 1
+            pos.step_in_epoch = 0
+            pos.data_state = plan.generator.get_state()
+            metrics = plan.metrics(
+                pos.epoch,
+                float(loss_sum) / max(steps, 1),
+                float(lagr_sum) / max(steps, 1),
+                restarts,
+                time.perf_counter() - t0,
+            )
+            plan.tracker.log(metrics)
+            plan.end_epoch(metrics, pos)
+            if progress is not None and plan.postfix is not None:
+                progress.set_postfix(plan.postfix(metrics), refresh=False)
+    finally:
+        if progress is not None:
+            progress.close()
+    return pos

@@ -1,0 +1,53 @@
+"""The end-of-run report: what a run measured, in a few lines for the console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..methods import get_method
+from .run import RunResult
+
+__all__ = ["format_report"]
+
+
+def format_report(result: RunResult) -> str:
+    """A short human-readable report: each method's rows, the budgets, feasibility, error, phases."""
+    lines = [f"run directory: {result.run_dir}", f"epochs: {result.epochs}   wall time: {result.wall_time_s:.1f} s"]
+    for spec in result.methods:
+        rows = [r for r in result.layers if r.get("method") == spec]
+        targets = [t for t in result.targets if t["method"] == spec]
+        lines += get_method(spec).format_rows(rows, targets, result.measures)
+    for t in result.targets:
+        verdict = "yes" if t["feasible"] else "NO"
+        lines.append(
+            f"constraint {t['name']}: {get_method(t['method']).format_target(t)} {verdict}"
+            f"   (multiplier {t['multiplier']:.4g})"
+        )
+    if result.feasible is not None:
+        lines.append(f"feasible: {'yes' if result.feasible else 'NO'}")
+    if result.last_iterate is not None:
+        li = result.last_iterate
+        if result.selected_epoch is None:
+            lines.append("selected iterate: none met every budget; this is the last iterate")
+        elif result.selected_epoch != li["epoch"] or result.selected_step is not None:
+            density = "" if li["density"] is None else f"had density {li['density']:.4f}, "
+            where = f"epoch {result.selected_epoch}"
+            if result.selected_step is not None:
+                where += f", step {result.selected_step} of that epoch"
+            lines.append(
+                f"selected iterate: {where} (the last iterate, end of epoch {li['epoch']}, "
+                f"{density}feasible {'yes' if li['feasible'] else 'no'}, test error {100 * li['test_error']:.2f} %)"
+            )
+    lines.append(f"test error: {100 * result.test_error:.2f} %")
+    if result.compaction is not None:
+        c = result.compaction
+        lines.append(
+            f"compact network: {c['architecture_before']} -> {c['architecture_after']}, parameters "
+            f"{c['params_before']} -> {c['params_after']}, FLOPs per example {c['flops_before']} -> "
+            f"{c['flops_after']}   (csparse compact {result.run_dir})"
+        )
+    for name, info in result.phases.items():
+        lines += get_method(info["method"]).format_phase(name, info)
+    if result.wandb_dir:
+        lines.append(f"W&B files: {Path(result.wandb_dir).parent}")
+    return "\n".join(lines)
