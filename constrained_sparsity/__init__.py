@@ -35,6 +35,7 @@ from .methods import (
     L0Gates,
     LayerReport,
     LayerSparsity,
+    LayerTarget,
     Phase,
     PhaseContext,
     SparsityMethod,
@@ -49,7 +50,6 @@ from .methods import (
 from .models import MLP, LeNet5Caffe
 from .problem import (
     DualOptimizer,
-    LayerTarget,
     PrimalOptimizer,
     SparsityProblem,
     build_optimizer,

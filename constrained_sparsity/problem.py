@@ -34,7 +34,6 @@ __all__ = [
     "MODES",
     "DualOptimizer",
     "OptimizerSet",
-    "LayerTarget",
     "PrimalOptimizer",
     "SCHEMES",
     "SparsityProblem",
@@ -47,16 +46,6 @@ __all__ = [
 
 MODES = ("constrained", "penalized")
 SCHEMES = ("alternating", "alternating_primal_dual", "simultaneous", "extrapolation")
-
-
-def LayerTarget(max_layers: int, lam: float | None = None, restarts: bool = False, name: str = "layers") -> Target:  # noqa: N802
-    """Deprecated: ``Target(max_layers, method="layers", restarts=False)``, a budget on depth."""
-    warnings.warn(
-        "LayerTarget(k) is deprecated; use Target(k, method='layers', restarts=False)", DeprecationWarning, stacklevel=2
-    )
-    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
-        raise ValueError(f"max_layers={max_layers!r} should be an integer >= 0")
-    return Target(max_layers, lam=lam, name=name, method="layers", restarts=restarts)
 
 
 def _as_methods(methods: SparsityMethod | Sequence[SparsityMethod] | None) -> list[SparsityMethod]:

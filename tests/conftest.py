@@ -14,3 +14,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def quiet(tmp_path):
     """Overrides that keep a run in tmp_path, without W&B and without a progress bar."""
     return ["tracking.wandb=disabled", "tracking.progress=false", f"tracking.out_dir={tmp_path / 'runs'}"]
+
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device the machine has: the CPU always, CUDA where present (skipped otherwise)."""
+    return torch.device(request.param)

@@ -109,7 +109,12 @@ def test_small_digits_comparison_end_to_end(tmp_path, monkeypatch):
     assert [r["runs_used"] for r in rows] == ["1", "1", "1", "1", "2", "2"]
     for r in rows:
         assert 0.0 <= float(r["achieved"]) <= 1.0 and 0.0 <= float(r["test_error"]) <= 1.0
-    assert "budget of 2 runs spent" in rows[4]["search"] or "within tolerance" in rows[4]["search"]
+    for r, budget in zip(rows[4:], ("0.3", "0.5")):  # the reason the search stopped is the one its runs show
+        found = result.bisections[budget]
+        assert found.value[0] == pytest.approx(float(r["achieved"]), abs=1e-4)
+        close = abs(float(r["achieved"]) - float(budget)) <= 0.01  # the L0 tolerance
+        assert found.converged == close
+        assert r["search"] == ("bisect (within tolerance)" if close else "bisect (budget of 2 runs spent)")
     md = (out / "results.md").read_text().splitlines()
     assert md[0].startswith("| method | search | target") and len(md) == 2 + len(rows)
     pngs = sorted(p.name for p in out.glob("*.png"))

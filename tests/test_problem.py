@@ -10,12 +10,14 @@ from torch import nn
 from constrained_sparsity import (
     DualOptimizer,
     PrimalOptimizer,
+    SparsityMethod,
     SparsityProblem,
     Target,
     attach_l0,
     build_optimizer,
     train_step,
 )
+from constrained_sparsity.methods.layers import attach_layer_sparsity
 from constrained_sparsity.problem import SCHEMES
 
 
@@ -213,3 +215,80 @@ def test_violations_follow_the_measure_of_each_target_and_decide_feasibility():
     assert not problem.feasible()  # "expected0": p = 0.5 (about) > 0.4
     problem = SparsityProblem(model, gates, targets[:1] + targets[2:])
     assert problem.feasible()  # 0.5 <= 0.6 and 0.833 <= 0.9
+
+
+class _SquaredNorm(SparsityMethod):
+    """``||w||^2`` of a linear layer's weight: surrogate and exact measure at once (no proxy)."""
+
+    name = "sqnorm"
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.w = layer.weight
+
+    def check_target(self, target):  # a budget in the units of ||w||^2
+        pass
+
+    def measure(self, target):
+        s = (self.w**2).sum()
+        return s, s.detach()
+
+
+def test_game_converges_to_the_kkt_point_of_a_norm_constrained_least_squares():
+    """min 1/2 mean (Xw - y)^2  s.t.  ||w||^2 <= c: w(lam) = (X'X/n + 2 lam I)^-1 X'y/n, lam* from ||w(lam*)||^2 = c."""
+    torch.manual_seed(0)
+    n, d = 200, 5
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = x @ torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0], dtype=torch.float64) + 0.1 * torch.randn(n, dtype=torch.float64)
+    a, b = x.T @ x / n, x.T @ y / n
+
+    def w_of(lam):
+        return torch.linalg.solve(a + 2 * lam * torch.eye(d, dtype=torch.float64), b)
+
+    c = 0.5 * float((w_of(0.0) ** 2).sum())  # half the squared norm of the unconstrained optimum: active
+    lo, hi = 0.0, 100.0
+    for _ in range(200):  # ||w(lam)||^2 decreases in lam
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((w_of(mid) ** 2).sum()) > c else (lo, mid)
+    lam_star = (lo + hi) / 2
+    w_star = w_of(lam_star)
+
+    model = nn.Linear(d, 1, bias=False).double()
+    method = _SquaredNorm(model)
+
+    def loss(out, target):
+        return 0.5 * ((out.squeeze(1) - target) ** 2).mean()
+
+    problem = SparsityProblem(model, method, [Target(c, restarts=False)], loss_fn=loss)
+    opt = build_optimizer(problem, PrimalOptimizer("sgd", lr=0.1), DualOptimizer("sgd", lr=0.5), scheme="alternating")
+    for _ in range(3000):
+        train_step(problem, opt, x, y, dual_restarts=False)
+    torch.testing.assert_close(model.weight.detach().squeeze(0), w_star, rtol=0, atol=1e-6)
+    assert problem.multiplier_values()["sqnorm_model"] == pytest.approx(lam_star, abs=1e-6)  # the KKT multiplier
+    assert float((model.weight.detach() ** 2).sum()) == pytest.approx(c, rel=1e-6)  # the constraint is active
+
+
+def test_layer_sparsity_proximal_step_through_the_problem_matches_its_closed_form():
+    """One penalized step: SGD, then per regularised layer j neg <- (1 - lr lam r_j / ||neg||)_+ neg."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3)
+    ).double()
+    r = [1.0, 2.0, 0.5]
+    layers = attach_layer_sparsity(model, weights=r, input_nonnegative=True)
+    assert layers.layers == ["0", "2", "4"]
+    lam, lr = 3.0, 0.05
+    problem = SparsityProblem(model, layers, [Target(2, lam=lam, method="layers")], mode="penalized")
+    opt = build_optimizer(problem, PrimalOptimizer("sgd", lr=lr))
+    x = torch.rand(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    loss = F.cross_entropy(model(x), y)
+    params = [p for name in layers.layers for p in (model.get_submodule(name).weight, model.get_submodule(name).bias)]
+    moved = [p.detach() - lr * g for p, g in zip(params, torch.autograd.grad(loss, params))]
+    train_step(problem, opt, x, y)
+    for j, name in enumerate(layers.layers):
+        w, bias = moved[2 * j], moved[2 * j + 1]
+        neg = torch.sqrt((w.clamp(max=0) ** 2).sum() + (bias.clamp(max=0) ** 2).sum())
+        scale = max(0.0, 1.0 - lr * lam * r[j] / float(neg))
+        for got, want in ((model.get_submodule(name).weight, w), (model.get_submodule(name).bias, bias)):
+            closed = torch.where(want < 0, want * scale, want)
+            torch.testing.assert_close(got.detach(), closed, rtol=1e-12, atol=1e-12)

@@ -304,3 +304,22 @@ def test_last_feasible_keeps_a_feasible_step_of_the_last_epoch(tmp_path, quiet):
     assert active / 17400 == pytest.approx(result.density["model"])
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["selected_step"] == result.selected_step
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path, quiet):
+    _run([*quiet, "train.epochs=1"], run_dir=tmp_path / "r")
+    path = tmp_path / "r" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["version"] == 2
+    ckpt["version"] = 1
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    for args in (["train", "--resume", str(tmp_path / "r"), "train.epochs=2"], ["compact", str(tmp_path / "r")]):
+        proc = _cli(args)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert err.strip() == (
+            f"error: {path}: checkpoint format version 1, but this version of constrained_sparsity reads version 2; "
+            "train the run again with this version"
+        )
+    assert path.read_bytes() == before

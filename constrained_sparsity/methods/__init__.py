@@ -14,7 +14,7 @@ import importlib
 
 from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
 from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
-from .layers import LayersOptions, LayerSparsity, attach_layer_sparsity, merge_layers
+from .layers import LayersOptions, LayerSparsity, LayerTarget, attach_layer_sparsity, merge_layers
 
 __all__ = [
     "MEASURES",
@@ -26,6 +26,7 @@ __all__ = [
     "L0Options",
     "LayerReport",
     "LayerSparsity",
+    "LayerTarget",
     "LayersOptions",
     "Phase",
     "PhaseContext",

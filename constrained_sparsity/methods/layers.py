@@ -30,6 +30,7 @@ merges the mergeable layers and refits the shallower network
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from .base import BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod,
 
 __all__ = [
     "LayerSparsity",
+    "LayerTarget",
     "LayersOptions",
     "attach_layer_sparsity",
     "merge_layers",
@@ -482,3 +484,13 @@ def merge_layers(
             out.append((name, module))
     assert pending is None, "a merged layer must be followed by another linear layer"
     return nn.Sequential(OrderedDict(out))
+
+
+def LayerTarget(max_layers: int, lam: float | None = None, restarts: bool = False, name: str = "layers") -> Target:  # noqa: N802
+    """Deprecated: ``Target(max_layers, method="layers", restarts=False)``, a budget on depth."""
+    warnings.warn(
+        "LayerTarget(k) is deprecated; use Target(k, method='layers', restarts=False)", DeprecationWarning, stacklevel=2
+    )
+    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
+        raise ValueError(f"max_layers={max_layers!r} should be an integer >= 0")
+    return Target(max_layers, lam=lam, name=name, method="layers", restarts=restarts)
