@@ -36,8 +36,8 @@ from constrained_sparsity.compact import (
     count_flops,
     count_params,
     describe,
-    measure_latency,
 )
+from constrained_sparsity.evaluation import measure_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 
