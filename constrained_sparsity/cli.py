@@ -8,22 +8,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import CSparseError, TrainingDiverged, TrainingInterrupted
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's one-line errors (exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[no-untyped-def, override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="csparse", description="Train sparse neural networks to a declared sparsity budget."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="csparse", description="Train sparse neural networks to a declared sparsity budget.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a network as a YAML config declares")
     train.add_argument("config", nargs="?", help="YAML config (see configs/); omit with --resume")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 sparsity.targets=0.3")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--run-dir", metavar="DIR", help="write the run here instead of tracking.out_dir/NAME-TIME")
+    train.add_argument(
+        "--overwrite", action="store_true", help="with --run-dir: start over in a directory that holds a run"
+    )
     cmp = sub.add_parser("compare", help="penalised vs constrained training on one config, side by side")
     cmp.add_argument("config", help="YAML config (its method and model are compared)")
     cmp.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -34,12 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EPS",
         help="budgets: densities for L0 (a comma-separated list for per-layer targets), layer counts for layers",
     )
-    cmp.add_argument("--lambdas", nargs="*", type=float, default=[], metavar="LAM", help="penalised λ grid")
+    cmp.add_argument("--lambdas", nargs="*", default=[], metavar="LAM", help="penalised λ grid")
     cmp.add_argument("--bisect", action="store_true", help="search λ per target by bisection on a log scale")
     cmp.add_argument("--tol", type=float, default=None, help="bisection tolerance on the measure (L0: 0.01)")
     cmp.add_argument("--max-runs", type=int, default=8, help="bisection budget: runs per target (default 8)")
     cmp.add_argument("--lambda-range", nargs=2, type=float, default=[1e-3, 1e2], metavar=("LO", "HI"))
     cmp.add_argument("--out", metavar="DIR", help="comparison directory (default: tracking.out_dir/compare-NAME-TIME)")
+    cmp.add_argument(
+        "--overwrite", action="store_true", help="start over in an --out directory that holds a comparison"
+    )
     comp = sub.add_parser("compact", help="write the smaller dense network of a run (state_dict + torch.export)")
     comp.add_argument("run_dir", help="a run directory")
     comp.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/compact)")
@@ -70,22 +82,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_overrides(values: list[str], overrides: list[str]) -> list[str]:
+    """``key=value`` items argparse took as values of a list option go back to the overrides."""
+    overrides.extend(v for v in values if "=" in v)
+    return [v for v in values if "=" not in v]
+
+
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare, parse_budget
+    from .compare import compare, parse_budget, parse_lambda
     from .config import load_config
 
-    cfg = load_config(args.config, list(args.overrides))
-    if any(lam < 0 for lam in args.lambdas):
-        raise CSparseError(f"--lambdas {args.lambdas}: every λ should be >= 0")
+    overrides = list(args.overrides)
+    targets = _split_overrides(args.targets, overrides)
+    lambdas = [parse_lambda(v) for v in _split_overrides(args.lambdas, overrides)]
+    if not targets:
+        raise CSparseError("--targets: give at least one budget")
+    cfg = load_config(args.config, overrides)
     result = compare(
         cfg,
-        [parse_budget(t) for t in args.targets],
-        lambdas=args.lambdas,
+        [parse_budget(t) for t in targets],
+        lambdas=lambdas,
         bisect=args.bisect,
         tol=args.tol,
         max_runs=args.max_runs,
         lambda_range=tuple(args.lambda_range),
         out_dir=args.out,
+        overwrite=args.overwrite,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print((result.out_dir / "results.md").read_text())
@@ -99,6 +121,8 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.resume:
+        if args.run_dir or args.overwrite:
+            raise CSparseError("--resume continues the run in its own directory; it takes no --run-dir or --overwrite")
         if args.config is not None:
             if "=" not in args.config:
                 raise CSparseError("--resume takes no config file (the run directory holds it); pass only key=value")
@@ -108,12 +132,17 @@ def _train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise CSparseError("train needs a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, overrides)
-        result = run(cfg, run_dir=args.run_dir)
+        result = run(cfg, run_dir=args.run_dir, overwrite=args.overwrite)
     print(format_report(result))
     return 0
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _warning_line  # one line per warning, as for errors
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":

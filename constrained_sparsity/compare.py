@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ from typing import Any
 from .config import Config, DeclaredMethod, apply_overrides, config_from_dict
 from .errors import ConfigError
 from .methods import method_spec
-from .training import RunResult, run
+from .training import RunResult, build_trainer, dataset_for, run
+from .training.rundir import new_run_dir, prepare_run_dir
 
 __all__ = ["BisectResult", "Comparison", "bisect_lambda", "compare", "parse_budget"]
 
@@ -109,7 +111,20 @@ def parse_budget(text: str) -> float | list[float]:
         values = [float(v) for v in str(text).split(",")]
     except ValueError:
         raise ConfigError(f"--targets {text!r}: expected a number or comma-separated numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"--targets {text!r}: budgets should be finite numbers")
     return values[0] if len(values) == 1 and "," not in str(text) else values
+
+
+def parse_lambda(text: str) -> float:
+    """One value of ``--lambdas``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--lambdas {text!r}: expected a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"--lambdas {text!r}: every λ should be a finite number >= 0")
+    return value
 
 
 class _Method:
@@ -129,6 +144,9 @@ class _Method:
 
     def _budget(self, budget: Any) -> str:
         if self.cls.count_budget:
+            values = budget if isinstance(budget, list) else [budget]
+            if not all(float(b).is_integer() for b in values):
+                raise ConfigError(f"--targets {_slug(budget)}: {self.cls.measure_label} budgets are whole numbers")
             return json.dumps([int(b) for b in budget] if isinstance(budget, list) else int(budget))
         return json.dumps(budget)
 
@@ -215,20 +233,36 @@ def compare(
     lambda_range: tuple[float, float] = (1e-3, 1e2),
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> Comparison:
-    """Run the comparison (see the module docstring) and write its files into ``out_dir``."""
+    """Run the comparison (see the module docstring) and write its files into ``out_dir``.
+
+    Every argument and every run's config is checked before anything runs or is written
+    (:class:`ConfigError` naming the option or key).
+    """
     if not targets:
         raise ConfigError("compare: give at least one target (--targets)")
     method = _method_of(cfg)
-    if any(lam < 0 for lam in lambdas):
-        raise ConfigError(f"compare: lambdas {list(lambdas)} should all be >= 0")
-    for budget in targets:  # refuse a bad budget before anything runs
-        config_from_dict(apply_overrides(cfg.to_dict(), method.constrained(budget)))
+    if not all(isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0 for lam in lambdas):
+        raise ConfigError(f"--lambdas {list(lambdas)}: every λ should be a finite number >= 0")
+    if tol is not None and not (math.isfinite(tol) and tol >= 0):
+        raise ConfigError(f"--tol {tol}: should be a finite number >= 0")
+    if max_runs < 1:
+        raise ConfigError(f"--max-runs {max_runs}: should be >= 1")
+    lo, hi = lambda_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ConfigError(f"--lambda-range {lo} {hi}: should satisfy 0 < LO < HI (finite)")
+    _check_runs(cfg, method, targets, lambdas, bisect)
     tol = method.tol if tol is None else tol
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"compare-{cfg.name}-{stamp}"
-    out = Path(out_dir) if out_dir is not None else Path(cfg.tracking.out_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out = prepare_run_dir(
+            out_dir, overwrite, ("results.csv", "runs"), "--out", "a comparison", "start it over with --overwrite"
+        )
+    else:
+        out = new_run_dir(cfg.tracking.out_dir, f"compare-{cfg.name}")
+        name = out.name
     group = cfg.tracking.group or name
     base = cfg.to_dict()
     say = progress or (lambda _msg: None)
@@ -312,6 +346,18 @@ def compare(
     _write_tables(out, rows, method)
     _log_table(cfg, group, out, rows)
     return Comparison(out, rows, bisections, plots)
+
+
+def _check_runs(cfg: Config, method: _Method, targets: Sequence[Any], lambdas: Sequence[float], bisect: bool) -> None:
+    """Build every run the comparison will start (model, methods, budgets), so that a bad
+    budget is refused before the first run, not after the others."""
+    dataset = dataset_for(cfg)
+    overrides = [method.constrained(b) for b in targets]
+    overrides += [method.penalized(targets[0], [lam] * len(method.budgets(targets[0]))) for lam in lambdas]
+    if bisect:
+        overrides += [method.penalized(b, [1.0] * len(method.budgets(b))) for b in targets]
+    for extra in overrides:
+        build_trainer(config_from_dict(apply_overrides(cfg.to_dict(), extra)), dataset)
 
 
 def _slug(budget: Any) -> str:
@@ -449,13 +495,16 @@ def _log_table(cfg: Config, group: str, out: Path, rows: list[dict[str, Any]]) -
         "settings": wandb.Settings(console="off", silent=True, init_timeout=60, x_save_requirements=False),
     }
     try:
-        wb = wandb.init(mode=mode, entity=cfg.tracking.entity, **kwargs)
-    except Exception:  # noqa: BLE001 - the comparison's files are written; W&B is a copy
-        if mode != "online":
-            raise
-        wb = wandb.init(mode="offline", **kwargs)
-    table = wandb.Table(columns=_COLUMNS, allow_mixed_types=True)
-    for r in rows:
-        table.add_data(*[_cell(r[k]) if isinstance(r[k], (list, dict)) else r[k] for k in _COLUMNS])
-    wb.log({"comparison/results": table})
-    wb.finish()
+        try:
+            wb = wandb.init(mode=mode, entity=cfg.tracking.entity, **kwargs)
+        except Exception:  # noqa: BLE001 - the comparison's files are written; W&B is a copy
+            if mode != "online":
+                raise
+            wb = wandb.init(mode="offline", **kwargs)
+        table = wandb.Table(columns=_COLUMNS, allow_mixed_types=True)
+        for r in rows:
+            table.add_data(*[_cell(r[k]) if isinstance(r[k], (list, dict)) else r[k] for k in _COLUMNS])
+        wb.log({"comparison/results": table})
+        wb.finish()
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"W&B could not log the comparison table ({type(exc).__name__}: {exc}); see {out}", stacklevel=2)

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 
 from .data import DATASETS
 from .errors import ConfigError, OptionError
+from .files import config_text
 from .methods import MEASURES, NONE, BudgetSpec, SparsityMethod, get_method, method_names
 from .problem import MODES, SCHEMES
 
@@ -81,6 +83,22 @@ def _check_positive(key: str, value: Any) -> None:
         raise _fail(key, value, "should be a number > 0")
 
 
+def _check_nonnegative(key: str, value: Any) -> None:
+    if not (_finite(value) and value >= 0):
+        raise _fail(key, value, "should be a finite number >= 0")
+
+
+# A run's name becomes a directory name: one path component of plain characters.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=-]{0,99}$")
+# train.seed, seed + 1 and seed + 2 seed torch generators, which take integers below 2**63.
+MAX_SEED = 2**63 - 3
+
+
+def _check_name(key: str, value: Any) -> None:
+    if not (isinstance(value, str) and _NAME.match(value)):
+        raise _fail(key, value, "should be a name of letters, digits and . _ - + = (at most 100), not a path")
+
+
 @dataclass
 class DataConfig:
     name: str = "digits"
@@ -94,7 +112,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.name", self.name, DATASETS)
-        if not 0.0 <= self.val_fraction < 1.0:
+        if not (_finite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):
             raise _fail("data.val_fraction", self.val_fraction, "should be in [0, 1)")
         _check_positive("data.batch_size", self.batch_size)
         _check_positive("data.eval_batch_size", self.eval_batch_size)
@@ -290,8 +308,8 @@ class PrimalConfig:
         _check_positive("optim.primal.lr", self.lr)
         if self.gate_lr is not None:
             _check_positive("optim.primal.gate_lr", self.gate_lr)
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise _fail("optim.primal", (self.momentum, self.weight_decay), "momentum and weight_decay should be >= 0")
+        _check_nonnegative("optim.primal.momentum", self.momentum)
+        _check_nonnegative("optim.primal.weight_decay", self.weight_decay)
 
 
 @dataclass
@@ -306,7 +324,10 @@ class DualConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.dual.name", self.name, ("sgd", "adam", "nupi"))
         _check_positive("optim.dual.lr", self.lr)
-        if not 0.0 <= self.ema_nu < 1.0:
+        _check_nonnegative("optim.dual.momentum", self.momentum)
+        _check_nonnegative("optim.dual.kp", self.kp)
+        _check_nonnegative("optim.dual.ki", self.ki)
+        if not (_finite(self.ema_nu) and 0.0 <= self.ema_nu < 1.0):
             raise _fail("optim.dual.ema_nu", self.ema_nu, "should be in [0, 1)")
 
 
@@ -346,6 +367,12 @@ class TrainConfig:
             raise _fail("train.epochs", self.epochs, "should be >= 0")
         if self.threads is not None and self.threads <= 0:
             raise _fail("train.threads", self.threads, "should be a positive integer")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise _fail("train.seed", self.seed, f"should be an integer in [0, {MAX_SEED}]")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise _fail("train.device", self.device, "not a device name (cpu, cuda, cuda:1, mps, ...)") from None
 
 
 @dataclass
@@ -361,6 +388,10 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _check_choice("tracking.wandb", self.wandb, WANDB_MODES)
+        if self.run_name is not None:
+            _check_name("tracking.run_name", self.run_name)
+        if not self.out_dir or "\x00" in self.out_dir:
+            raise _fail("tracking.out_dir", self.out_dir, "should be a directory path")
 
 
 @dataclass
@@ -376,6 +407,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        _check_name("name", self.name)
         if self.model.name == "lenet5" and self.data.name == "digits":
             raise _fail("model.name", "lenet5", "needs 28x28 images (mnist or fashion_mnist), not digits")
         if self.train.select == "best_feasible" and self.data.val_fraction <= 0:
@@ -500,17 +532,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_config_dict(path: str | Path) -> dict:
+    """The mapping in a YAML config file (safe loading: plain values only, no objects)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    text = config_text(path)
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "mnist", "fashion_mnist")
+CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10}  # the task each name declares
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -86,6 +87,7 @@ class Dataset:
     test_y: torch.Tensor
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
+    classes: int | None = None  # the declared number of classes (labels 0 .. classes - 1)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -93,7 +95,24 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        if self.classes is not None:
+            return self.classes
         return int(max(self.train_y.max(), self.test_y.max())) + 1
+
+    def check_labels(self, where: str) -> Dataset:
+        """Refuse labels outside ``0 .. classes - 1`` (:class:`DataError` naming the split and the label)."""
+        if self.classes is None:
+            return self
+        for split, y in (("train", self.train_y), ("test", self.test_y), ("validation", self.val_y)):
+            if y is None or len(y) == 0:
+                continue
+            bad = y[(y < 0) | (y >= self.classes)]
+            if len(bad):
+                raise DataError(
+                    f"{where}: {split} label {int(bad[0])} is outside the {self.classes} classes of {self.name} "
+                    f"(0..{self.classes - 1})"
+                )
+        return self
 
     def to(self, device: torch.device | str) -> Dataset:
         for key in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y"):
@@ -278,6 +297,7 @@ def load_dataset(
         raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if name == "digits":
         dataset = load_digits()
+        where = "digits (scikit-learn)"
     else:
         cache = Path(cache_dir) if cache_dir else default_cache_dir() / name
         candidates = [Path(root)] if root else [Path(DEFAULT_ROOTS.get(name, cache)), cache]
@@ -292,6 +312,9 @@ def load_dataset(
             )
             raise DataError(f"{name} IDX files not found in {where}; {hint}")
         dataset = load_idx_dir(found, name)
+        where = str(found)
+    dataset.classes = CLASSES[name]
+    dataset.check_labels(where)
     return dataset.split_validation(val_fraction, seed=seed)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,8 +23,23 @@ import torch
 from torch import nn
 
 from .compact import CompactModel, SelectInputs, fast_pooling
+from .errors import CheckpointError
+from .files import load_torch_file
 
-__all__ = ["architecture", "build_architecture", "load_compact", "save_compact", "save_sequential"]
+__all__ = [
+    "architecture",
+    "build_architecture",
+    "check_architecture",
+    "load_compact",
+    "save_compact",
+    "save_sequential",
+]
+
+# The largest layer a saved description may declare (elements of one weight); no network this
+# tool writes comes near it, and a hostile description cannot make loading allocate more.
+MAX_LAYER_ELEMENTS = 1 << 31
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def architecture(module: nn.Sequential) -> list[dict[str, Any]]:
@@ -75,8 +92,71 @@ def _tuple_or_int(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value  # JSON turns tuples into lists; ints, strings stay
 
 
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < MAX_LAYER_ELEMENTS
+
+
+def _int_or_pair(v: Any, low: int) -> bool:
+    if isinstance(v, list):
+        return len(v) == 2 and all(_is_int(x, low) for x in v)
+    return _is_int(v, low)
+
+
+def check_architecture(arch: Any) -> None:
+    """Refuse a description that :func:`build_architecture` should not build (``ValueError``
+    naming the entry): unknown layer types, missing or ill-typed settings, names that are not
+    plain identifiers, layers larger than :data:`MAX_LAYER_ELEMENTS`."""
+    if not isinstance(arch, list):
+        raise ValueError("the architecture is not a list of layers")
+    seen = set()
+    for i, spec in enumerate(arch):
+        where = f"architecture entry {i}"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} is not a mapping")
+        name, kind = spec.get("name"), spec.get("type")
+        if not isinstance(name, str) or not _NAME.match(name) or name in seen:
+            raise ValueError(f"{where}: name {name!r} is not a new plain identifier")
+        seen.add(name)
+        bad: list[str] = []
+        if kind == "Linear":
+            bad = [k for k in ("in", "out") if not _is_int(spec.get(k))]
+            bad += [] if isinstance(spec.get("bias"), bool) else ["bias"]
+            if not bad and spec["in"] * spec["out"] >= MAX_LAYER_ELEMENTS:
+                bad = ["in x out"]
+        elif kind == "Conv2d":
+            bad = [k for k in ("in", "out") if not _is_int(spec.get(k), 1)]
+            bad += [k for k in ("kernel", "stride") if not _int_or_pair(spec.get(k), 1)]
+            bad += [] if _int_or_pair(spec.get("dilation", 1), 1) else ["dilation"]
+            padding = spec.get("padding")
+            bad += [] if padding in ("same", "valid") or _int_or_pair(padding, 0) else ["padding"]
+            bad += [] if spec.get("padding_mode", "zeros") in _PADDING_MODES else ["padding_mode"]
+            bad += [] if isinstance(spec.get("bias"), bool) else ["bias"]
+            if not bad:
+                kernel = spec["kernel"] if isinstance(spec["kernel"], list) else [spec["kernel"]] * 2
+                if spec["in"] * spec["out"] * math.prod(kernel) >= MAX_LAYER_ELEMENTS:
+                    bad = ["size"]
+        elif kind == "MaxPool2d":
+            bad = [k for k in ("kernel", "stride") if not _int_or_pair(spec.get(k), 1)]
+            bad += [] if _int_or_pair(spec.get("padding", 0), 0) else ["padding"]
+            bad += [] if _int_or_pair(spec.get("dilation", 1), 1) else ["dilation"]
+            bad += [] if isinstance(spec.get("ceil_mode", False), bool) else ["ceil_mode"]
+        elif kind == "Flatten":
+            bad = [k for k in ("start_dim", "end_dim") if not _is_int(spec.get(k, 1), -8) or abs(spec.get(k, 1)) > 8]
+        elif kind == "SelectInputs":
+            index = spec.get("index")
+            if not isinstance(index, list) or len(index) >= MAX_LAYER_ELEMENTS or not all(_is_int(v) for v in index):
+                bad = ["index"]
+        elif kind not in ("ReLU", "Identity"):
+            raise ValueError(f"{where}: layer type {kind!r} is not one this tool writes")
+        if bad:
+            raise ValueError(f"{where} ({kind} {name!r}): bad {', '.join(bad)}")
+
+
 def build_architecture(arch: list[dict[str, Any]]) -> nn.Sequential:
-    """The ``nn.Sequential`` an :func:`architecture` describes (weights uninitialised)."""
+    """The ``nn.Sequential`` an :func:`architecture` describes (weights uninitialised).
+
+    Check a description from a file with :func:`check_architecture` first.
+    """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for spec in arch:
         kind = spec["type"]
@@ -154,13 +234,49 @@ def save_compact(
 
 
 def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Load ``model.pt`` written by :func:`save_compact`: the module and its description."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    module = build_architecture(data["architecture"])
+    """Load ``model.pt`` written by :func:`save_compact`: the module and its description.
+
+    Read with ``weights_only=True``; the description is checked and every stored tensor
+    must have the shape the description gives it before anything is built.
+
+    Raises:
+        CheckpointError: the file is not such a network (one line naming it).
+    """
+    data = load_torch_file(path, "saved network")
+    if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict) or "architecture" not in data:
+        raise CheckpointError(f"{path}: not a network saved by csparse (no architecture and state_dict)")
+    try:
+        return _load_checked(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _load_checked(data: dict[str, Any]) -> tuple[nn.Sequential, dict[str, Any]]:
+    check_architecture(data["architecture"])
+    sparse = data.get("sparse", [])
+    if not isinstance(sparse, list) or not all(isinstance(s, dict) and isinstance(s.get("key"), str) for s in sparse):
+        raise ValueError("the list of sparse weights is malformed")
+    shapes = {s["key"]: s.get("shape") for s in sparse}
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {k: tuple(v.shape) for k, v in build_architecture(data["architecture"]).state_dict().items()}
+    stored = data["state_dict"]
+    if set(stored) != set(expected):
+        raise ValueError(f"its weights {sorted(set(stored) ^ set(expected))[:4]} do not match its architecture")
     state = {}
-    shapes = {s["key"]: s["shape"] for s in data["sparse"]}
-    for key, value in data["state_dict"].items():
-        state[key] = value.to_dense().reshape(shapes[key]) if key in shapes else value
+    for key, value in stored.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{key} is not a tensor")
+        if key in shapes:
+            shape = shapes[key]
+            if not (isinstance(shape, list) and tuple(shape) == expected[key] and value.layout == torch.sparse_csr):
+                raise ValueError(f"sparse weight {key}: shape {shape} does not match {expected[key]}")
+            if tuple(value.shape) != (shape[0], math.prod(shape[1:])):
+                raise ValueError(f"sparse weight {key}: stored shape {tuple(value.shape)} does not match {shape}")
+            value = value.to_dense().reshape(shape)
+        elif tuple(value.shape) != expected[key] or value.layout != torch.strided:
+            raise ValueError(f"{key}: shape {tuple(value.shape)}, its architecture says {expected[key]}")
+        state[key] = value
+    module = build_architecture(data["architecture"])
     module.load_state_dict(state)
     info = {k: v for k, v in data.items() if k != "state_dict"}
     return module.eval(), info

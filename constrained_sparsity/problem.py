@@ -308,6 +308,13 @@ def build_optimizer(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} should be one of {SCHEMES}")
+    for settings in (primal, dual):
+        for key in ("lr", "gate_lr", "momentum", "weight_decay", "kp", "ki", "ema_nu"):
+            value = getattr(settings, key, 0.0)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{type(settings).__name__}.{key}={value!r} should be a finite number >= 0")
+        if not settings.lr > 0:
+            raise ValueError(f"{type(settings).__name__}.lr={settings.lr!r} should be > 0")
     groups = _primal_param_groups(problem.model, problem.methods, primal)
     extra = scheme == "extrapolation"
     if primal.name == "adam":

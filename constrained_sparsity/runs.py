@@ -29,9 +29,10 @@ from .compact import (
 )
 from .config import Config, config_from_dict, read_config_dict
 from .data import Dataset, load_dataset
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluation import error_rate, max_output_difference, measure_latency
-from .export import build_architecture, load_compact, save_compact
+from .export import build_architecture, check_architecture, load_compact, save_compact
+from .files import first_line, read_json, read_pt2_weights
 from .graph import bake
 from .methods import SparsityMethod
 from .training import CHECKPOINT, SELECTED, build_trainer, dataset_for, load_checkpoint
@@ -62,9 +63,11 @@ class TrainedRun:
     def phase_models(self) -> list[tuple[str, Path]]:
         """``(phase, file)`` of every phase after training that saved its network, in order."""
         out = []
-        for name, info in (self.summary.get("phases") or {}).items():
+        phases = self.summary.get("phases")
+        for name, info in (phases if isinstance(phases, dict) else {}).items():
             file = info.get("model_file") if isinstance(info, dict) else None
-            if file and (self.run_dir / file).is_file():
+            # a file name the run wrote into its own directory, never a path elsewhere
+            if isinstance(file, str) and file == Path(file).name and (self.run_dir / file).is_file():
                 out.append((name, self.run_dir / file))
         return out
 
@@ -82,13 +85,21 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     dataset = dataset_for(cfg)
     model, methods, _, _ = build_trainer(cfg, dataset)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    selected = summary.get("selected_epoch")
+    summary = read_json(summary_path, "run summary") if summary_path.is_file() else {}
+    selected = summary.get("selected_epoch") if isinstance(summary, dict) else "?"
+    if not isinstance(summary, dict) or not (selected is None or isinstance(selected, int)):
+        raise CheckpointError(f"{summary_path}: not a run summary of csparse")
     source = run_dir / SELECTED if selected is not None and (run_dir / SELECTED).is_file() else run_dir / CHECKPOINT
-    model.load_state_dict(load_checkpoint(source)["model"])
-    checkpoint_methods = load_checkpoint(run_dir / CHECKPOINT).get("methods", [])
-    for method, state in zip(methods, checkpoint_methods):
-        method.load_state_dict(state)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT, ("model", "methods"))
+    weights = checkpoint if source.name == CHECKPOINT else load_checkpoint(source)
+    try:
+        model.load_state_dict(weights["model"])
+        if not isinstance(checkpoint["methods"], list) or len(checkpoint["methods"]) != len(methods):
+            raise ValueError(f"{len(methods)} methods, but the checkpoint holds other method states")
+        for method, state in zip(methods, checkpoint["methods"]):
+            method.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{source}: does not fit the run's config ({first_line(exc)})") from None
     return TrainedRun(run_dir, cfg, model.eval(), methods, dataset, summary)
 
 
@@ -127,7 +138,12 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
     folded = bake(model)
     diff = max_output_difference(model.eval(), compacted.module, dataset.test_x[:512])
     meta = {"run_dir": str(run_dir), "dataset": cfg.data.name, "root": cfg.data.root}
-    paths = save_compact(compacted, Path(out_dir) if out_dir else run_dir / "compact", shape, meta)
+    target = Path(out_dir) if out_dir else run_dir / "compact"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {target}: cannot write there ({exc.strerror or exc})") from None
+    paths = save_compact(compacted, target, shape, meta)
     bs = cfg.data.eval_batch_size
     report = {
         "source": source,
@@ -175,10 +191,14 @@ def evaluate(
     compact version: ``RUN_DIR/compact/model.pt`` if written, else compacted now) or a
     compact model written by :func:`~constrained_sparsity.export.save_compact` (``model.pt``
     or the ``model.pt2`` program).
+
+    A ``model.pt2`` is not loaded with ``torch.export.load`` (which may unpickle and
+    evaluate what the file holds): its weights are read as raw tensors
+    (:func:`~constrained_sparsity.files.read_pt2_weights`) into the layers that the
+    ``architecture.json`` beside it describes, and that network is evaluated.
     """
     path = Path(path)
     networks: list[tuple[str, nn.Module]] = []
-    structure: nn.Sequential | None = None  # of a torch.export program: its layers, from architecture.json
     if path.is_dir():
         trained = load_run(path)
         dataset = trained.dataset
@@ -192,33 +212,33 @@ def evaluate(
         else:
             networks.append(("compact", compact_trained(trained).module))
     elif path.suffix in (".pt", ".pt2") and path.is_file():
-        description = path.with_name("architecture.json")
         if path.suffix == ".pt":
             module, info = load_compact(path)
         else:
-            if not description.is_file():
-                raise ConfigError(f"{path}: no architecture.json beside it to say which data it was trained on")
-            info = json.loads(description.read_text())
-            module = torch.export.load(path).module()
-            structure = build_architecture(info["architecture"])
-        meta = info.get("meta", {})
-        if "dataset" not in meta:
+            module, info = _program_network(path)
+        meta = info.get("meta")
+        if not isinstance(meta, dict) or not isinstance(meta.get("dataset"), str):
             raise ConfigError(f"{path}: the description names no dataset")
-        dataset = load_dataset(meta["dataset"], root=meta.get("root"))
-        shape = tuple(info["input_shape"])
+        root = meta.get("root")
+        dataset = load_dataset(meta["dataset"], root=root if isinstance(root, str) else None)
+        shape = info.get("input_shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise CheckpointError(f"{path}: its description has no valid input_shape")
+        shape = tuple(shape)
+        if shape != tuple(dataset.input_shape):
+            raise CheckpointError(f"{path}: takes inputs of shape {shape}, {meta['dataset']} has {dataset.input_shape}")
+        _check_runs(module, dataset, path)
         networks.append((f"compact ({path.name})", module))
     else:
         raise ConfigError(f"{path}: expected a run directory or a compact model (model.pt / model.pt2)")
     rows = []
     for name, module in networks:
-        if isinstance(module, nn.Sequential):
-            module = module.float()
+        module = module.float()
         row: dict[str, Any] = {"network": name}
-        layers = module if isinstance(module, nn.Sequential) else structure
-        row["architecture"] = describe(layers, shape) if layers is not None else "-"
+        row["architecture"] = describe(module, shape)
         row["params"] = count_params(module)
         row["nonzero_params"] = count_params(module, nonzero=True)
-        row["flops"] = count_flops(layers, shape) if layers is not None else None
+        row["flops"] = count_flops(module, shape)
         row["test_error"] = error_rate(module, dataset.test_x, dataset.test_y, 1024)
         for b in batches:
             for t in threads:
@@ -241,3 +261,42 @@ def format_eval(rows: list[dict[str, Any]]) -> str:
             f"{100 * r['test_error']:.2f} % | {lat} |"
         )
     return "\n".join(lines)
+
+
+def _program_network(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """The network a ``torch.export`` archive holds, rebuilt without running the archive:
+    the layers of ``architecture.json`` beside it, the weights read as raw tensors."""
+    description = path.with_name("architecture.json")
+    if not description.is_file():
+        raise ConfigError(f"{path}: no architecture.json beside it to say which layers and data it holds")
+    info = read_json(description, "network description")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{description}: not a network description of csparse")
+    try:
+        check_architecture(info.get("architecture"))
+        with torch.device("meta"):  # shapes only
+            expected = {k: tuple(v.shape) for k, v in build_architecture(info["architecture"]).state_dict().items()}
+    except ValueError as exc:
+        raise CheckpointError(f"{description}: {exc}") from None
+    weights = read_pt2_weights(path)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    if shapes != expected:
+        raise CheckpointError(f"{path}: its weights do not match the layers of {description.name}")
+    module = build_architecture(info["architecture"])
+    module.load_state_dict(weights)
+    return module.eval(), info
+
+
+def _check_runs(module: nn.Module, dataset: Dataset, path: Path) -> None:
+    """Refuse a saved network that cannot run on its data (a description that lies)."""
+    try:
+        with torch.no_grad():
+            out = module(dataset.test_x[:2].float())
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: the network does not run on {dataset.name} ({str(exc).splitlines()[0]})"
+        ) from None
+    if out.dim() != 2 or out.shape[1] < dataset.num_classes:
+        raise CheckpointError(
+            f"{path}: the network gives {tuple(out.shape[1:])} outputs for {dataset.num_classes} classes"
+        )

@@ -1,7 +1,9 @@
 """Run tracking: a JSONL metrics file (always) and Weights & Biases (online / offline / off).
 
-W&B never blocks a run: ``auto`` means online only when an API key is configured, offline
-otherwise; an online start that fails falls back to offline with a warning.
+W&B never blocks or stops a run: ``auto`` means online only when an API key is configured,
+offline otherwise; an online start that fails falls back to offline, and when W&B cannot
+start or write at all (its directory not writable, its service failing) the run goes on
+with the JSONL log alone, after one warning.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ class Tracker:
         self._jsonl = self.metrics_path.open("a", encoding="utf-8")
         self.mode = resolve_wandb_mode(wandb_mode)
         self.wandb_run: Any = None
+        self.wandb_error: str | None = None  # why W&B stopped logging, if it did
         if self.mode != "disabled":
-            self.wandb_run = self._start_wandb(config, project, entity, group, job_type, name, run_id)
+            try:
+                self.wandb_run = self._start_wandb(config, project, entity, group, job_type, name, run_id)
+            except Exception as exc:  # noqa: BLE001 - W&B is a copy of the log; the run goes on without it
+                self._give_up("start", exc)
 
     @property
     def wandb_id(self) -> str | None:
@@ -94,6 +100,12 @@ class Tracker:
         run.define_metric("*", step_metric="epoch")
         return run
 
+    def _give_up(self, what: str, exc: BaseException) -> None:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.wandb_error = f"W&B could not {what} ({type(exc).__name__}: {reason})"
+        warnings.warn(f"{self.wandb_error}; the run goes on, logged in {self.metrics_path} only", stacklevel=3)
+        self.wandb_run = None
+
     def log(self, metrics: dict[str, Any]) -> None:
         """Append one record (flushed to disk at once) and send it to W&B."""
         record = {k: _jsonable(v) for k, v in metrics.items()}
@@ -101,12 +113,18 @@ class Tracker:
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics)
+            try:
+                self.wandb_run.log(metrics)
+            except Exception as exc:  # noqa: BLE001
+                self._give_up("log", exc)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
-            for key, value in values.items():
-                self.wandb_run.summary[key] = value
+            try:
+                for key, value in values.items():
+                    self.wandb_run.summary[key] = value
+            except Exception as exc:  # noqa: BLE001
+                self._give_up("write the summary", exc)
 
     def finish(self, exit_code: int = 0) -> None:
         self._jsonl.close()

@@ -292,3 +292,32 @@ def test_layer_sparsity_proximal_step_through_the_problem_matches_its_closed_for
         for got, want in ((model.get_submodule(name).weight, w), (model.get_submodule(name).bias, bias)):
             closed = torch.where(want < 0, want * scale, want)
             torch.testing.assert_close(got.detach(), closed, rtol=1e-12, atol=1e-12)
+
+
+def test_nan_and_infinite_settings_are_refused_where_they_are_given():
+    from constrained_sparsity import HardConcreteGate
+    from constrained_sparsity.methods.layers import negative_part_prox_
+
+    for kwargs in (
+        {"beta": float("nan")},
+        {"gamma": float("nan")},
+        {"zeta": float("inf")},
+        {"droprate_init": float("nan")},
+    ):
+        with pytest.raises(ValueError, match="finite|should be in"):
+            HardConcreteGate(3, **kwargs)
+    problem = SparsityProblem(*_model(), [Target(0.3)])
+    for primal, dual in (
+        (PrimalOptimizer(lr=float("nan")), DualOptimizer()),
+        (PrimalOptimizer(momentum=float("inf")), DualOptimizer()),
+        (PrimalOptimizer(), DualOptimizer(lr=0.0)),
+        (PrimalOptimizer(), DualOptimizer(kp=float("nan"))),
+    ):
+        with pytest.raises(ValueError, match=r"Optimizer\.\w+="):
+            build_optimizer(problem, primal, dual)
+    with pytest.raises(ValueError, match="threshold=nan"):
+        negative_part_prox_([torch.zeros(2)], float("nan"))
+    with pytest.raises(ValueError, match="weights=.*finite"):
+        attach_layer_sparsity(
+            nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), weights=float("nan"), input_nonnegative=True
+        )

@@ -134,12 +134,12 @@ class HardConcreteGate(nn.Module):
         super().__init__()
         if num_gates <= 0:
             raise ValueError(f"num_gates={num_gates} should be a positive integer")
-        if not 0.0 < droprate_init < 1.0:
+        if not (_finite(droprate_init) and 0.0 < droprate_init < 1.0):
             raise ValueError(f"droprate_init={droprate_init} should be in (0, 1)")
-        if beta <= 0:
-            raise ValueError(f"beta={beta} should be > 0")
-        if not (gamma < 0.0 and zeta > 1.0):
-            raise ValueError(f"gamma={gamma}, zeta={zeta}: need gamma < 0 and zeta > 1")
+        if not (_finite(beta) and beta > 0):
+            raise ValueError(f"beta={beta} should be a finite number > 0")
+        if not (_finite(gamma) and _finite(zeta) and gamma < 0.0 and zeta > 1.0):
+            raise ValueError(f"gamma={gamma}, zeta={zeta}: need finite gamma < 0 and zeta > 1")
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.zeta = float(zeta)

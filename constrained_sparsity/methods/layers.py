@@ -99,8 +99,8 @@ def negative_part_prox_(tensors: Sequence[torch.Tensor], threshold: float) -> fl
 
     Returns the norm of the negative part after the step (0.0 when it was zeroed).
     """
-    if threshold < 0:
-        raise ValueError(f"threshold={threshold} should be >= 0")
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold={threshold} should be a finite number >= 0")
     with torch.no_grad():
         norm = torch.sqrt(sum((t.clamp(max=0.0) ** 2).sum() for t in tensors))  # type: ignore[arg-type]
         if float(norm) == 0.0:
@@ -415,8 +415,8 @@ def attach_layer_sparsity(
         r = [float(w) for w in weights]
         if len(r) != len(chosen):
             raise ValueError(f"weights has {len(r)} entries for {len(chosen)} regularised layers {chosen}")
-    if any(w < 0 for w in r):
-        raise ValueError(f"weights={r} should be >= 0")
+    if not all(math.isfinite(w) and w >= 0 for w in r):
+        raise ValueError(f"weights={r} should be finite numbers >= 0")
     return LayerSparsity(model, chain, chosen, r, input_nonnegative, refit_epochs)
 
 

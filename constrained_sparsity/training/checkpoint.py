@@ -15,6 +15,7 @@ import torch
 from cooper.optim import nuPIInitType
 
 from ..errors import CheckpointError
+from ..files import load_torch_file
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_VERSION", "SELECTED", "load_checkpoint", "save_checkpoint"]
 
@@ -42,17 +43,44 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU).
+# What a checkpoint of a run (checkpoint.pt) holds; a selected iterate holds "epoch" and "model".
+RUN_KEYS = (
+    "config",
+    "model",
+    "cmp",
+    "optimizer",
+    "methods",
+    "rng_torch",
+    "epoch_data_rng",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "wandb_id",
+    "selected",
+)
+
+
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU, ``weights_only``).
 
     Raises:
-        CheckpointError: the file is of another format version.
+        CheckpointError: the file cannot be read, is not a checkpoint of this tool, is of
+            another format version, or lacks one of ``keys``.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    version = state.get("version") if isinstance(state, dict) else None
+    state = load_torch_file(path, "checkpoint")
+    if not isinstance(state, dict) or "version" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of constrained_sparsity")
+    version = state["version"]
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {version}, but this version of constrained_sparsity reads "
             f"version {CHECKPOINT_VERSION}; train the run again with this version"
         )
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {', '.join(missing)})")
+    if "model" in keys and not (
+        isinstance(state["model"], dict) and all(isinstance(v, torch.Tensor) for v in state["model"].values())
+    ):
+        raise CheckpointError(f"{path}: its model entry is not a state_dict of tensors")
     return state

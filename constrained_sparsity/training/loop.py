@@ -31,12 +31,16 @@ __all__ = ["Plan", "Position", "play", "stop_on_signals"]
 @dataclass
 class Position:
     """Where a phase stands: epochs done, steps done in the epoch in progress, steps in all,
-    and the data order generator's state at the start of the epoch in progress."""
+    the data order generator's state at the start of the epoch in progress, and (when it
+    stopped inside an epoch) that epoch's running sums, so that its log row comes out as
+    if it had not stopped: ``{"loss", "lagrangian"}`` (tensors), ``"restarts"``, ``"steps"``
+    and ``"seconds"``."""
 
     epoch: int
     step_in_epoch: int
     global_step: int
     data_state: torch.Tensor
+    epoch_sums: dict[str, Any] | None = None
 
 
 @dataclass
@@ -114,12 +118,20 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
         while pos.epoch < plan.epochs:
             if plan.start_epoch is not None:
                 plan.start_epoch(pos)
-            t0 = time.perf_counter()
             plan.generator.set_state(pos.data_state)
-            loss_sum = torch.zeros((), device=plan.x.device)
-            lagr_sum = torch.zeros((), device=plan.x.device)
-            restarts: dict[str, int] = {}
-            steps = 0
+            sums = pos.epoch_sums if pos.step_in_epoch > 0 and pos.epoch_sums else None
+            if sums is not None:  # resumed inside this epoch: its sums so far
+                loss_sum = sums["loss"].to(plan.x.device)
+                lagr_sum = sums["lagrangian"].to(plan.x.device)
+                restarts: dict[str, int] = dict(sums["restarts"])
+                steps = int(sums["steps"])
+                t0 = time.perf_counter() - float(sums["seconds"])
+            else:
+                loss_sum = torch.zeros((), device=plan.x.device)
+                lagr_sum = torch.zeros((), device=plan.x.device)
+                restarts = {}
+                steps = 0
+                t0 = time.perf_counter()
             for xb, yb in batches(plan.x, plan.y, plan.batch_size, plan.generator, start=pos.step_in_epoch):
                 if plan.lr is not None:
                     weights_group["lr"] = plan.lr(pos.global_step)
@@ -143,10 +155,18 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                 if progress is not None:
                     progress.update(1)
                 if stop["signum"] is not None:
+                    pos.epoch_sums = {
+                        "loss": loss_sum.detach().cpu(),
+                        "lagrangian": lagr_sum.detach().cpu(),
+                        "restarts": dict(restarts),
+                        "steps": steps,
+                        "seconds": time.perf_counter() - t0,
+                    }
                     sig = signal.Signals(stop["signum"]).name
                     raise TrainingInterrupted(plan.on_stop(pos, sig), stop["signum"])
             pos.epoch += 1
             pos.step_in_epoch = 0
+            pos.epoch_sums = None
             pos.data_state = plan.generator.get_state()
             metrics = plan.metrics(
                 pos.epoch,

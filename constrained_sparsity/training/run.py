@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +25,20 @@ from torch.nn.utils import prune
 from ..compact import compact, size_summary
 from ..config import Config, apply_overrides, config_from_dict, read_config_dict
 from ..data import Dataset
-from ..errors import ConfigError, TrainingInterrupted
+from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..evaluation import error_rate, max_output_difference
 from ..export import save_sequential
+from ..files import first_line
 from ..graph import bake
 from ..methods import Phase, PhaseContext, SparsityMethod, method_spec
 from ..problem import OptimizerSet, SparsityProblem, scheduled_lr
 from ..tracking import Tracker
 from .build import build_trainer, dataset_for
-from .checkpoint import CHECKPOINT, SELECTED, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, RUN_KEYS, SELECTED, load_checkpoint, save_checkpoint
 from .loop import Plan, Position, play, stop_on_signals
+from .rundir import cut_log, new_run_dir, prepare_run_dir
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "check_device", "run"]
 
 # Keys that may change when a run is resumed; anything else would change the experiment.
 RESUMABLE_KEYS = ("train.epochs", "tracking.")
@@ -102,17 +105,6 @@ class RunResult:
         }
 
 
-def _new_run_dir(cfg: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.tracking.out_dir) / f"{cfg.tracking.run_name or cfg.name}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    path.mkdir(parents=True)
-    return path
-
-
 def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
     for text in overrides:
         key = text.split("=", 1)[0]
@@ -126,29 +118,23 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _is_phase_row(row: dict[str, Any]) -> bool:
-    """Rows a phase after training logged (``<phase>/epoch``), not the main game's."""
-    return any(key.endswith("/epoch") for key in row)
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if not _is_phase_row(row)]
-
-
 # -- the run ---------------------------------------------------------------------------------
 def run(
     config: Config | None = None,
     resume: str | Path | None = None,
     overrides: list[str] | None = None,
     run_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train a sparse network as the config declares, or resume the run in ``resume``.
 
+    A new run goes into ``run_dir`` (created; refused when it already holds a run, unless
+    ``overwrite``) or a new directory ``tracking.out_dir/<name>-<time>``. On resume, the log
+    is cut back to the checkpoint (what is cut is kept in ``metrics.jsonl.cut-<n>``).
+
     Raises:
-        ConfigError / DataError / CheckpointError: bad input (nothing is trained).
+        ConfigError / DataError / CheckpointError: bad input (nothing is trained, no file is
+            changed).
         TrainingDiverged: the loss became NaN or infinite (the last checkpoint is kept).
         TrainingInterrupted: SIGINT / SIGTERM; a checkpoint of the current step was written.
     """
@@ -159,47 +145,58 @@ def run(
         if not (out / CHECKPOINT).is_file():
             raise ConfigError(f"--resume {out}: no {CHECKPOINT} there")
         cfg = _resume_config(out, list(overrides or []))
-        checkpoint = load_checkpoint(out / CHECKPOINT)
+        checkpoint = load_checkpoint(out / CHECKPOINT, RUN_KEYS)
     else:
         if config is None:
             raise ValueError("run() needs a config or resume=RUN_DIR")
         cfg = config_from_dict(apply_overrides(config.to_dict(), list(overrides or []))) if overrides else config
 
+    device = check_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.flush_denormal:
         torch.set_flush_denormal(True)  # returns False where the CPU cannot; harmless then
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = torch.device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
     dataset = dataset_for(cfg).to(device)
     model, methods, problem, optimizers = build_trainer(cfg, dataset, device)
     data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    if checkpoint is None:  # everything validated: only now create the run directory
-        out = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-
     pos = Position(0, 0, 0, data_gen.get_state())
     wandb_id = None
     history: list[dict[str, Any]] = []
     selected = None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        problem.load_state_dict(checkpoint["cmp"])
-        optimizers.cooper_optimizer.load_state_dict(checkpoint["optimizer"])
-        for method, state in zip(methods, checkpoint["methods"]):
-            method.load_state_dict(state)
-        torch.set_rng_state(checkpoint["rng_torch"])
-        pos = Position(
-            checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"], checkpoint["epoch_data_rng"]
-        )
+        try:
+            model.load_state_dict(checkpoint["model"])
+            problem.load_state_dict(checkpoint["cmp"])
+            optimizers.cooper_optimizer.load_state_dict(checkpoint["optimizer"])
+            if len(checkpoint["methods"]) != len(methods):
+                raise ValueError(f"{len(checkpoint['methods'])} method states for {len(methods)} methods")
+            for method, state in zip(methods, checkpoint["methods"]):
+                method.load_state_dict(state)
+            torch.set_rng_state(checkpoint["rng_torch"])
+            data_gen.set_state(checkpoint["epoch_data_rng"])
+            pos = Position(
+                int(checkpoint["epoch"]),
+                int(checkpoint["step_in_epoch"]),
+                int(checkpoint["global_step"]),
+                data_gen.get_state(),
+                checkpoint.get("epoch_sums") or None,
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{out / CHECKPOINT}: does not fit the run's config ({first_line(exc)})") from None
         wandb_id = checkpoint.get("wandb_id") or None
         selected = checkpoint.get("selected") or None
-        history = _read_history(out / "metrics.jsonl")
-    else:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # everything validated: only now change the run directory
+        history, _ = cut_log(out, pos.epoch)
+    else:  # everything validated: only now create the run directory
+        if run_dir is not None:
+            out = prepare_run_dir(run_dir, overwrite)
+        else:
+            out = new_run_dir(cfg.tracking.out_dir, cfg.tracking.run_name or cfg.name)
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     tracker = Tracker(
         out,
@@ -229,8 +226,31 @@ def run(
         result = state.result(time.perf_counter() - start)
         tracker.summary(_wandb_summary(result))
         tracker.finish(exit_code=exit_code)
-        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+        write_text_atomic(out / "summary.json", json.dumps(result.summary(), indent=2))
     return result
+
+
+def check_device(name: str) -> torch.device:
+    """``train.device`` as a device this machine has (:class:`ConfigError` otherwise)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device={name!r}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": lambda: torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, lambda: False)():
+        raise ConfigError(f"train.device={name!r}: this machine has no such device")
+    return device
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a kill leaves the old or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _wandb_summary(result: RunResult) -> dict[str, Any]:
@@ -293,6 +313,7 @@ class _Run:
                 "methods": [m.state_dict() for m in self.methods],
                 "rng_torch": torch.get_rng_state(),
                 "epoch_data_rng": pos.data_state,
+                "epoch_sums": pos.epoch_sums or {},
                 "epoch": pos.epoch,
                 "step_in_epoch": pos.step_in_epoch,
                 "global_step": pos.global_step,
