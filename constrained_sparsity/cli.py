@@ -14,6 +14,8 @@ from .errors import CSparseError, TrainingDiverged, TrainingInterrupted
 
 __all__ = ["main"]
 
+MAX_EVAL_BATCH = 1 << 16  # latency batches: larger ones time memory traffic, not the network
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the tool's one-line errors (exit code 2)."""
@@ -78,6 +80,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if any(b <= 0 for b in args.batches) or any(t <= 0 for t in args.threads) or args.repeats <= 0:
         raise CSparseError("--batches, --threads and --repeats take positive integers")
+    if max(args.batches) > MAX_EVAL_BATCH or max(args.threads) > 1024:
+        raise CSparseError(f"--batches at most {MAX_EVAL_BATCH}, --threads at most 1024")
     print(format_eval(evaluate(args.path, args.batches, args.threads, args.repeats)))
     return 0
 
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError
+
 __all__ = ["Tracker", "resolve_wandb_mode"]
 
 
@@ -54,7 +56,10 @@ class Tracker:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._jsonl = self.metrics_path.open("a", encoding="utf-8")
+        try:
+            self._jsonl = self.metrics_path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise CheckpointError(f"{self.metrics_path}: cannot write the log ({exc.strerror or exc})") from None
         self.mode = resolve_wandb_mode(wandb_mode)
         self.wandb_run: Any = None
         self.wandb_error: str | None = None  # why W&B stopped logging, if it did

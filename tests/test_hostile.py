@@ -424,3 +424,24 @@ def test_the_readme_trust_paragraph_names_what_is_refused():
     section = text[text.index("## Files and trust") :]
     for phrase in ("weights_only=True", "model.pt2", "torch.export.load", "safe_load", "module:Class"):
         assert phrase in section, phrase
+
+
+def test_more_hostile_inputs_are_refused_in_one_line(run_copy, tmp_path, capsys):
+    _refused(capsys, "train", DIGITS, *QUIET, "model.hidden=[100000000000]", contains="cannot allocate the network")
+    _refused(capsys, "eval", run_copy, "--batches", 10**8, contains="--batches at most")
+    _refused(capsys, "train", DIGITS, *QUIET, "train.epochs.x=1", contains="is not a section")
+    _refused(capsys, "train", DIGITS, *QUIET, "sparsity.layers=5", contains="should be a mapping")
+    _refused(capsys, "train", DIGITS, *QUIET, "sparsity.method=math:pi", contains="not a subclass")
+    _refused(capsys, "train", "--resume", tmp_path / "nowhere", contains="no checkpoint.pt there")
+    _refused(capsys, "eval", tmp_path / "notes.txt", contains="expected a run directory or a compact model")
+    # a checkpoint whose position does not fit its run
+    state = load_checkpoint(run_copy / "checkpoint.pt")
+    torch.save({**state, "epoch": -3}, run_copy / "checkpoint.pt")
+    before = _snapshot(run_copy)
+    _refused(capsys, "train", "--resume", run_copy, "train.epochs=4", contains="does not fit")
+    assert _snapshot(run_copy) == before
+    torch.save(state, run_copy / "checkpoint.pt")
+    # a log that cannot be written
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "metrics.jsonl").mkdir()
+    _refused(capsys, "train", "--resume", run_copy, "train.epochs=4", contains="cannot write the log")

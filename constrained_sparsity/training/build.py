@@ -12,6 +12,7 @@ from torch import nn
 from ..config import Config
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError
+from ..files import first_line
 from ..methods import BuildContext, SparsityMethod, Target
 from ..models import MLP, LeNet5Caffe
 from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
@@ -21,11 +22,16 @@ __all__ = ["build_methods", "build_model", "build_trainer", "dataset_for", "nonn
 
 def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
     shape = dataset.input_shape
-    if cfg.model.name == "mlp":
-        return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
-    if shape[1:] != (28, 28):
+    if cfg.model.name == "lenet5" and shape[1:] != (28, 28):
         raise ConfigError(f"model.name='lenet5' needs 1x28x28 images; dataset {dataset.name!r} has {shape}")
-    return LeNet5Caffe(shape[0], dataset.num_classes)
+    try:
+        if cfg.model.name == "mlp":
+            return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
+        return LeNet5Caffe(shape[0], dataset.num_classes)
+    except (RuntimeError, MemoryError) as exc:  # e.g. model.hidden=[100000000]: more memory than there is
+        raise ConfigError(
+            f"model.hidden={cfg.model.hidden!r}: cannot allocate the network ({first_line(exc)})"
+        ) from None
 
 
 def nonnegative_inputs(dataset: Dataset) -> bool:

@@ -185,6 +185,21 @@ def run(
                 data_gen.get_state(),
                 checkpoint.get("epoch_sums") or None,
             )
+            steps_per_epoch = math.ceil(len(dataset.train_y) / cfg.data.batch_size)
+            if not (
+                pos.epoch >= 0
+                and 0 <= pos.step_in_epoch < steps_per_epoch
+                and pos.global_step == pos.epoch * steps_per_epoch + pos.step_in_epoch
+            ):
+                raise ValueError(f"position epoch {pos.epoch}, step {pos.step_in_epoch}, {pos.global_step} in all")
+            sums = pos.epoch_sums
+            if sums is not None and not (
+                isinstance(sums.get("loss"), torch.Tensor)
+                and isinstance(sums.get("lagrangian"), torch.Tensor)
+                and isinstance(sums.get("restarts"), dict)
+                and sums.get("steps") == pos.step_in_epoch
+            ):
+                raise ValueError("the running sums of the epoch in progress are malformed")
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise CheckpointError(f"{out / CHECKPOINT}: does not fit the run's config ({first_line(exc)})") from None
         wandb_id = checkpoint.get("wandb_id") or None
