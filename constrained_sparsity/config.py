@@ -33,6 +33,7 @@ from .problem import MODES, SCHEMES
 __all__ = [
     "Config",
     "DataConfig",
+    "FinishConfig",
     "ModelConfig",
     "OptimConfig",
     "SparsityConfig",
@@ -320,6 +321,9 @@ class DualConfig:
     kp: float = 0.0
     ki: float = 1.0
     ema_nu: float = 0.0
+    # The dual learning rate rises linearly from 0 to lr over this many epochs (0: none), so
+    # that the multiplier waits for the weights to learn before it pushes.
+    warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("optim.dual.name", self.name, ("sgd", "adam", "nupi"))
@@ -327,6 +331,7 @@ class DualConfig:
         _check_nonnegative("optim.dual.momentum", self.momentum)
         _check_nonnegative("optim.dual.kp", self.kp)
         _check_nonnegative("optim.dual.ki", self.ki)
+        _check_nonnegative("optim.dual.warmup_epochs", self.warmup_epochs)
         if not (_finite(self.ema_nu) and 0.0 <= self.ema_nu < 1.0):
             raise _fail("optim.dual.ema_nu", self.ema_nu, "should be in [0, 1)")
 
@@ -344,6 +349,30 @@ class OptimConfig:
 
 
 SELECT_MODES = ("last", "last_feasible", "best_feasible")
+
+
+@dataclass
+class FinishConfig:
+    """The finishing phase after training: fix the sparsity pattern at its test-time value,
+    close the units that contribute least until every budget holds, then fine-tune the
+    remaining weights with the pattern frozen (docs/method.md).
+
+    ``enabled``: null means on for constrained runs, off for penalized ones. ``epochs``:
+    fine-tuning epochs (null: 5 % of ``train.epochs``, at least 1). ``lr``: the fine-tuning
+    Adam learning rate (null: ``lr_factor`` x ``optim.primal.lr``).
+    """
+
+    enabled: bool | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    lr_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 0:
+            raise _fail("finish.epochs", self.epochs, "should be an integer >= 0")
+        if self.lr is not None:
+            _check_positive("finish.lr", self.lr)
+        _check_positive("finish.lr_factor", self.lr_factor)
 
 
 @dataclass
@@ -404,7 +433,16 @@ class Config:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finish: FinishConfig = field(default_factory=FinishConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def finishing(self) -> tuple[bool, int, float]:
+        """Whether the finishing phase runs, its fine-tuning epochs and learning rate."""
+        f = self.finish
+        enabled = f.enabled if f.enabled is not None else self.sparsity.mode == "constrained"
+        epochs = f.epochs if f.epochs is not None else max(1, math.ceil(0.05 * self.train.epochs))
+        lr = f.lr if f.lr is not None else f.lr_factor * self.optim.primal.lr
+        return enabled, epochs, lr
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)

@@ -35,7 +35,7 @@ from .export import build_architecture, check_architecture, load_compact, save_c
 from .files import first_line, read_json, read_pt2_weights
 from .graph import bake
 from .methods import SparsityMethod
-from .training import CHECKPOINT, SELECTED, build_trainer, dataset_for, load_checkpoint
+from .training import CHECKPOINT, FINISHED, SELECTED, build_trainer, dataset_for, load_checkpoint
 
 __all__ = [
     "TrainedRun",
@@ -75,8 +75,9 @@ class TrainedRun:
 def load_run(run_dir: str | Path) -> TrainedRun:
     """Load a finished run: the returned iterate, with its methods attached, in eval mode.
 
-    The weights are those the run reported: ``selected_model.pt`` when ``train.select``
-    kept an earlier iterate, else the last checkpoint.
+    The weights are those the run reported: ``finished_model.pt`` after the finishing phase,
+    else ``selected_model.pt`` when ``train.select`` kept an earlier iterate, else the last
+    checkpoint.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
@@ -89,7 +90,13 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     selected = summary.get("selected_epoch") if isinstance(summary, dict) else "?"
     if not isinstance(summary, dict) or not (selected is None or isinstance(selected, int)):
         raise CheckpointError(f"{summary_path}: not a run summary of csparse")
-    source = run_dir / SELECTED if selected is not None and (run_dir / SELECTED).is_file() else run_dir / CHECKPOINT
+    finish = summary.get("finish")
+    if isinstance(finish, dict) and finish.get("model_file") == FINISHED and (run_dir / FINISHED).is_file():
+        source = run_dir / FINISHED  # the finishing phase's network: the one the run returned
+    elif selected is not None and (run_dir / SELECTED).is_file():
+        source = run_dir / SELECTED
+    else:
+        source = run_dir / CHECKPOINT
     checkpoint = load_checkpoint(run_dir / CHECKPOINT, ("model", "methods"))
     weights = checkpoint if source.name == CHECKPOINT else load_checkpoint(source)
     try:

@@ -25,7 +25,7 @@ import constrained_sparsity as cs
 from constrained_sparsity.cli import main
 from constrained_sparsity.export import load_compact
 from constrained_sparsity.training import load_checkpoint
-from constrained_sparsity.training.rundir import new_run_dir
+from constrained_sparsity.training.rundir import is_phase_row, new_run_dir
 
 from .test_data import _write_mnist_like
 from .test_train import DIGITS, ROOT
@@ -69,9 +69,11 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 2-epoch digits run with its compact network written."""
+    """A 2-epoch digits run with its compact network written (no finishing phase: the
+    returned weights are those of checkpoint.pt)."""
     out = tmp_path_factory.mktemp("trained")
-    cs.run(cs.load_config(DIGITS, [*QUIET, "train.epochs=2", f"tracking.out_dir={out}"]), run_dir=out / "run")
+    overrides = [*QUIET, "train.epochs=2", "finish.enabled=false", f"tracking.out_dir={out}"]
+    cs.run(cs.load_config(DIGITS, overrides), run_dir=out / "run")
     cs.runs.compact_run(out / "run")
     return out / "run"
 
@@ -304,6 +306,11 @@ def _rows(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
+def _epochs(run: Path) -> list[int]:
+    """The epochs of the game's rows (the finishing phase logs rows of its own after them)."""
+    return [row["epoch"] for row in _rows(run) if not is_phase_row(row)]
+
+
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     args = ["train", str(DIGITS), *QUIET, "train.deterministic=true", *overrides, "--run-dir", str(run_dir)]
     return subprocess.Popen(
@@ -356,10 +363,12 @@ def test_a_row_logged_after_the_last_checkpoint_and_a_cut_line_are_cut_on_resume
         fh.write('{"epoch": 3, "train/lo')
     cut_before = (run / "metrics.jsonl").read_text().splitlines(keepends=True)[1:]
     result = cs.run(resume=run, overrides=["train.epochs=3"])
-    assert [row["epoch"] for row in _rows(run)] == [1, 2, 3]
-    assert _rows(run) == _rows(tmp_path / "full")
+    assert _epochs(run) == [1, 2, 3]
+    assert _rows(run) == _rows(tmp_path / "full")  # the finishing phase's rows too
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
-    assert (run / "metrics.jsonl.cut-1").read_text() == "".join(cut_before)  # what was cut is kept
+    # what was cut is kept: the finishing row of the 1-epoch run (cut by the first resume), then the rest
+    assert json.loads((run / "metrics.jsonl.cut-1").read_text())["finish/epoch"] == 1
+    assert (run / "metrics.jsonl.cut-2").read_text() == "".join(cut_before)
 
 
 def test_a_new_run_never_reuses_a_run_directory(tmp_path, capsys):
@@ -371,7 +380,7 @@ def test_a_new_run_never_reuses_a_run_directory(tmp_path, capsys):
     _refused(capsys, "train", DIGITS, *QUIET, "train.epochs=1", "--run-dir", run, contains="--overwrite")
     assert _snapshot(run) == before
     result = cs.run(cs.load_config(DIGITS, [*QUIET, "train.epochs=2"]), run_dir=run, overwrite=True)
-    assert [row["epoch"] for row in result.history] == [1, 2] and len(_rows(run)) == 2
+    assert [row["epoch"] for row in result.history] == [1, 2] and _epochs(run) == [1, 2]
 
 
 def test_run_directories_made_at_the_same_moment_are_distinct(tmp_path):
@@ -399,7 +408,7 @@ def test_wandb_that_cannot_write_does_not_stop_the_run(tmp_path):
     (tmp_path / "b" / "wandb").write_text("in the way")
     with pytest.warns(UserWarning, match="W&B could not start"):
         result = cs.run(resume=tmp_path / "b", overrides=["train.epochs=2", "tracking.wandb=offline"])
-    assert [row["epoch"] for row in _rows(tmp_path / "b")] == [1, 2] and result.wandb_dir is None
+    assert _epochs(tmp_path / "b") == [1, 2] and result.wandb_dir is None
 
 
 def test_wandb_failing_keeps_exit_code_zero_at_the_command_line(tmp_path):
@@ -416,7 +425,7 @@ def test_wandb_failing_keeps_exit_code_zero_at_the_command_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "warning: W&B could not start" in proc.stderr and "Traceback" not in proc.stderr
-    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert _epochs(tmp_path / "r") == [1]
 
 
 def test_the_readme_trust_paragraph_names_what_is_refused():

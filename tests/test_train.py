@@ -117,7 +117,10 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     result = _run(["tracking.wandb=offline", "tracking.progress=false", "train.epochs=2"], run_dir=tmp_path / "r")
     offline = wandb_files.offline_run_dir(tmp_path / "r")
     rows = wandb_files.history(offline)
-    assert len(rows) == 2, wandb_files.describe(offline)
+    finish_rows = [row for row in rows if "finish/epoch" in row]  # the finishing phase: 1 epoch
+    rows = [row for row in rows if "finish/epoch" not in row]
+    assert len(rows) == 2 and len(finish_rows) == 1, wandb_files.describe(offline)
+    assert finish_rows[0]["epoch"] == 3 and "finish/test_error" in finish_rows[0]
     keys = set().union(*rows)
     for key in [
         "epoch",
@@ -199,8 +202,10 @@ def test_signal_writes_checkpoint_and_resume_finishes(tmp_path, sig):
     resumed = _cli(["train", "--resume", str(run_dir), f"train.epochs={done + 2}"])
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
-    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
-    assert epochs == list(range(1, done + 3))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    epochs = [row["epoch"] for row in rows if "finish/epoch" not in row]
+    assert epochs == list(range(1, done + 3))  # each epoch once, then the finishing phase's rows
+    assert [row["epoch"] for row in rows if "finish/epoch" in row] == [done + 3]
 
 
 @pytest.mark.slow
@@ -237,7 +242,9 @@ def test_interrupted_cosine_run_resumes_onto_the_same_curve(tmp_path):
 
 def test_select_last_feasible_returns_that_iterate(quiet):
     # A budget that restarts make the run cross back and forth: keep the last epoch that met it.
-    result = _run([*quiet, "sparsity.targets=0.3", "train.epochs=12", "train.select=last_feasible"])
+    result = _run(
+        [*quiet, "sparsity.targets=0.3", "train.epochs=12", "train.select=last_feasible", "finish.enabled=false"]
+    )
     feasible_epochs = [row["epoch"] for row in result.history if row["constraint/l0_model/feasible"]]
     assert feasible_epochs, "the run never met the budget; the test needs one that does"
     assert result.selected_epoch == feasible_epochs[-1]
@@ -254,7 +261,14 @@ def test_select_last_feasible_returns_that_iterate(quiet):
 
 def test_select_best_feasible_ranks_by_validation_error(quiet):
     result = _run(
-        [*quiet, "sparsity.targets=0.4", "train.epochs=10", "train.select=best_feasible", "data.val_fraction=0.2"]
+        [
+            *quiet,
+            "sparsity.targets=0.4",
+            "train.epochs=10",
+            "train.select=best_feasible",
+            "data.val_fraction=0.2",
+            "finish.enabled=false",
+        ]
     )
     feasible = [row for row in result.history if row["constraint/l0_model/feasible"]]
     assert feasible

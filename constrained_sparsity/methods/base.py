@@ -16,6 +16,9 @@ attach                          the constructor (or ``attach_*`` function) regis
 :meth:`~SparsityMethod.after_step`      optional: after each step (mask updates, re-weighting)
 :meth:`~SparsityMethod.after_training`  optional: a :class:`Phase` run by the same training
                                 loop (merge + refit, prune + retrain)
+:meth:`~SparsityMethod.freeze_`, :meth:`~SparsityMethod.project_`  the finishing phase: fix
+                                the sparsity pattern at its test-time value, then close the
+                                units that contribute least until a budget holds exactly
 :meth:`~SparsityMethod.metrics`, :meth:`~SparsityMethod.report_rows`  what it logs and reports
 :meth:`~SparsityMethod.fold`    a copy of the model with the method's state folded into
                                 plain layers (compaction starts from it)
@@ -259,6 +262,21 @@ class SparsityMethod(ABC):
 
     def after_step(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Called after every training step (primal, dual and proximal steps done)."""
+
+    def freeze_(self) -> None:  # noqa: B027 - a method whose pattern is its weights has nothing to fix
+        """Fix the sparsity pattern at its test-time value for the finishing phase: from now on
+        training moves the remaining weights only (the method's own parameters stop, and
+        ``after_step`` keeps the pattern if the weights could change it)."""
+
+    def project_(self, target: Target) -> dict[str, int]:
+        """Close the units that contribute least -- by the method's own rule -- until ``target``
+        holds exactly; return how many were closed per layer. Called by the finishing phase
+        after :meth:`freeze_`, only on a target that is over its budget."""
+        raise NotImplementedError
+
+    @property
+    def has_projection(self) -> bool:
+        return type(self).project_ is not SparsityMethod.project_
 
     def after_training(self, model: nn.Module, context: PhaseContext) -> Phase | None:
         """A phase after the main training (e.g. merge and refit), or ``None``."""

@@ -147,6 +147,17 @@ class HardConcreteGate(nn.Module):
         self.log_alpha = nn.Parameter(torch.empty(num_gates).normal_(mean, 1e-2))
         self._sample: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.frozen = False  # set by L0Gates.freeze_: test-time gates in training mode too
+
+    @property
+    def sampling(self) -> bool:
+        """Whether a forward pass draws a gate sample: in training mode, unless frozen."""
+        return self.training and not self.frozen
+
+    def closed_value(self) -> float:
+        """A ``log_alpha`` whose test-time gate is exactly 0 (well under logit(-gamma / (zeta - gamma)))."""
+        threshold = -self.gamma / (self.zeta - self.gamma)
+        return math.log(threshold) - math.log1p(-threshold) - 10.0
 
     @property
     def num_gates(self) -> int:
@@ -197,6 +208,7 @@ class HardConcreteGate(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_pending", None)  # modules pickled before it existed
+        state.setdefault("frozen", False)
         super().__setstate__(state)
 
     # -- one sample per forward pass -------------------------------------------------------
@@ -216,7 +228,7 @@ class HardConcreteGate(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """Current gate values: the sample of this forward pass in training mode, else z_test."""
-        if not self.training:
+        if not self.sampling:
             return self.deterministic()
         if self._sample is None:
             self.resample()
@@ -315,7 +327,7 @@ class _DrawSamples:
         self.flat = _one_vector(gates)
 
     def __call__(self, module: nn.Module, args: object) -> None:
-        gates = [g for g in self.gates if g.training]
+        gates = [g for g in self.gates if g.sampling]
         if len(gates) < 2 or not self.flat:
             return  # each layer draws its own
         with torch.no_grad():
@@ -412,7 +424,7 @@ def _input_gated_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     # product is one autograd node; ``self.weight`` (the parametrization) stays the public
     # gated weight. In eval mode the parametrized path is used.
     gate: HardConcreteGate = getattr(self, _GATE_ATTR)
-    if not gate.training:
+    if not gate.sampling:
         return nn.functional.linear(x, self.weight, self.bias)
     z, dz = gate._take()
     gate._sample = z
@@ -421,7 +433,7 @@ def _input_gated_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
 
 def _resample_hook(module: nn.Module, args: object) -> None:
     gate = getattr(module, _GATE_ATTR)
-    if gate.training:
+    if gate.sampling:
         gate.resample()
 
 
@@ -775,6 +787,58 @@ class L0Gates(SparsityMethod):
                 )
             )
         return rows
+
+    # -- finishing: a fixed pattern, projected onto the budget ---------------------------
+    def freeze_(self) -> None:
+        """Fix every gate at its test-time value, also in training mode; ``log_alpha`` stops training."""
+        for layer in self._layers:
+            layer.gate.frozen = True
+            layer.gate.log_alpha.requires_grad_(False)
+            layer.gate._sample = None
+            layer.gate._pending = None
+
+    @torch.no_grad()
+    def project_(self, target: Target) -> dict[str, int]:
+        """Close the open gates with the lowest keep-probability P(z != 0) until ``target`` holds.
+
+        The fewest such gates: the measure never grows when a gate closes, so a binary search
+        over how many of the sorted gates to close finds the smallest number that meets the
+        budget (exactly the measure of the target: model-wise, per layer or FLOP-weighted).
+        Returns how many gates were closed in each layer.
+        """
+        selected = self._select(target.layers)
+
+        def value() -> float:
+            expected, exact = self.densities(target.layers)
+            return float(expected if target.measure == "expected" else exact)
+
+        if value() <= target.epsilon:
+            return {}
+        # the gates open at test time, by increasing P(z != 0) (ties by position, deterministically)
+        probs, owner, index = [], [], []
+        for i, layer in enumerate(selected):
+            open_gates = layer.gate.active().nonzero().squeeze(1)
+            probs.append(layer.gate.prob_nonzero()[open_gates].double().cpu())
+            owner.append(torch.full((len(open_gates),), i, dtype=torch.long))
+            index.append(open_gates.cpu())
+        order = torch.sort(torch.cat(probs), stable=True).indices
+        owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
+        original = [layer.gate.log_alpha.clone() for layer in selected]
+
+        def close(k: int) -> None:
+            for i, (layer, la) in enumerate(zip(selected, original)):
+                layer.gate.log_alpha.copy_(la)
+                shut = index_sorted[:k][owner_sorted[:k] == i].to(la.device)
+                layer.gate.log_alpha[shut] = layer.gate.closed_value()
+
+        lo, hi = 0, len(order)  # closing them all meets any budget >= 0
+        while lo < hi:
+            mid = (lo + hi) // 2
+            close(mid)
+            lo, hi = (lo, mid) if value() <= target.epsilon else (mid + 1, hi)
+        close(lo)
+        counts = torch.bincount(owner_sorted[:lo], minlength=len(selected)).tolist()
+        return {layer.name: n for layer, n in zip(selected, counts) if n}
 
     # -- the method interface ------------------------------------------------------------
     @classmethod

@@ -189,6 +189,7 @@ class LayerSparsity(SparsityMethod):
         self.weights = dict(zip(layers, (float(w) for w in weights)))
         self.input_nonnegative = input_nonnegative
         self._by_name = {c.name: c for c in chain}
+        self._frozen: set[str] | None = None  # finishing: the layers kept mergeable
 
     @property
     def num_linear(self) -> int:
@@ -291,6 +292,34 @@ class LayerSparsity(SparsityMethod):
 
     def proximal_step_(self, target: Target, strength: float) -> None:
         self.prox_(strength)
+
+    def freeze_(self) -> None:
+        """The finishing phase: the layers mergeable now (and those :meth:`project_` makes
+        mergeable) stay mergeable: after each step their negative entries are set to 0."""
+        self._frozen = set(self.mergeable())
+
+    @torch.no_grad()
+    def project_(self, target: Target) -> dict[str, int]:
+        """Make mergeable, by zeroing their negative parts, the regularised layers with the
+        smallest ``||neg(W_j, b_j)||`` (the ones the regulariser has shrunk most) until the
+        depth is at most the budget."""
+        norms = {n: float(v) for n, v in self.negative_norms().items() if n not in self.mergeable()}
+        excess = self.depth() - int(target.epsilon)
+        closed: dict[str, int] = {}
+        for name in sorted(norms, key=norms.__getitem__)[: max(excess, 0)]:
+            for p in self._params(name):
+                p.clamp_(min=0.0)
+            closed[name] = 1
+        if self._frozen is not None:
+            self._frozen |= set(closed)
+        return closed
+
+    def after_step(self) -> None:
+        if self._frozen:
+            with torch.no_grad():
+                for name in self._frozen:
+                    for p in self._params(name):
+                        p.clamp_(min=0.0)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:

@@ -5,13 +5,14 @@ of a run through one epoch loop; :mod:`.build` makes the run's objects from a co
 """
 
 from .build import build_methods, build_model, build_trainer, dataset_for, nonnegative_inputs
-from .checkpoint import CHECKPOINT, CHECKPOINT_VERSION, SELECTED, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, CHECKPOINT_VERSION, FINISHED, SELECTED, load_checkpoint, save_checkpoint
 from .report import format_report
 from .run import RunResult, run
 
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_VERSION",
+    "FINISHED",
     "SELECTED",
     "RunResult",
     "build_methods",

@@ -17,10 +17,11 @@ from cooper.optim import nuPIInitType
 from ..errors import CheckpointError
 from ..files import load_torch_file
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_VERSION", "SELECTED", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_VERSION", "FINISHED", "SELECTED", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 SELECTED = "selected_model.pt"
+FINISHED = "finished_model.pt"  # the network after the finishing phase
 # 2: sparsity methods behind one interface (state dict keys "methods", "phase"); 1: before.
 CHECKPOINT_VERSION = 2
 

@@ -69,6 +69,7 @@ class Plan:
     on_stop: Callable[[Position, str], str]
     diverged: Callable[[Position], str]
     lr: Callable[[int], float] | None = None  # learning rate of the weights at a global step
+    dual_lr: Callable[[int], float] | None = None  # learning rate of the multipliers at a global step
     dual_restarts: bool = True
     start_epoch: Callable[[Position], None] | None = None
     after_step: Callable[[Position], None] | None = None
@@ -135,6 +136,9 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
             for xb, yb in batches(plan.x, plan.y, plan.batch_size, plan.generator, start=pos.step_in_epoch):
                 if plan.lr is not None:
                     weights_group["lr"] = plan.lr(pos.global_step)
+                if plan.dual_lr is not None:
+                    for group in plan.optimizers.dual_optimizer.param_groups:
+                        group["lr"] = plan.dual_lr(pos.global_step)
                 result = train_step(plan.problem, plan.optimizers, xb, yb, plan.dual_restarts)
                 loss = result["loss"]
                 if not math.isfinite(float(loss)):

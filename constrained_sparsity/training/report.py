@@ -38,6 +38,14 @@ def format_report(result: RunResult) -> str:
                 f"selected iterate: {where} (the last iterate, end of epoch {li['epoch']}, "
                 f"{density}feasible {'yes' if li['feasible'] else 'no'}, test error {100 * li['test_error']:.2f} %)"
             )
+        if result.selected_epoch is not None and result.epochs - result.selected_epoch > 0.1 * result.epochs:
+            lines.append(
+                f"note: the returned network is from epoch {result.selected_epoch} of {result.epochs}, "
+                f"{result.epochs - result.selected_epoch} epochs before the end of training: no later epoch met every "
+                "budget"
+            )
+    if result.finish is not None:
+        lines.append(_finish_line(result.finish))
     lines.append(f"test error: {100 * result.test_error:.2f} %")
     if result.compaction is not None:
         c = result.compaction
@@ -51,3 +59,22 @@ def format_report(result: RunResult) -> str:
     if result.wandb_dir:
         lines.append(f"W&B files: {Path(result.wandb_dir).parent}")
     return "\n".join(lines)
+
+
+def _finish_line(f: dict) -> str:
+    """What the finishing phase closed and the test error before and after."""
+    if f["units_closed"]:
+        per_target = "; ".join(
+            f"{name}: " + ", ".join(f"{layer} {n}" for layer, n in layers.items())
+            for name, layers in f["closed"].items()
+        )
+        what = f"closed {f['units_closed']} units to meet every budget ({per_target})"
+    else:
+        what = "every budget already held, nothing closed"
+    if f["unprojected"]:
+        what += f"; {', '.join(f['unprojected'])} left over budget (its method cannot close units)"
+    return (
+        f"finishing: {what}; test error {100 * f['test_error_before']:.2f} % -> "
+        f"{100 * f['test_error_closed']:.2f} % (pattern fixed) -> {100 * f['test_error_after']:.2f} % "
+        f"(after {f['epochs']} epochs of fine-tuning, {f['seconds']:.1f} s)"
+    )

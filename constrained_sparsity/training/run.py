@@ -12,6 +12,8 @@ import json
 import math
 import os
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,19 +31,19 @@ from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..evaluation import error_rate, max_output_difference
 from ..export import save_sequential
 from ..files import first_line
-from ..graph import bake
+from ..graph import bake, original_weight
 from ..methods import Phase, PhaseContext, SparsityMethod, method_spec
 from ..problem import OptimizerSet, SparsityProblem, scheduled_lr
 from ..tracking import Tracker
 from .build import build_trainer, dataset_for
-from .checkpoint import CHECKPOINT, RUN_KEYS, SELECTED, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, FINISHED, RUN_KEYS, SELECTED, load_checkpoint, save_checkpoint
 from .loop import Plan, Position, play, stop_on_signals
 from .rundir import cut_log, new_run_dir, prepare_run_dir
 
 __all__ = ["RunResult", "check_device", "run"]
 
 # Keys that may change when a run is resumed; anything else would change the experiment.
-RESUMABLE_KEYS = ("train.epochs", "tracking.")
+RESUMABLE_KEYS = ("train.epochs", "tracking.", "finish.")
 
 
 @dataclass
@@ -76,6 +78,8 @@ class RunResult:
     last_iterate: dict[str, Any] | None = None
     # Phases after training (merge and refit, ...): name -> what the phase measured.
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The finishing phase: what it closed, the test error before and after (None: not run).
+    finish: dict[str, Any] | None = None
     # Parameters and FLOPs per example before and after compaction (csparse compact).
     compaction: dict[str, Any] | None = None
     methods: list[str] = field(default_factory=list)
@@ -100,6 +104,7 @@ class RunResult:
             "selected_epoch": self.selected_epoch,
             "selected_step": self.selected_step,
             "last_iterate": self.last_iterate,
+            "finish": self.finish,
             "phases": self.phases,
             "compaction": self.compaction,
         }
@@ -109,7 +114,9 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
     for text in overrides:
         key = text.split("=", 1)[0]
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
-            raise ConfigError(f"override {key!r} cannot change on --resume; only train.epochs and tracking.* can")
+            raise ConfigError(
+                f"override {key!r} cannot change on --resume; only train.epochs, tracking.* and finish.* can"
+            )
     data = read_config_dict(run_dir / "config.yaml")
     return config_from_dict(apply_overrides(data, overrides))
 
@@ -232,6 +239,7 @@ def run(
             state.train(pos, stop)
             exit_code = 0
             state.finish_selection()
+            state.run_finish(stop)
             state.run_phases(stop)
         state.compaction = state.compaction_counts()
     except TrainingInterrupted:
@@ -268,6 +276,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _layer_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The trained weight of every ``Linear`` / ``Conv2d`` (the parametrization's original)."""
+    return [original_weight(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def _wandb_summary(result: RunResult) -> dict[str, Any]:
     summary: dict[str, Any] = {"final/test_error": result.test_error, "final/epochs": result.epochs}
     if result.feasible is not None:
@@ -276,7 +289,7 @@ def _wandb_summary(result: RunResult) -> dict[str, Any]:
         summary["final/selected_epoch"] = result.selected_epoch
         if result.selected_step is not None:
             summary["final/selected_step"] = result.selected_step
-    for phase, info in result.phases.items():
+    for phase, info in [("finish", result.finish or {}), *result.phases.items()]:
         for key, value in info.items():
             if isinstance(value, (int, float)):
                 summary[f"final/{phase}/{key}"] = value
@@ -315,7 +328,9 @@ class _Run:
         self.selected_step: int | None = None
         self.last_iterate: dict[str, Any] | None = None
         self.phases: dict[str, dict[str, Any]] = {}
+        self.finish: dict[str, Any] | None = None
         self.compaction: dict[str, Any] | None = None
+        self.logged_epochs = 0  # the epoch count of the log: the game's epochs, then the phases'
 
     # -- checkpoints --
     def _save(self, pos: Position) -> None:
@@ -344,10 +359,16 @@ class _Run:
         primal = cfg.optim.primal
         steps_per_epoch = math.ceil(len(self.dataset.train_y) / cfg.data.batch_size)
         total_steps = cfg.train.epochs * steps_per_epoch
-        self.epoch = pos.epoch
+        self.epoch = self.logged_epochs = pos.epoch
 
         def lr(step: int) -> float:  # the weights' group; the methods' own parameters keep gate_lr
             return scheduled_lr(primal.lr, step, total_steps, primal.schedule, primal.final_lr_factor)
+
+        dual = cfg.optim.dual
+        warmup_steps = dual.warmup_epochs * steps_per_epoch
+
+        def dual_lr(step: int) -> float:  # a linear warm-up of the multipliers' steps
+            return dual.lr * min(1.0, (step + 1) / warmup_steps)
 
         def start_epoch(p: Position) -> None:
             # last_feasible, last epoch: keep the weights of its last step that meets every
@@ -362,7 +383,7 @@ class _Run:
                 self._step_snapshot = (p.step_in_epoch + 1, _state_copy(self.model))
 
         def end_epoch(metrics: dict[str, Any], p: Position) -> None:
-            self.epoch = p.epoch
+            self.epoch = self.logged_epochs = p.epoch
             self.history.append(metrics)
             self._maybe_select(metrics)
             self._save(p)
@@ -392,6 +413,7 @@ class _Run:
             on_stop=on_stop,
             diverged=diverged,
             lr=lr if primal.schedule != "constant" else None,
+            dual_lr=dual_lr if warmup_steps > 0 and self.optimizers.dual_optimizer is not None else None,
             dual_restarts=cfg.sparsity.dual_restarts,
             start_epoch=start_epoch,
             after_step=after_step,
@@ -482,6 +504,64 @@ class _Run:
             post[f"λ[{target.name}]"] = f"{m[f'constraint/{target.name}/multiplier']:.3g}"
         return post
 
+    # -- the finishing phase: every budget met exactly, then fine-tuned with the pattern frozen --
+    def run_finish(self, stop: dict[str, int | None]) -> None:
+        enabled, epochs, lr = self.cfg.finishing()
+        if not enabled or not self.problem.targets:
+            return
+        ds, bs = self.dataset, self.cfg.data.eval_batch_size
+        start = time.perf_counter()
+        info: dict[str, Any] = {"test_error_before": error_rate(self.model, ds.test_x, ds.test_y, bs)}
+        before = self.problem.violations()
+        for method in self.methods:
+            method.freeze_()
+        closed: dict[str, dict[str, int]] = {}
+        unprojected = []
+        for target in self.problem.targets:
+            if self.problem.violations()[target.name][1] <= 0:
+                continue
+            if not target.method.has_projection:
+                unprojected.append(target.name)
+                continue
+            closed[target.name] = target.method.project_(target)
+        if unprojected:
+            warnings.warn(
+                f"finishing: the methods of {unprojected} cannot close units (no project_); "
+                "those budgets stay as training left them",
+                stacklevel=2,
+            )
+        info["test_error_closed"] = error_rate(self.model, ds.test_x, ds.test_y, bs)
+        phase = Phase("finish", self.model, epochs, lr)
+        if epochs > 0:  # the weights that are exactly 0 stay 0: a method whose pattern is its zeros
+            zeros = [(w, w == 0) for w in _layer_weights(self.model)]
+            zeros = [(w, mask) for w, mask in zeros if bool(mask.any())]
+
+            def keep_zeros(_pos: Position) -> None:
+                with torch.no_grad():
+                    for w, mask in zeros:
+                        w.masked_fill_(mask, 0.0)
+
+            self._train_phase(phase, self.cfg.train.seed + 3, stop, self.methods, keep_zeros)
+        after = self.problem.violations()
+        info.update(
+            {
+                "closed": closed,
+                "units_closed": sum(n for per_layer in closed.values() for n in per_layer.values()),
+                "unprojected": unprojected,
+                "strict_violation_before": {name: v[1] for name, v in before.items()},
+                "strict_violation_after": {name: v[1] for name, v in after.items()},
+                "epochs": epochs,
+                "lr": lr,
+                "test_error_after": error_rate(self.model, ds.test_x, ds.test_y, bs),
+                "seconds": time.perf_counter() - start,
+                "model_file": FINISHED,
+            }
+        )
+        if ds.val_x is not None:
+            info["val_error_after"] = error_rate(self.model, ds.val_x, ds.val_y, bs)
+        save_checkpoint({"epoch": self.epoch, "model": self.model.state_dict()}, self.out / FINISHED)
+        self.finish = info
+
     # -- phases after training: the methods' (merge and refit, ...) --
     def run_phases(self, stop: dict[str, int | None]) -> None:
         cfg, ds = self.cfg, self.dataset
@@ -506,18 +586,30 @@ class _Run:
                 info["model_file"] = f"{phase.name}_model.pt"
             self.phases[phase.name] = info
 
-    def _train_phase(self, phase: Phase, seed: int, stop: dict[str, int | None]) -> None:
-        """Train ``phase.model`` on the task loss alone, through the same loop as the game."""
+    def _train_phase(
+        self,
+        phase: Phase,
+        seed: int,
+        stop: dict[str, int | None],
+        methods: list[SparsityMethod] | None = None,
+        after_step: Callable[[Position], None] | None = None,
+    ) -> None:
+        """Train ``phase.model`` on the task loss alone, through the same loop as the game.
+
+        ``methods`` (their ``after_step`` runs after each step) are the model's own, frozen,
+        in the finishing phase; the parameters that do not require gradients stay as they are.
+        """
         cfg, ds = self.cfg, self.dataset
         model = phase.model
         layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         if phase.keep_zeros:
             for m in layers:
                 prune.custom_from_mask(m, "weight", mask=(m.weight != 0))
-        problem = SparsityProblem(model)
-        adam = torch.optim.Adam(model.parameters(), lr=phase.lr)
+        problem = SparsityProblem(model, methods)
+        adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=phase.lr)
         optimizers = OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, adam), None, "alternating")
-        first = self.epoch  # phase rows continue the run's epoch count
+        first = self.logged_epochs  # phase rows continue the run's epoch count
+        self.logged_epochs += phase.epochs
         bs = cfg.data.eval_batch_size
 
         def metrics(epoch: int, loss: float, lagrangian: float, restarts: dict[str, int], seconds: float) -> dict:
@@ -551,6 +643,7 @@ class _Run:
             on_stop=on_stop,
             diverged=lambda _pos: f"{self.out / CHECKPOINT} (the trained network; the {phase.name} phase diverged)",
             dual_restarts=False,
+            after_step=after_step,
             progress=cfg.tracking.progress,
         )
         play(plan, Position(0, 0, 0, generator.get_state()), stop)
@@ -580,6 +673,9 @@ class _Run:
         bs = self.cfg.data.eval_batch_size
         test_error = last.get("test/error") if last.get("epoch") == epoch and selected_step is None else None
         val_error = last.get("val/error") if ds.val_x is not None else None
+        if self.finish is not None:  # the finished network: measured after its fine-tuning
+            test_error = self.finish["test_error_after"]
+            val_error = self.finish.get("val_error_after")
         if test_error is None:  # an iterate no epoch row describes: measure it
             test_error = error_rate(self.model, ds.test_x, ds.test_y, bs)
             if ds.val_x is not None:
@@ -629,6 +725,7 @@ class _Run:
             selected_step=selected_step,
             last_iterate=self.last_iterate,
             phases=dict(self.phases),
+            finish=self.finish,
             compaction=self.compaction,
             methods=[method_spec(m) for m in self.methods],
             measures=measures,
