@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             last = statistics.mean(r["density_last"] or 0 for r in per_seed)
             closed = sum(r["units_closed"] for r in per_seed)
             cells.append(f"{100 * error:.2f} % (last {last:.3f}, closed {closed})")
-        lines.append(
-            f"| {label} | " + " | ".join(cells) + f" | {100 * statistics.mean(errors):.2f} % | {feasible} |"
-        )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * statistics.mean(errors):.2f} % | {feasible} |")
         _report.write(out, f"sweep_dual-{config.stem}", report, lines)
     return 0
 

@@ -365,9 +365,12 @@ class FinishConfig:
     enabled: bool | None = None
     epochs: int | None = None
     lr: float | None = None
-    lr_factor: float = 0.1
+    lr_factor: float = 1.0
+    # The fine-tuning learning rate: a cosine from lr down to 0 over its steps, or constant.
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
+        _check_choice("finish.schedule", self.schedule, LR_SCHEDULES)
         if self.epochs is not None and self.epochs < 0:
             raise _fail("finish.epochs", self.epochs, "should be an integer >= 0")
         if self.lr is not None:

@@ -541,7 +541,8 @@ class _Run:
                     for w, mask in zeros:
                         w.masked_fill_(mask, 0.0)
 
-            self._train_phase(phase, self.cfg.train.seed + 3, stop, self.methods, keep_zeros)
+            schedule = self.cfg.finish.schedule
+            self._train_phase(phase, self.cfg.train.seed + 3, stop, self.methods, keep_zeros, schedule)
         after = self.problem.violations()
         info.update(
             {
@@ -593,6 +594,7 @@ class _Run:
         stop: dict[str, int | None],
         methods: list[SparsityMethod] | None = None,
         after_step: Callable[[Position], None] | None = None,
+        schedule: str = "constant",
     ) -> None:
         """Train ``phase.model`` on the task loss alone, through the same loop as the game.
 
@@ -628,6 +630,11 @@ class _Run:
             )
 
         generator = torch.Generator().manual_seed(seed)
+        total = phase.epochs * math.ceil(len(ds.train_y) / cfg.data.batch_size)
+
+        def lr(step: int) -> float:
+            return scheduled_lr(phase.lr, step, total, schedule)
+
         plan = Plan(
             name=f"{cfg.name} {phase.name}",
             problem=problem,
@@ -644,6 +651,7 @@ class _Run:
             diverged=lambda _pos: f"{self.out / CHECKPOINT} (the trained network; the {phase.name} phase diverged)",
             dual_restarts=False,
             after_step=after_step,
+            lr=lr if schedule != "constant" else None,
             progress=cfg.tracking.progress,
         )
         play(plan, Position(0, 0, 0, generator.get_state()), stop)
