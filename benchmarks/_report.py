@@ -4,9 +4,12 @@ training batches, and its dense and compact networks."""
 
 from __future__ import annotations
 
+import collections
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -93,3 +96,40 @@ def write(out: Path, stem: str, report: dict, lines: list[str]) -> None:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int | None = None) -> dict:
+    """Median seconds per training epoch of each run, at its start and end state, interleaved.
+
+    ``results`` maps a name to a dict with the ``run_dir`` of a finished run.
+
+    On batches of ``batch_size`` (default: the runs' own); an epoch is as many steps as
+    that batch size needs to cover the training set.
+    """
+    import constrained_sparsity as cs
+
+    setups = {}
+    dataset = None
+    flush = set()
+    for key, r in results.items():
+        for phase in ("start", "end"):
+            cfg, dataset, _, _, problem, optimizers = rebuild_trainer(r["run_dir"], phase == "end", dataset)
+            flush.add(cfg.train.flush_denormal)
+            setups[(key, phase)] = (problem, optimizers, cfg.sparsity.dual_restarts, cfg.data.batch_size)
+    assert dataset is not None
+    # as in training (train.flush_denormal, on in every config): Adam's moments of pruned
+    # columns decay into denormal floats, which are 10-100x slower on this CPU otherwise
+    if len(flush) != 1:
+        raise SystemExit(f"the runs disagree on train.flush_denormal: {flush}")
+    torch.set_flush_denormal(flush.pop())
+    data = train_batches(dataset, batch_size or next(iter(setups.values()))[3])
+    steps_per_epoch = len(data)
+    times: dict = collections.defaultdict(list)
+    for r in range(rounds):
+        for k, (problem, optimizers, restarts, _) in setups.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                x, y = data[(r * steps + i) % len(data)]
+                cs.train_step(problem, optimizers, x, y, restarts)
+            times[k].append((time.perf_counter() - t0) / steps)
+    return {f"{k[0]}/{k[1]}": statistics.median(v) * steps_per_epoch for k, v in times.items()}

@@ -20,7 +20,6 @@ Needs Fashion-MNIST: apt-get install dataset-fashion-mnist (or --root DIR with I
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import sys
@@ -40,39 +39,6 @@ def _run(config: str, overrides: list[str]) -> cs.RunResult:
     return cs.run(cfg)
 
 
-def _interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int | None = None) -> dict:
-    """Median seconds per training epoch of each run, at its start and end state, interleaved.
-
-    On batches of ``batch_size`` (default: the runs' own); an epoch is as many steps as
-    that batch size needs to cover the training set.
-    """
-    setups = {}
-    dataset = None
-    flush = set()
-    for key, r in results.items():
-        for phase in ("start", "end"):
-            cfg, dataset, _, _, problem, optimizers = _report.rebuild_trainer(r["run_dir"], phase == "end", dataset)
-            flush.add(cfg.train.flush_denormal)
-            setups[(key, phase)] = (problem, optimizers, cfg.sparsity.dual_restarts, cfg.data.batch_size)
-    assert dataset is not None
-    # as in training (train.flush_denormal, on in every config): Adam's moments of pruned
-    # columns decay into denormal floats, which are 10-100x slower on this CPU otherwise
-    if len(flush) != 1:
-        raise SystemExit(f"the runs disagree on train.flush_denormal: {flush}")
-    torch.set_flush_denormal(flush.pop())
-    data = _report.train_batches(dataset, batch_size or next(iter(setups.values()))[3])
-    steps_per_epoch = len(data)
-    times: dict = collections.defaultdict(list)
-    for r in range(rounds):
-        for k, (problem, optimizers, restarts, _) in setups.items():
-            t0 = time.perf_counter()
-            for i in range(steps):
-                x, y = data[(r * steps + i) % len(data)]
-                cs.train_step(problem, optimizers, x, y, restarts)
-            times[k].append((time.perf_counter() - t0) / steps)
-    return {f"{k[0]}/{k[1]}": statistics.median(v) * steps_per_epoch for k, v in times.items()}
-
-
 def _ratios(timing: dict) -> dict:
     """Constrained / dense and constrained / penalised seconds per epoch, per state."""
     ratios = {}
@@ -86,7 +52,7 @@ def _by_batch_size(results: dict, args: argparse.Namespace) -> dict:
     """The interleaved timing again on each of ``--batch-sizes``: seconds per epoch and ratios."""
     out = {}
     for bs in args.batch_sizes:
-        timing = _interleaved_timing(results, args.rounds, args.steps, bs)
+        timing = _report.interleaved_timing(results, args.rounds, args.steps, bs)
         out[bs] = {"s_per_epoch": timing, "ratios": _ratios(timing)}
         for phase, r in out[bs]["ratios"].items():
             print(
@@ -143,7 +109,7 @@ def main() -> int:
     results = {}
     if args.timing_only:
         previous = json.loads((out / "l0_fashion.json").read_text())
-        timing = _interleaved_timing(previous["runs"], args.rounds, args.steps)
+        timing = _report.interleaved_timing(previous["runs"], args.rounds, args.steps)
         previous["interleaved_s_per_epoch"] = timing
         previous["ratios"] = _ratios(timing)
         previous["by_batch_size"] = _by_batch_size(previous["runs"], args)
@@ -179,7 +145,7 @@ def main() -> int:
             "run_dir": str(result.run_dir),
         }
         print(key, json.dumps(results[key]), flush=True)
-    timing = _interleaved_timing(results, args.rounds, args.steps)
+    timing = _report.interleaved_timing(results, args.rounds, args.steps)
     print("interleaved s/epoch", json.dumps(timing), flush=True)
     ratios = _ratios(timing)
     by_batch_size = _by_batch_size(results, args)

@@ -31,6 +31,7 @@ from .errors import (
 from .evaluation import error_rate
 from .export import load_compact, save_compact
 from .methods import (
+    CGES,
     HardConcreteGate,
     L0Gates,
     LayerReport,
@@ -40,6 +41,7 @@ from .methods import (
     PhaseContext,
     SparsityMethod,
     Target,
+    attach_cges,
     attach_l0,
     attach_layer_sparsity,
     fold_l0,
@@ -47,7 +49,7 @@ from .methods import (
     merge_layers,
     register_method,
 )
-from .models import MLP, LeNet5Caffe
+from .models import MLP, ConvNet, LeNet5Caffe
 from .problem import (
     DualOptimizer,
     PrimalOptimizer,
@@ -62,10 +64,12 @@ from .training import RunResult, format_report, run
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGES",
     "CSparseError",
     "CheckpointError",
     "Config",
     "ConfigError",
+    "ConvNet",
     "DataError",
     "Dataset",
     "DualOptimizer",
@@ -86,6 +90,7 @@ __all__ = [
     "Target",
     "TrainingDiverged",
     "TrainingInterrupted",
+    "attach_cges",
     "attach_l0",
     "attach_layer_sparsity",
     "bisect_lambda",

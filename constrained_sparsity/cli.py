@@ -25,10 +25,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="csparse", description="Train sparse neural networks to a declared sparsity budget.")
+    parser.add_argument("--version", action="version", version=f"csparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a network as a YAML config declares")
-    train.add_argument("config", nargs="?", help="YAML config (see configs/); omit with --resume")
+    train.add_argument(
+        "config", nargs="?", help="a YAML config file or a shipped config's name (csparse configs); not with --resume"
+    )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 sparsity.targets=0.3")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--run-dir", metavar="DIR", help="write the run here instead of tracking.out_dir/NAME-TIME")
@@ -60,12 +65,38 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--keep-inputs", action="store_true", help="keep the first linear layer's zero input columns (no SelectInputs)"
     )
+    cfgs = sub.add_parser("configs", help="list the shipped configs, or print one (csparse configs show NAME)")
+    cfgs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    cfgs.add_argument("name", nargs="?", help="with show: the config's name")
     ev = sub.add_parser("eval", help="test error, parameters, FLOPs and latency of a run or a compact model")
     ev.add_argument("path", help="a run directory, or a compact model.pt / model.pt2")
     ev.add_argument("--batches", nargs="+", type=int, default=[1, 256])
     ev.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ev.add_argument("--repeats", type=int, default=30)
     return parser
+
+
+def _configs(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import config_from_dict, describe_config, read_config_dict, shipped_configs
+
+    shipped = shipped_configs()
+    if args.action == "list":
+        if args.name is not None:
+            raise CSparseError("csparse configs takes no name; csparse configs show NAME prints one")
+        width = max(map(len, shipped), default=0)
+        for name, path in shipped.items():
+            print(f"{name:<{width}}  {describe_config(path)}")
+        return 0
+    if args.name is None:
+        raise CSparseError("csparse configs show needs a NAME (csparse configs lists them)")
+    if args.name not in shipped:
+        raise CSparseError(f"no shipped config named {args.name!r}; csparse configs lists them")
+    resolved = config_from_dict(read_config_dict(shipped[args.name])).to_dict()
+    print(f"# {args.name}: {describe_config(shipped[args.name])} (resolved: every setting, defaults included)")
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")
+    return 0
 
 
 def _compact(args: argparse.Namespace) -> int:
@@ -120,7 +151,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, resolve_config
     from .training import format_report, run
 
     overrides = list(args.overrides)
@@ -134,8 +165,10 @@ def _train(args: argparse.Namespace) -> int:
         result = run(resume=args.resume, overrides=overrides)
     else:
         if args.config is None:
-            raise CSparseError("train needs a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
+            raise CSparseError("train needs a CONFIG file or name (or --resume RUN_DIR)")
+        path, source = resolve_config(args.config)
+        print(f"config: {path}" + (f" (the shipped config {path.stem})" if source == "shipped" else ""), flush=True)
+        cfg = load_config(path, overrides)
         result = run(cfg, run_dir=args.run_dir, overwrite=args.overwrite)
     print(format_report(result))
     return 0
@@ -157,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compact(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "configs":
+            return _configs(args)
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum

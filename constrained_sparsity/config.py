@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import re
 import types
@@ -41,7 +42,10 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "describe_config",
     "load_config",
+    "resolve_config",
+    "shipped_configs",
 ]
 
 
@@ -62,7 +66,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
-MODELS = ("mlp", "lenet5")
+MODELS = ("mlp", "lenet5", "convnet")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -124,13 +128,14 @@ class ModelConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [300, 100])
     activation: str = "relu"
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # convnet: its convolutions
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, MODELS)
         _check_choice("model.activation", self.activation, ("relu", "tanh", "sigmoid"))
-        for width in self.hidden:
-            if width <= 0:
-                raise _fail("model.hidden", self.hidden, "widths should be positive integers")
+        for key, widths in (("model.hidden", self.hidden), ("model.channels", self.channels)):
+            if any(width <= 0 for width in widths):
+                raise _fail(key, widths, "widths should be positive integers")
 
 
 @dataclass(frozen=True)
@@ -451,6 +456,8 @@ class Config:
         _check_name("name", self.name)
         if self.model.name == "lenet5" and self.data.name == "digits":
             raise _fail("model.name", "lenet5", "needs 28x28 images (mnist or fashion_mnist), not digits")
+        if self.model.name == "convnet" and self.data.name == "digits" and len(self.model.channels) > 3:
+            raise _fail("model.channels", self.model.channels, "8x8 digits allow at most 3 poolings")
         if self.train.select == "best_feasible" and self.data.val_fraction <= 0:
             raise _fail(
                 "train.select", "best_feasible", "needs a validation split (data.val_fraction > 0) to rank iterates"
@@ -589,7 +596,44 @@ def read_config_dict(path: str | Path) -> dict:
     return data
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped with the package (``constrained_sparsity/configs``), by name."""
+    folder = Path(str(importlib.resources.files("constrained_sparsity") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def describe_config(path: Path) -> str:
+    """The first comment line of a config file: its one-line description."""
+    for line in config_text(path).splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_config(name: str | Path) -> tuple[Path, str]:
+    """The config file ``name`` means, and where it was found.
+
+    A file wins (``"file"``); otherwise the shipped config of that name, with or without
+    ``.yaml`` (``"shipped"``).
+    """
+    path = Path(name)
+    if path.is_file():
+        return path, "file"
+    shipped = shipped_configs()
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(path.parent) == "." and stem in shipped:
+        return shipped[stem], "shipped"
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path, "file"  # reading it says what is wrong with it
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; csparse configs lists the shipped ones"
+    raise ConfigError(f"no config file or shipped config named {str(name)!r}{hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from the defaults), apply overrides, validate."""
-    data = read_config_dict(path) if path is not None else {}
+    """Read a YAML config -- a file, or a shipped config by name -- (or start from the
+    defaults), apply overrides, validate."""
+    data = read_config_dict(resolve_config(path)[0]) if path is not None else {}
     return config_from_dict(apply_overrides(data, list(overrides or [])))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP", "LeNet5Caffe"]
+__all__ = ["ACTIVATIONS", "MLP", "ConvNet", "LeNet5Caffe"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -53,3 +54,32 @@ class LeNet5Caffe(nn.Sequential):
                 fc2=nn.Linear(500, num_classes),
             )
         )
+
+
+class ConvNet(nn.Sequential):
+    """Convolutions (5x5, "same" padding, ReLU, 2x2 max-pooling) then fully connected layers.
+
+    ``ConvNet((1, 28, 28), [32, 64], [1024], 10)`` is the MNIST network of TensorFlow's tutorial
+    that Yoon & Hwang (2017) sparsify with CGES: conv 32-64, fc 1024-10. Layers are named
+    ``conv1 .. convK`` and ``fc1 .. fcM``.
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int], num_classes: int
+    ) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        in_ch = input_shape[0]
+        for i, ch in enumerate(channels, start=1):
+            layers[f"conv{i}"] = nn.Conv2d(in_ch, ch, 5, padding=2)
+            layers[f"relu{i}"] = nn.ReLU()
+            layers[f"pool{i}"] = nn.MaxPool2d(2)
+            in_ch = ch
+        layers["flatten"] = nn.Flatten()
+        with torch.no_grad():
+            features = nn.Sequential(layers)(torch.zeros(1, *input_shape)).shape[1]
+        widths = [features, *hidden]
+        for j, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            layers[f"fc{j}"] = nn.Linear(a, b)
+            layers[f"relu{len(channels) + j}"] = nn.ReLU()
+        layers[f"fc{len(widths)}"] = nn.Linear(widths[-1], num_classes)
+        super().__init__(layers)

@@ -13,6 +13,7 @@ import difflib
 import importlib
 
 from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
+from .cges import CGES, CGESOptions, attach_cges
 from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
 from .layers import LayersOptions, LayerSparsity, LayerTarget, attach_layer_sparsity, merge_layers
 
@@ -21,6 +22,8 @@ __all__ = [
     "NONE",
     "BudgetSpec",
     "BuildContext",
+    "CGES",
+    "CGESOptions",
     "HardConcreteGate",
     "L0Gates",
     "L0Options",
@@ -32,6 +35,7 @@ __all__ = [
     "PhaseContext",
     "SparsityMethod",
     "Target",
+    "attach_cges",
     "attach_l0",
     "attach_layer_sparsity",
     "fold_l0",
@@ -68,6 +72,7 @@ def register_method(cls: type[SparsityMethod]) -> type[SparsityMethod]:
 
 register_method(L0Gates)
 register_method(LayerSparsity)
+register_method(CGES)
 
 
 def method_names() -> list[str]:

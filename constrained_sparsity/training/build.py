@@ -14,7 +14,7 @@ from ..data import Dataset, load_dataset
 from ..errors import ConfigError
 from ..files import first_line
 from ..methods import BuildContext, SparsityMethod, Target
-from ..models import MLP, LeNet5Caffe
+from ..models import MLP, ConvNet, LeNet5Caffe
 from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
 
 __all__ = ["build_methods", "build_model", "build_trainer", "dataset_for", "nonnegative_inputs"]
@@ -27,6 +27,8 @@ def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
     try:
         if cfg.model.name == "mlp":
             return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
+        if cfg.model.name == "convnet":
+            return ConvNet(shape, cfg.model.channels, cfg.model.hidden, dataset.num_classes)
         return LeNet5Caffe(shape[0], dataset.num_classes)
     except (RuntimeError, MemoryError) as exc:  # e.g. model.hidden=[100000000]: more memory than there is
         raise ConfigError(

@@ -1,0 +1,210 @@
+"""CGES on Fashion-MNIST against constrained L0 and the dense network, at a parameter budget.
+
+Per model (MLP 784-300-100 at ε = 0.33, LeNet-5-Caffe at ε = 0.10), 30 epochs each:
+
+* dense (the L0 config with ``sparsity.method=none``), constrained L0 and constrained CGES at
+  the budget: the first epoch whose exact measure meets ε, feasible at the end, test error;
+* penalised CGES: ``csparse compare``'s bisection over λ to the same budget (the constrained
+  CGES run is the comparison's constrained row), the λ found and the runs it took;
+* seconds per epoch of CGES against dense, timed interleaved on the same batches at the end
+  state of each run (``_report.interleaved_timing``);
+* MLP only: which input pixels fc1 keeps (its active input neurons as a 28 x 28 image) for
+  L0, group sparsity alone (mu = 1), exclusive sparsity alone (mu = 0) and combined,
+  written to ``docs/img/cges_fc1_inputs.png``.
+
+    python benchmarks/bench_cges_fashion.py --threads 2 --models mlp lenet --max-runs 5
+
+Writes ``benchmarks/out/cges_fashion.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import _report
+import torch
+
+import constrained_sparsity as cs
+from constrained_sparsity.compare import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "mlp": ("fashion_mlp_l0_constrained.yaml", "fashion_mlp_cges_constrained.yaml", 0.33),
+    "lenet": ("fashion_lenet_l0_constrained.yaml", "fashion_lenet_cges_constrained.yaml", 0.10),
+}
+
+
+def _first_feasible(result: cs.RunResult) -> int | None:
+    for row in result.history:
+        if all(v <= 0 for k, v in row.items() if k.endswith("/strict_violation")):
+            return row["epoch"]
+    return None
+
+
+def _row(name: str, result: cs.RunResult) -> dict:
+    times = [row["time/epoch_s"] for row in result.history]
+    return {
+        "name": name,
+        "run_dir": str(result.run_dir),
+        "first_feasible_epoch": _first_feasible(result),
+        "feasible": result.feasible,
+        "density": result.density.get("model"),
+        "test_error": result.test_error,
+        "s_per_epoch_in_run": sum(times) / max(len(times), 1),
+        "finish": result.finish,
+    }
+
+
+def _fc1_inputs(run_dir: str) -> torch.Tensor:
+    """fc1's active input neurons of a run's returned network, as a 28 x 28 image."""
+    trained = cs.runs.load_run(run_dir)
+    layer = trained.model.fc1
+    gate = getattr(layer, "l0_gate", None)
+    active = gate.active() if gate is not None else layer.weight.detach().ne(0).any(dim=0)
+    return active.float().view(28, 28)
+
+
+def _picture(images: dict[str, torch.Tensor], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(3.0 * len(images), 3.3))
+    for ax, (title, image) in zip(axes, images.items()):
+        ax.imshow(image.numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"{title}\n{int(image.sum())} of 784 pixels", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("fc1's active input pixels (black), Fashion-MNIST MLP", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "lenet"])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-runs", type=int, default=5, help="bisection runs for the penalised CGES")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per setup and round")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = _report.run_overrides(args.epochs, args.threads, out / "runs")
+    report = {**_report.header(args.threads), "models": {}}
+    lines = [*_report.markdown_header(report, f", {args.epochs} epochs per run"), ""]
+    for model in args.models:
+        l0_config, cges_config, eps = MODELS[model]
+        runs: dict[str, dict] = {}
+
+        def train(name: str, config: str, *extra: str, runs: dict = runs, model: str = model) -> cs.RunResult:
+            result = cs.run(cs.load_config(ROOT / "configs" / config, [*common, *extra]))
+            runs[name] = _row(name, result)
+            print(f"[{model}] {name}: {runs[name]}", file=sys.stderr, flush=True)
+            return result
+
+        train("dense", l0_config, "sparsity.method=none")
+        train("L0, constrained", l0_config, f"sparsity.targets={eps}")
+        cges_cfg = cs.load_config(ROOT / "configs" / cges_config, [*common, f"sparsity.targets={eps}"])
+        cmp = compare(
+            cges_cfg,
+            [eps],
+            bisect=True,
+            max_runs=args.max_runs,
+            out_dir=out / f"cges_compare_{model}",
+            overwrite=True,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        constrained = next(r for r in cmp.rows if r["method"] == "constrained")
+        bisected = next(r for r in cmp.rows if r["search"].startswith("bisect"))
+        runs["CGES, constrained"] = _row("CGES, constrained", _load(constrained))
+        runs["CGES, penalised (bisected)"] = {
+            **_row("CGES, penalised (bisected)", _load(bisected)),
+            "lambda": bisected["lambda"],
+            "runs": bisected["runs_used"],
+            "search": bisected["search"],
+        }
+        timing = _report.interleaved_timing(
+            {"dense": runs["dense"], "cges": runs["CGES, constrained"]}, args.rounds, args.steps
+        )
+        ratio = {phase: timing[f"cges/{phase}"] / timing[f"dense/{phase}"] for phase in ("start", "end")}
+        report["models"][model] = {"epsilon": eps, "runs": runs, "s_per_epoch": timing, "cges_dense": ratio}
+        lines += [
+            f"### {model}, ε = {eps}",
+            "",
+            "| run | first epoch ≤ ε | feasible at end | exact density | test error | λ (runs) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in runs.items():
+            lam = f"{r['lambda']} ({r['runs']}, {r['search']})" if "lambda" in r else "-"
+            density = "-" if r["density"] is None else f"{r['density']:.4f}"
+            lines.append(
+                f"| {name} | {r['first_feasible_epoch'] or '-'} | {r['feasible']} | {density} | "
+                f"{100 * r['test_error']:.2f} % | {lam} |"
+            )
+        lines += [
+            "",
+            f"Seconds per epoch, interleaved on the same batches: dense {timing['dense/start']:.2f} (start), "
+            f"{timing['dense/end']:.2f} (end); CGES {timing['cges/start']:.2f}, {timing['cges/end']:.2f}; "
+            f"CGES / dense **{ratio['start']:.3f}** (start), **{ratio['end']:.3f}** (end).",
+            "",
+        ]
+        if model == "mlp":
+            for name, mu in (("group only (mu = 1)", 1.0), ("exclusive only (mu = 0)", 0.0)):
+                train(f"CGES, {name}", cges_config, f"sparsity.targets={eps}", f"sparsity.mu={mu}")
+            images = {
+                "L0 (input gates)": _fc1_inputs(runs["L0, constrained"]["run_dir"]),
+                "group only": _fc1_inputs(runs["CGES, group only (mu = 1)"]["run_dir"]),
+                "exclusive only": _fc1_inputs(runs["CGES, exclusive only (mu = 0)"]["run_dir"]),
+                "combined (CGES)": _fc1_inputs(runs["CGES, constrained"]["run_dir"]),
+            }
+            path = ROOT / "docs" / "img" / "cges_fc1_inputs.png"
+            _picture(images, path)
+            lines += [
+                "| CGES variant at the same budget | exact density | test error |",
+                "|---|---|---|",
+                *(
+                    f"| {name} | {runs[f'CGES, {name}']['density']:.4f} | "
+                    f"{100 * runs[f'CGES, {name}']['test_error']:.2f} % |"
+                    for name in ("group only (mu = 1)", "exclusive only (mu = 0)")
+                ),
+                "",
+                f"Picture: `{path.relative_to(ROOT)}`.",
+                "",
+            ]
+        _report.write(out, "cges_fashion", report, lines)
+    return 0
+
+
+def _load(row: dict) -> cs.RunResult:
+    """The RunResult of a comparison's run, rebuilt from its run directory's summary and log."""
+    run_dir = Path(row["run_dir"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [h for h in history if not any(k.endswith("/epoch") for k in h)]
+    return cs.RunResult(
+        run_dir=run_dir,
+        epochs=summary["epochs"],
+        test_error=summary["test_error"],
+        val_error=summary["val_error"],
+        feasible=summary["feasible"],
+        density=summary["density"],
+        expected_density=summary["expected_density"],
+        targets=summary["targets"],
+        multipliers=summary["multipliers"],
+        wall_time_s=summary["wall_time_s"],
+        history=history,
+        finish=summary.get("finish"),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
