@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import Config, DeclaredMethod, apply_overrides, config_from_dict
 from .errors import ConfigError
 from .methods import method_spec
@@ -53,6 +55,12 @@ class BisectResult:
     converged: bool
     reason: str
     history: list[tuple[list[float], list[float]]] = field(default_factory=list)
+
+
+def _within(achieved: float, budget: float) -> bool:
+    """``achieved <= budget`` as the training step decides it: in float32, where the measures
+    live (a density of exactly the budget, 0.2, reads 0.20000000298 as a double)."""
+    return bool(torch.tensor(achieved, dtype=torch.float32) <= torch.tensor(budget, dtype=torch.float32))
 
 
 def bisect_lambda(
@@ -283,7 +291,7 @@ def compare(
         per_layer = method.per_layer(result)
         feasible: Any = "-"
         if budget is not None:
-            feasible = all(a <= b + 1e-12 for a, b in zip(achieved, method.budgets(budget)))
+            feasible = all(_within(a, b) for a, b in zip(achieved, method.budgets(budget)))
         return {
             "label": label,
             "method": "constrained" if search == "-" else "penalized",

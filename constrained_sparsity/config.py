@@ -362,7 +362,9 @@ class FinishConfig:
     close the units that contribute least until every budget holds, then fine-tune the
     remaining weights with the pattern frozen (docs/method.md).
 
-    ``enabled``: null means on for constrained runs, off for penalized ones. ``epochs``:
+    ``enabled``: null means on for constrained and projected runs, off for penalized ones
+    unless the method ends with it (``SparsityMethod.finishes``: rw_l1, rw_l2, focuss, lwc, dns).
+    ``epochs``:
     fine-tuning epochs (null: 5 % of ``train.epochs``, at least 1). ``lr``: the fine-tuning
     Adam learning rate (null: ``lr_factor`` x ``optim.primal.lr``).
     """
@@ -397,6 +399,9 @@ class TrainConfig:
     # Which iterate the run returns: the last one, the last one that met every budget, or
     # the feasible one with the lowest validation error (needs data.val_fraction > 0).
     select: str = "last"
+    # Start from trained weights: a run directory (the network it returned) or a file with a
+    # state_dict ({"model": state_dict} too); loaded before the sparsity method attaches.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("train.select", self.select, SELECT_MODES)
@@ -444,10 +449,14 @@ class Config:
     finish: FinishConfig = field(default_factory=FinishConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def finishing(self) -> tuple[bool, int, float]:
-        """Whether the finishing phase runs, its fine-tuning epochs and learning rate."""
+    def finishing(self, method_finishes: bool = False) -> tuple[bool, int, float]:
+        """Whether the finishing phase runs, its fine-tuning epochs and learning rate.
+
+        ``method_finishes``: a method of the run ends with the finishing phase whatever the
+        mode (magnitude pruning to the budget and retraining is its last step).
+        """
         f = self.finish
-        enabled = f.enabled if f.enabled is not None else self.sparsity.mode == "constrained"
+        enabled = f.enabled if f.enabled is not None else (method_finishes or self.sparsity.mode != "penalized")
         epochs = f.epochs if f.epochs is not None else max(1, math.ceil(0.05 * self.train.epochs))
         lr = f.lr if f.lr is not None else f.lr_factor * self.optim.primal.lr
         return enabled, epochs, lr

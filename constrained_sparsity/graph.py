@@ -215,6 +215,9 @@ def bake(model: nn.Module) -> nn.Module:
     was_training = model.training
     model.eval()
     try:
+        for module in model.modules():  # prune's weight attribute, recomputed without autograd
+            for hook in _prune_hooks(module):  # history (deepcopy refuses non-leaf tensors)
+                hook(module, ())
         baked = copy.deepcopy(model)
         for module in baked.modules():
             for key in [k for k, h in module._forward_pre_hooks.items() if getattr(h, "sparsity_hook", False)]:

@@ -44,7 +44,7 @@ __all__ = [
     "train_step",
 ]
 
-MODES = ("constrained", "penalized")
+MODES = ("constrained", "penalized", "projected")
 SCHEMES = ("alternating", "alternating_primal_dual", "simultaneous", "extrapolation")
 
 
@@ -70,8 +70,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             dense baseline with no constraint.
         targets: the declared budgets. A target names its method (``Target.method``: the
             instance or its name); ``None`` means the first method.
-        mode: ``"constrained"`` (learned multipliers) or ``"penalized"`` (frozen at
-            ``Target.lam``).
+        mode: ``"constrained"`` (learned multipliers), ``"penalized"`` (frozen at
+            ``Target.lam``) or ``"projected"`` (the method meets the budget by construction,
+            a top-k mask: every multiplier stays 0, the constraint is still reported).
         loss_fn: ``loss_fn(outputs, labels)``; cross-entropy by default.
         lambda_init: initial multiplier in constrained mode.
         layers: deprecated; pass the layer-sparsity method in ``methods``.
@@ -107,6 +108,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"target names {names} must be unique")
+        for method in self.methods:
+            method.on_targets([t for t in self.targets if t.method is method])
         self._constraints_in_order: list[cooper.Constraint] = []
         for target in self.targets:
             if mode == "penalized":
@@ -114,7 +117,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                     raise ValueError(f"target {target.name!r}: penalized mode needs a lambda (lam=...)")
                 init = target.lam
             else:
-                init = lambda_init
+                init = lambda_init if mode == "constrained" else 0.0
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.INEQUALITY,
                 formulation_type=cooper.formulations.Lagrangian,

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from constrained_sparsity import load_config
 from constrained_sparsity.compare import bisect_lambda, compare, parse_budget
@@ -198,3 +199,11 @@ def test_compare_refuses_bad_budgets_before_running(tmp_path):
     with pytest.raises(ValueError, match="lambdas"):
         compare(cfg, [0.3], lambdas=[-1.0], out_dir=tmp_path / "c", progress=None)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_density_of_exactly_the_budget_is_feasible_as_the_training_step_decides():
+    from constrained_sparsity.compare import _within
+
+    exact = float(torch.tensor(348 / 1740, dtype=torch.float32))  # 0.2 in float32: 0.20000000298...
+    assert exact > 0.2 and _within(exact, 0.2)
+    assert not _within(349 / 1740, 0.2)

@@ -14,11 +14,22 @@ import importlib
 
 from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
 from .cges import CGES, CGESOptions, attach_cges
+from .dns import DNS, DNSOptions, attach_dns
 from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
 from .layers import LayersOptions, LayerSparsity, LayerTarget, attach_layer_sparsity, merge_layers
+from .lwc import LWC, LWCOptions, attach_lwc
+from .reweighted import FOCUSS, ASTOptions, ReweightedL1, ReweightedL2, attach_ast
 
 __all__ = [
+    "ASTOptions",
+    "DNS",
+    "DNSOptions",
+    "FOCUSS",
+    "LWC",
+    "LWCOptions",
     "MEASURES",
+    "ReweightedL1",
+    "ReweightedL2",
     "NONE",
     "BudgetSpec",
     "BuildContext",
@@ -35,9 +46,12 @@ __all__ = [
     "PhaseContext",
     "SparsityMethod",
     "Target",
+    "attach_ast",
     "attach_cges",
+    "attach_dns",
     "attach_l0",
     "attach_layer_sparsity",
+    "attach_lwc",
     "fold_l0",
     "get_method",
     "merge_layers",
@@ -73,6 +87,11 @@ def register_method(cls: type[SparsityMethod]) -> type[SparsityMethod]:
 register_method(L0Gates)
 register_method(LayerSparsity)
 register_method(CGES)
+register_method(ReweightedL1)
+register_method(ReweightedL2)
+register_method(FOCUSS)
+register_method(LWC)
+register_method(DNS)
 
 
 def method_names() -> list[str]:

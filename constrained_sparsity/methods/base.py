@@ -45,6 +45,10 @@ from ..graph import bake
 
 __all__ = [
     "MEASURES",
+    "keep_largest",
+    "kurtosis",
+    "weight_metrics",
+    "weight_rows",
     "BudgetSpec",
     "BuildContext",
     "Phase",
@@ -54,6 +58,28 @@ __all__ = [
 ]
 
 MEASURES = ("exact", "expected")
+
+
+def kurtosis(weights: torch.Tensor) -> float:
+    """``E[((W - mu) / sigma)^4]`` of a layer's weights (Fedorov & Rao, eq. 13): 3 for a
+    Gaussian, larger for a distribution peaked at 0 with heavy tails."""
+    w = weights.detach().double().flatten()
+    std = w.std(unbiased=False)
+    return float(((w - w.mean()) / std).pow(4).mean()) if std > 0 else float("nan")
+
+
+def keep_largest(scores: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """Boolean masks, one per tensor of ``scores``, that keep exactly the ``keep`` largest
+    scores of them all (ties broken by position, deterministically): global magnitude pruning."""
+    flat = torch.cat([s.detach().flatten().double() for s in scores])  # on the scores' device
+    keep = max(0, min(int(keep), flat.numel()))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    chosen[torch.sort(-flat, stable=True).indices[:keep]] = True
+    masks, start = [], 0
+    for s in scores:
+        masks.append(chosen[start : start + s.numel()].view(s.shape))
+        start += s.numel()
+    return masks
 
 
 @dataclass(frozen=True)
@@ -120,6 +146,8 @@ class BuildContext:
     input_shape: tuple[int, ...]
     input_nonnegative: bool  # every training input is >= 0
     prefix: str = "sparsity."  # where the method is declared: error messages name prefix + key
+    steps_per_epoch: int = 1  # training steps in an epoch (schedules in epochs become steps)
+    epochs: int = 1  # epochs of the main training
 
 
 @dataclass
@@ -172,6 +200,8 @@ class SparsityMethod(ABC):
     * ``measure_label``: what the budget counts, in words; ``count_budget``: the budget is
       an integer count rather than a proportion.
     * ``compare_tolerance``: how close to the budget a bisected penalty must land.
+    * ``finishes``: the method's algorithm ends with the finishing phase (prune to the
+      budget, retrain with the pattern fixed) in every mode, penalized included.
     """
 
     name: ClassVar[str] = ""
@@ -182,6 +212,7 @@ class SparsityMethod(ABC):
     measure_label: ClassVar[str] = "density"
     count_budget: ClassVar[bool] = False
     compare_tolerance: ClassVar[float] = 0.01
+    finishes: ClassVar[bool] = False
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -219,6 +250,10 @@ class SparsityMethod(ABC):
     def layer_names(self) -> list[str]:
         """Names of the layers the method acts on (per-layer targets follow this order)."""
         return []
+
+    def on_targets(self, targets: list[Target]) -> None:  # noqa: B027 - most methods need not know
+        """Called by the problem with this method's targets, resolved (a method that meets its
+        budgets by construction, a top-k mask, reads them here)."""
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The method's own trainable parameters (gates, scales): optimised in their own
@@ -332,3 +367,27 @@ class SparsityMethod(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state outside the model; got keys {sorted(state)}")
+
+
+def weight_metrics(rows: list[dict[str, Any]], weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``density/<layer>`` (non-zero weights), ``density/model`` and ``kurtosis/<layer>``."""
+    out: dict[str, float] = {}
+    for row in rows:
+        out[f"density/{row['name']}"] = row["exact_density"]
+    out["density/model"] = sum(r["active_params"] for r in rows) / sum(r["params"] for r in rows)
+    for name, w in weights.items():
+        out[f"kurtosis/{name}"] = kurtosis(w)
+    return out
+
+
+def weight_rows(rows: list[dict[str, Any]], measures: dict[str, Any]) -> list[str]:
+    """A report table of non-zero weights per layer and model-wise."""
+    if not rows:
+        return []
+    lines = [f"{'layer':<12}{'weights':>10}{'non-zero':>10}{'density':>10}{'kurtosis':>10}"]
+    for r in rows:
+        k = measures.get(f"kurtosis/{r['name']}", float("nan"))
+        lines.append(f"{r['name']:<12}{r['params']:>10}{r['active_params']:>10}{r['exact_density']:>10.4f}{k:>10.1f}")
+    params, active = sum(r["params"] for r in rows), sum(r["active_params"] for r in rows)
+    lines.append(f"{'model':<12}{params:>10}{active:>10}{active / params:>10.4f}")
+    return lines

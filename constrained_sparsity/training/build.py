@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,13 +12,20 @@ from torch import nn
 
 from ..config import Config
 from ..data import Dataset, load_dataset
-from ..errors import ConfigError
-from ..files import first_line
+from ..errors import CheckpointError, ConfigError
+from ..files import first_line, load_torch_file
 from ..methods import BuildContext, SparsityMethod, Target
 from ..models import MLP, ConvNet, LeNet5Caffe
 from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
 
-__all__ = ["build_methods", "build_model", "build_trainer", "dataset_for", "nonnegative_inputs"]
+__all__ = [
+    "build_methods",
+    "build_model",
+    "build_trainer",
+    "dataset_for",
+    "load_initial_weights",
+    "nonnegative_inputs",
+]
 
 
 def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
@@ -61,7 +69,12 @@ def build_methods(cfg: Config, model: nn.Module, dataset: Dataset) -> tuple[list
     The method of ``sparsity.method`` comes first, then the sections (``sparsity.layers``)
     in the order the config gives them.
     """
-    context = BuildContext(tuple(dataset.input_shape), nonnegative_inputs(dataset))
+    context = BuildContext(
+        tuple(dataset.input_shape),
+        nonnegative_inputs(dataset),
+        steps_per_epoch=math.ceil(len(dataset.train_y) / cfg.data.batch_size),
+        epochs=cfg.train.epochs,
+    )
     spec = cfg.sparsity.budget_spec()
     methods: list[SparsityMethod] = []
     targets: list[Target] = []
@@ -75,11 +88,63 @@ def build_methods(cfg: Config, model: nn.Module, dataset: Dataset) -> tuple[list
     return methods, targets
 
 
+def _initial_state(source: Path) -> dict[str, torch.Tensor]:
+    """The weights ``train.init_from`` names: a run directory's returned network, or a file."""
+    from .checkpoint import CHECKPOINT, FINISHED, SELECTED
+
+    if source.is_dir():
+        for name in (FINISHED, SELECTED, CHECKPOINT):  # in the order a run returns its network
+            if (source / name).is_file():
+                source = source / name
+                break
+        else:
+            raise ConfigError(f"train.init_from={str(source)!r}: no {CHECKPOINT} there")
+    if not source.exists():
+        raise ConfigError(f"train.init_from={str(source)!r}: no such run directory or file")
+    try:
+        data = load_torch_file(source, "initial weights")
+    except CheckpointError as exc:
+        raise ConfigError(f"train.init_from={str(source)!r}: {exc}") from None
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"train.init_from={str(source)!r}: holds no state_dict of tensors")
+    return state
+
+
+def load_initial_weights(model: nn.Module, source: str | Path) -> None:
+    """Load the weights of a trained network into ``model`` before a method attaches.
+
+    Parametrized weights load their ``original``; a sparsity method's own state (gates,
+    masks, scales) is left out: ``model`` takes the source's weights only.
+    """
+    state = _initial_state(Path(source))
+    plain = {}
+    for key, value in state.items():
+        key = key.replace(".parametrizations.weight.original", ".weight")
+        key = key.replace(".parametrizations.bias.original", ".bias")
+        if key.endswith(".weight_orig"):  # torch.nn.utils.prune
+            key = key[: -len("_orig")]
+        plain[key] = value
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(plain))
+    wrong = sorted(k for k in wanted if k in plain and plain[k].shape != wanted[k].shape)
+    if missing or wrong:
+        raise ConfigError(
+            f"train.init_from={str(source)!r}: does not fit the model "
+            f"({'missing ' + ', '.join(missing[:3]) if missing else 'shapes differ: ' + ', '.join(wrong[:3])})"
+        )
+    with torch.no_grad():
+        for key, value in wanted.items():
+            value.copy_(plain[key])
+
+
 def build_trainer(
     cfg: Config, dataset: Dataset, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, list[SparsityMethod], SparsityProblem, Any]:
     """Model, attached methods, problem and optimizers of a config, as a run builds them."""
     model = build_model(cfg, dataset).to(device)
+    if cfg.train.init_from:
+        load_initial_weights(model, cfg.train.init_from)
     methods, targets = build_methods(cfg, model, dataset)
     try:
         problem = SparsityProblem(model, methods, targets, mode=cfg.sparsity.mode, lambda_init=cfg.sparsity.lambda_init)

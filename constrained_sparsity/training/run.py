@@ -506,7 +506,7 @@ class _Run:
 
     # -- the finishing phase: every budget met exactly, then fine-tuned with the pattern frozen --
     def run_finish(self, stop: dict[str, int | None]) -> None:
-        enabled, epochs, lr = self.cfg.finishing()
+        enabled, epochs, lr = self.cfg.finishing(any(m.finishes for m in self.methods))
         if not enabled or not self.problem.targets:
             return
         ds, bs = self.dataset, self.cfg.data.eval_batch_size
