@@ -57,6 +57,8 @@ def rebuild_trainer(run_dir: str | Path, end_state: bool = True, dataset=None): 
         model.load_state_dict(ck["model"])
         problem.load_state_dict(ck["cmp"])
         optimizers.cooper_optimizer.load_state_dict(ck["optimizer"])
+        for method, state in zip(methods, ck.get("methods", [])):  # step counters, generators
+            method.load_state_dict(state)
     model.train()
     return cfg, dataset, model, gates, problem, optimizers
 
