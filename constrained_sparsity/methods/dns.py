@@ -136,21 +136,18 @@ class DNS(SparsityMethod):
 
     # -- surgery -------------------------------------------------------------------------------
     @torch.no_grad()
-    def thresholds(self) -> dict[str, float]:
+    def thresholds(self, magnitudes: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """t_k of every layer: from the statistics, or the magnitude that keeps the budget."""
+        mags = magnitudes if magnitudes is not None else {n: self._w(m).abs() for n, m in self.layers.items()}
         if self.rule == "statistics":
-            out = {}
-            for name, m in self.layers.items():
-                a = self._w(m).abs()
-                out[name] = max(float(a.mean() + self.c * a.std()), 0.0)
-            return out
-        out = {}
+            return {n: max(float(a.mean() + self.c * a.std()), 0.0) for n, a in mags.items()}
+        out: dict[str, float] = {}
         for target in self._targets or [Target(1.0)]:
             names = list(target.layers or self.layers)
-            mags = torch.cat([self._w(self.layers[n]).abs().flatten() for n in names])
-            keep = math.floor(target.epsilon * mags.numel() + 1e-9)
+            flat = torch.cat([mags[n].flatten() for n in names])
+            keep = math.floor(target.epsilon * flat.numel() + 1e-9)
             # the keep-th largest magnitude: weights at or above it are the budget's share
-            t = float(torch.kthvalue(mags, mags.numel() - keep + 1).values) if keep > 0 else float("inf")
+            t = float(torch.topk(flat, keep, sorted=False).values.min()) if keep > 0 else float("inf")
             for n in names:
                 out[n] = max(out.get(n, 0.0), t)  # a per-layer budget is the stricter one
         return out
@@ -159,11 +156,11 @@ class DNS(SparsityMethod):
     def update_masks(self, thresholds: dict[str, float] | None = None) -> None:
         """Eq. 2: T = 0 under a_k, 1 at or over b_k, unchanged in between (t_k of
         ``thresholds``, by layer; default :meth:`thresholds`)."""
-        for name, t in (self.thresholds() if thresholds is None else thresholds).items():
-            m = self.layers[name]
-            mag, mask = self._w(m).abs(), self._mask(m)
-            mask.masked_fill_(mag < (1.0 - self.margin) * t, 0.0)
-            mask.masked_fill_(mag >= (1.0 + self.margin) * t, 1.0)
+        mags = {n: self._w(m).abs() for n, m in self.layers.items()}
+        for name, t in (self.thresholds(mags) if thresholds is None else thresholds).items():
+            mag, mask = mags[name], self._mask(self.layers[name])
+            keep = (mag >= (1.0 + self.margin) * t) | (mask.bool() & (mag >= (1.0 - self.margin) * t))
+            mask.copy_(keep)
 
     def after_step(self) -> None:
         self.step += 1

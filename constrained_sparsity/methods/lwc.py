@@ -45,7 +45,8 @@ def cubic_kept(step: int, start: int, end: int, epsilon: float) -> float:
 @dataclass
 class LWCOptions:
     """``start`` / ``end``: the pruning runs from ``start`` to ``end`` as shares of the
-    training steps (0.0 and 0.7: the last 30 % retrain with the final masks); ``every``:
+    training steps (0.0 and 0.7: the last 30 % retrain with the final masks; the steps of
+    ``train.epochs``, so a run extended on resume follows the longer schedule); ``every``:
     pruning events per epoch (masks updated every 1/every epoch in between);
     ``layers``: the Linear / Conv2d layers to prune (null: all)."""
 
