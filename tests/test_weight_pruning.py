@@ -335,6 +335,8 @@ def test_projected_methods_report_their_constraint_with_lambda_zero(tmp_path):
 
 
 def test_init_from_loads_a_trained_network_before_the_method_attaches(tmp_path):
+    from constrained_sparsity.training.build import build_trainer, dataset_for
+
     dense_cfg = cs.load_config(
         ROOT / "configs" / "digits_mlp_l0.yaml",
         [*QUIET, f"tracking.out_dir={tmp_path}", "sparsity.method=none", "train.epochs=2"],
@@ -343,13 +345,21 @@ def test_init_from_loads_a_trained_network_before_the_method_attaches(tmp_path):
     state = torch.load(dense.run_dir / "checkpoint.pt", weights_only=True)["model"]
     for name in ["rw_l1", "lwc", "dns"]:
         cfg = cs.load_config(ROOT / "configs" / f"digits_mlp_{name}.yaml", [*QUIET, f"train.init_from={dense.run_dir}"])
-        from constrained_sparsity.training.build import build_trainer, dataset_for
-
         model, methods, _, _ = build_trainer(cfg, dataset_for(cfg))
         x = torch.rand(3, 64)
         reference = MLP(64, [100, 100], 10)
         reference.load_state_dict(state)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+    # from a sparse run: the network it returned, theta = q * omega baked into plain weights
+    sparse = cs.run(
+        cs.load_config(
+            ROOT / "configs" / "digits_mlp_rw_l1.yaml", [*QUIET, f"tracking.out_dir={tmp_path}", "train.epochs=2"]
+        )
+    )
+    returned = cs.runs.load_run(sparse.run_dir).model
+    cfg = cs.load_config(ROOT / "configs" / "digits_mlp_dns.yaml", [*QUIET, f"train.init_from={sparse.run_dir}"])
+    model, _, _, _ = build_trainer(cfg, dataset_for(cfg))
+    torch.testing.assert_close(model.eval()(x), returned(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(cs.ConfigError, match="train.init_from="):
         cs.run(
             cs.load_config(ROOT / "configs" / "digits_mlp_lwc.yaml", [*QUIET, f"train.init_from={tmp_path / 'none'}"])

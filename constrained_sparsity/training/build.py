@@ -88,19 +88,42 @@ def build_methods(cfg: Config, model: nn.Module, dataset: Dataset) -> tuple[list
     return methods, targets
 
 
-def _initial_state(source: Path) -> dict[str, torch.Tensor]:
-    """The weights ``train.init_from`` names: a run directory's returned network, or a file."""
+def _run_network(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The network a run directory returned, as plain weights: its config's model with its
+    methods attached, the returned weights loaded (finished > selected > last checkpoint),
+    then every parametrized layer baked at its eval-mode weights (L0 gates at their
+    test-time values, theta = q * omega, W * T, pruning masks applied)."""
+    from ..config import config_from_dict, read_config_dict
+    from ..graph import bake
     from .checkpoint import CHECKPOINT, FINISHED, SELECTED
 
-    if source.is_dir():
-        for name in (FINISHED, SELECTED, CHECKPOINT):  # in the order a run returns its network
-            if (source / name).is_file():
-                source = source / name
-                break
-        else:
-            raise ConfigError(f"train.init_from={str(source)!r}: no {CHECKPOINT} there")
+    try:
+        cfg = config_from_dict(read_config_dict(run_dir / "config.yaml"))
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(f"train.init_from={str(run_dir)!r}: its config.yaml: {first_line(exc)}") from None
+    cfg = replace(cfg, train=replace(cfg.train, init_from=None))  # its own start is already in its weights
+    model, _, _, _ = build_trainer(cfg, dataset_for(cfg))
+    for name in (FINISHED, SELECTED, CHECKPOINT):  # in the order a run returns its network
+        if (run_dir / name).is_file():
+            data = load_torch_file(run_dir / name, "initial weights")
+            break
+    else:
+        raise ConfigError(f"train.init_from={str(run_dir)!r}: no {CHECKPOINT} there")
+    try:
+        model.load_state_dict(data["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"train.init_from={str(run_dir)!r}: {first_line(exc)}") from None
+    return {k: v.detach() for k, v in bake(model).state_dict().items()}
+
+
+def _initial_state(source: Path) -> dict[str, torch.Tensor]:
+    """The weights ``train.init_from`` names: a run directory's returned network, or a file."""
     if not source.exists():
         raise ConfigError(f"train.init_from={str(source)!r}: no such run directory or file")
+    if source.is_dir():
+        if not (source / "config.yaml").is_file():
+            raise ConfigError(f"train.init_from={str(source)!r}: not a run directory (no config.yaml)")
+        return _run_network(source)
     try:
         data = load_torch_file(source, "initial weights")
     except CheckpointError as exc:
@@ -114,20 +137,14 @@ def _initial_state(source: Path) -> dict[str, torch.Tensor]:
 def load_initial_weights(model: nn.Module, source: str | Path) -> None:
     """Load the weights of a trained network into ``model`` before a method attaches.
 
-    Parametrized weights load their ``original``; a sparsity method's own state (gates,
-    masks, scales) is left out: ``model`` takes the source's weights only.
+    ``source``: a run directory (the network it returned, with its sparsity baked in) or a
+    file holding a state_dict (or ``{"model": state_dict}``) of the same architecture.
+    A sparsity method's own state (gates, masks, scales) is not carried over.
     """
     state = _initial_state(Path(source))
-    plain = {}
-    for key, value in state.items():
-        key = key.replace(".parametrizations.weight.original", ".weight")
-        key = key.replace(".parametrizations.bias.original", ".bias")
-        if key.endswith(".weight_orig"):  # torch.nn.utils.prune
-            key = key[: -len("_orig")]
-        plain[key] = value
     wanted = model.state_dict()
-    missing = sorted(set(wanted) - set(plain))
-    wrong = sorted(k for k in wanted if k in plain and plain[k].shape != wanted[k].shape)
+    missing = sorted(set(wanted) - set(state))
+    wrong = sorted(k for k in wanted if k in state and state[k].shape != wanted[k].shape)
     if missing or wrong:
         raise ConfigError(
             f"train.init_from={str(source)!r}: does not fit the model "
@@ -135,7 +152,7 @@ def load_initial_weights(model: nn.Module, source: str | Path) -> None:
         )
     with torch.no_grad():
         for key, value in wanted.items():
-            value.copy_(plain[key])
+            value.copy_(state[key])
 
 
 def build_trainer(
