@@ -15,6 +15,9 @@ methods from one trained dense network, at a budget of non-zero weights.
 
     python benchmarks/bench_table1.py --threads 2 --dense-epochs 10 --epochs 30 --budgets 0.05 0.02
 
+With ``--reuse`` a run already finished under ``--out`` with the same config is kept, so the
+table (about 13 LeNet trainings) can be built over several invocations.
+
 Writes ``benchmarks/out/table1.{json,md}``.
 """
 
@@ -24,6 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import _report
 import torch
@@ -67,6 +71,30 @@ def _first_feasible(history: list[dict]) -> int | None:
     return None
 
 
+def _complete_run(run_dir: Path, cfg: cs.Config) -> SimpleNamespace | None:
+    """The result of a finished run in ``run_dir`` trained from ``cfg`` (``None`` if there is none).
+
+    A run counts as finished when it wrote ``summary.json``; its ``config.yaml`` must equal
+    ``cfg`` but for the thread count (timings are taken again, interleaved, at the end)."""
+    import yaml
+
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary_path.is_file() and config_path.is_file()):
+        return None
+    saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
+    for d in (saved, wanted):
+        d.get("train", {}).pop("threads", None)
+    if saved != wanted:
+        print(f"[table1] {run_dir.name}: config changed, training again", file=sys.stderr, flush=True)
+        return None
+    summary = json.loads(summary_path.read_text())
+    metrics = run_dir / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return SimpleNamespace(
+        run_dir=run_dir, test_error=summary["test_error"], feasible=summary["feasible"], history=history
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.02])
@@ -79,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps per setup and round")
     parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a run already complete in --out whose config is the one this command would train "
+        "(the table can then be built over several invocations)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.finish_epochs < args.epochs:
         parser.error("--finish-epochs should be in [0, --epochs)")
@@ -89,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(config: str, name: str, epochs: int, *extra: str) -> cs.RunResult:
         overrides = [*_report.run_overrides(epochs, args.threads, runs_dir, args.root), *extra]
-        result = cs.run(cs.load_config(ROOT / "configs" / config, overrides), run_dir=runs_dir / name, overwrite=True)
-        print(f"[table1] {name}: test error {100 * result.test_error:.2f} %", file=sys.stderr, flush=True)
+        cfg = cs.load_config(ROOT / "configs" / config, overrides)
+        kept = _complete_run(runs_dir / name, cfg) if args.reuse else None
+        result = kept or cs.run(cfg, run_dir=runs_dir / name, overwrite=True)
+        how = "kept" if kept else "trained"
+        print(f"[table1] {name} ({how}): test error {100 * result.test_error:.2f} %", file=sys.stderr, flush=True)
         return result
 
     dense = train("fashion_lenet_l0_constrained.yaml", "dense", args.dense_epochs, "sparsity.method=none")

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the run failed (diverged), 2 bad input (config or data)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -167,11 +168,18 @@ def _train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise CSparseError("train needs a CONFIG file or name (or --resume RUN_DIR)")
         path, source = resolve_config(args.config)
-        print(f"config: {path}" + (f" (the shipped config {path.stem})" if source == "shipped" else ""), flush=True)
+        if _main_rank():
+            print(f"config: {path}" + (f" (the shipped config {path.stem})" if source == "shipped" else ""), flush=True)
         cfg = load_config(path, overrides)
         result = run(cfg, run_dir=args.run_dir, overwrite=args.overwrite)
-    print(format_report(result))
+    if _main_rank():
+        print(format_report(result))
     return 0
+
+
+def _main_rank() -> bool:
+    """Whether this process prints (rank 0 under torchrun; always in one process)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
@@ -181,7 +189,11 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warning_line  # one line per warning, as for errors
     args = _parser().parse_args(argv)
+    from . import distributed
+
     try:
+        if distributed.launched() and args.command != "train":
+            raise CSparseError(f"{args.command} runs in one process; under torchrun only `train` runs")
         if args.command == "train":
             return _train(args)
         if args.command == "compare":
@@ -204,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except CSparseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 2
 
 

@@ -102,6 +102,11 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             )
             self.methods.append(layers)
         self.model = model
+        # More than one process: the forward pass goes through the DistributedDataParallel
+        # wrapper of ``model`` (its gradients are averaged over the ranks), and the loss of this
+        # rank's slice of the batch is weighted (``distributed.shard``). None: ``model``, unweighted.
+        self.forward_module: nn.Module | None = None
+        self.batch_weight: float | None = None
         self.mode = mode
         self.loss_fn = loss_fn
         self.targets = tuple(self._resolve(t) for t in targets)
@@ -183,8 +188,14 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return states
 
     def compute_cmp_state(self, inputs: torch.Tensor, labels: torch.Tensor) -> cooper.CMPState:
-        outputs = self.model(inputs)
-        loss = self.loss_fn(outputs, labels)
+        outputs = (self.forward_module or self.model)(inputs)
+        weight = self.batch_weight
+        if weight is None:
+            loss = self.loss_fn(outputs, labels)
+        elif len(labels) == 0:  # a rank with no examples in this batch: no gradient, still in the graph
+            loss = outputs.sum() * 0.0
+        else:
+            loss = self.loss_fn(outputs, labels) * weight
         return cooper.CMPState(loss=loss, observed_constraints=self._constraint_states())
 
     def compute_violations(self, inputs: torch.Tensor, labels: torch.Tensor) -> cooper.CMPState:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["Tracker", "resolve_wandb_mode"]
+__all__ = ["NullTracker", "Tracker", "resolve_wandb_mode"]
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -139,3 +139,26 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001
                 print(f"warning: W&B finish failed: {exc}", file=sys.stderr)
             self.wandb_run = None
+
+
+class NullTracker:
+    """The tracker of a rank other than 0 in a run of several processes: it writes nothing."""
+
+    wandb_id = None
+    wandb_dir = None
+    wandb_error = None
+
+    def __init__(self, run_dir: Path, *args: Any, **kwargs: Any) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.mode = "disabled"
+        self.wandb_run = None
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..data import batches
 from ..errors import TrainingDiverged, TrainingInterrupted
 from ..problem import SparsityProblem, train_step
@@ -75,6 +76,9 @@ class Plan:
     after_step: Callable[[Position], None] | None = None
     postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None
     progress: bool = True
+    # More than one process: this rank trains on its slice of every global batch through
+    # ``problem.forward_module`` (DDP); stops and divergence are agreed after every step.
+    dist: distributed.Context = distributed.SINGLE
 
 
 @contextmanager
@@ -109,27 +113,28 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
     total = plan.epochs * steps_per_epoch
     weights_group = plan.optimizers.cooper_optimizer.primal_optimizers[0].param_groups[0]
     progress = None
-    if plan.progress:
+    if plan.progress and plan.dist.main:
         from tqdm import tqdm
 
         done = min(pos.epoch * steps_per_epoch + pos.step_in_epoch, total)
         progress = tqdm(total=total, initial=done, desc=plan.name, unit="step", dynamic_ncols=True, file=sys.stderr)
     plan.problem.model.train()
+    ctx, device = plan.dist, plan.x.device
     try:
         while pos.epoch < plan.epochs:
             if plan.start_epoch is not None:
                 plan.start_epoch(pos)
             plan.generator.set_state(pos.data_state)
             sums = pos.epoch_sums if pos.step_in_epoch > 0 and pos.epoch_sums else None
-            if sums is not None:  # resumed inside this epoch: its sums so far
-                loss_sum = sums["loss"].to(plan.x.device)
-                lagr_sum = sums["lagrangian"].to(plan.x.device)
+            if sums is not None:  # resumed inside this epoch: its sums so far (the global ones)
+                loss_sum = sums["loss"].to(device)
+                lagr_sum = sums["lagrangian"].to(device)
                 restarts: dict[str, int] = dict(sums["restarts"])
                 steps = int(sums["steps"])
                 t0 = time.perf_counter() - float(sums["seconds"])
             else:
-                loss_sum = torch.zeros((), device=plan.x.device)
-                lagr_sum = torch.zeros((), device=plan.x.device)
+                loss_sum = torch.zeros((), device=device)
+                lagr_sum = torch.zeros((), device=device)
                 restarts = {}
                 steps = 0
                 t0 = time.perf_counter()
@@ -139,11 +144,16 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                 if plan.dual_lr is not None:
                     for group in plan.optimizers.dual_optimizer.param_groups:
                         group["lr"] = plan.dual_lr(pos.global_step)
+                if ctx.active:  # this rank's slice of the global batch, its loss weighted
+                    xb, yb, plan.problem.batch_weight = distributed.shard(xb, yb, ctx)
                 result = train_step(plan.problem, plan.optimizers, xb, yb, plan.dual_restarts)
                 loss = result["loss"]
-                if not math.isfinite(float(loss)):
+                bad, signum = distributed.agree(ctx, device, not math.isfinite(float(loss)), stop["signum"])
+                if bad:  # every rank stops here, whichever diverged
+                    where = f" on rank {', '.join(map(str, bad))} of {ctx.world}" if ctx.active else ""
+                    value = float(loss) if ctx.rank in bad else "not finite"
                     raise TrainingDiverged(
-                        f"loss became {float(loss)} at epoch {pos.epoch + 1}, step {pos.step_in_epoch + 1}"
+                        f"loss became {value}{where} at epoch {pos.epoch + 1}, step {pos.step_in_epoch + 1}"
                         f"{'' if plan.name == 'main' else f' of the {plan.name} phase'}; training stopped; "
                         f"last good checkpoint: {plan.diverged(pos)}"
                     )
@@ -158,24 +168,36 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                 pos.global_step += 1
                 if progress is not None:
                     progress.update(1)
-                if stop["signum"] is not None:
+                if signum is not None:  # a stop signal on any rank: every rank stops at this step
+                    loss_g, lagr_g = _global_sums(ctx, loss_sum, lagr_sum)
                     pos.epoch_sums = {
-                        "loss": loss_sum.detach().cpu(),
-                        "lagrangian": lagr_sum.detach().cpu(),
+                        "loss": loss_g.detach().cpu(),
+                        "lagrangian": lagr_g.detach().cpu(),
                         "restarts": dict(restarts),
                         "steps": steps,
                         "seconds": time.perf_counter() - t0,
                     }
-                    sig = signal.Signals(stop["signum"]).name
-                    raise TrainingInterrupted(plan.on_stop(pos, sig), stop["signum"])
+                    sig = signal.Signals(signum).name
+                    raise TrainingInterrupted(plan.on_stop(pos, sig), signum)
+            if ctx.active:
+                difference = distributed.check_agreement(
+                    ctx, distributed.state_tensors(plan.problem.model, plan.optimizers), device
+                )
+                if difference != 0.0:
+                    raise TrainingDiverged(
+                        f"the {ctx.world} ranks disagree after epoch {pos.epoch + 1} (largest difference "
+                        f"{difference:g} in the model, multiplier or dual optimizer state); training stopped; "
+                        f"last good checkpoint: {plan.diverged(pos)}"
+                    )
+            loss_g, lagr_g = _global_sums(ctx, loss_sum, lagr_sum)
             pos.epoch += 1
             pos.step_in_epoch = 0
             pos.epoch_sums = None
             pos.data_state = plan.generator.get_state()
             metrics = plan.metrics(
                 pos.epoch,
-                float(loss_sum) / max(steps, 1),
-                float(lagr_sum) / max(steps, 1),
+                float(loss_g) / max(steps, 1),
+                float(lagr_g) / max(steps, 1),
                 restarts,
                 time.perf_counter() - t0,
             )
@@ -184,6 +206,21 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
             if progress is not None and plan.postfix is not None:
                 progress.set_postfix(plan.postfix(metrics), refresh=False)
     finally:
+        plan.problem.batch_weight = None
         if progress is not None:
             progress.close()
     return pos
+
+
+def _global_sums(
+    ctx: distributed.Context, loss_sum: torch.Tensor, lagr_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running sums of the step losses as one process would have them: the ranks' weighted
+    slice losses averaged over the ranks (they average to the global batch's mean loss). A
+    resumed epoch starts every rank from these global sums, which the average keeps."""
+    if not ctx.active:
+        return loss_sum, lagr_sum
+    both = torch.stack([loss_sum.detach(), lagr_sum.detach()]).to(torch.float64)
+    torch.distributed.all_reduce(both)
+    both = (both / ctx.world).to(loss_sum.dtype)
+    return both[0], both[1]

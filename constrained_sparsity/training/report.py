@@ -13,6 +13,13 @@ __all__ = ["format_report"]
 def format_report(result: RunResult) -> str:
     """A short human-readable report: each method's rows, the budgets, feasibility, error, phases."""
     lines = [f"run directory: {result.run_dir}", f"epochs: {result.epochs}   wall time: {result.wall_time_s:.1f} s"]
+    if result.distributed is not None:
+        d = result.distributed
+        lines.append(
+            f"processes: {d['world_size']} ({d['backend']}), global batch {d['global_batch_size']} "
+            f"(up to {d['batch_size_per_rank']} per rank); ranks' final states agree: "
+            + ("yes" if d["ranks_agree"] else f"NO (differ by up to {d['max_difference']:g}; rank 0's is saved)")
+        )
     for spec in result.methods:
         rows = [r for r in result.layers if r.get("method") == spec]
         targets = [t for t in result.targets if t["method"] == spec]

@@ -24,17 +24,18 @@ import yaml
 from torch import nn
 from torch.nn.utils import prune
 
+from .. import distributed
 from ..compact import compact, size_summary
 from ..config import Config, apply_overrides, config_from_dict, read_config_dict
 from ..data import Dataset
 from ..errors import CheckpointError, ConfigError, TrainingInterrupted
-from ..evaluation import error_rate, max_output_difference
+from ..evaluation import max_output_difference
 from ..export import save_sequential
 from ..files import first_line
 from ..graph import bake, original_weight
 from ..methods import Phase, PhaseContext, SparsityMethod, method_spec
 from ..problem import OptimizerSet, SparsityProblem, scheduled_lr
-from ..tracking import Tracker
+from ..tracking import NullTracker, Tracker
 from .build import build_trainer, dataset_for
 from .checkpoint import CHECKPOINT, FINISHED, RUN_KEYS, SELECTED, load_checkpoint, save_checkpoint
 from .loop import Plan, Position, play, stop_on_signals
@@ -84,6 +85,9 @@ class RunResult:
     compaction: dict[str, Any] | None = None
     methods: list[str] = field(default_factory=list)
     measures: dict[str, Any] = field(default_factory=dict)
+    # More than one process: world size, backend, global and per-rank batch, whether the
+    # ranks' final states (model, multipliers, dual optimizer) agree (None: one process).
+    distributed: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -107,6 +111,7 @@ class RunResult:
             "finish": self.finish,
             "phases": self.phases,
             "compaction": self.compaction,
+            "distributed": self.distributed,
         }
 
 
@@ -159,6 +164,7 @@ def run(
         cfg = config_from_dict(apply_overrides(config.to_dict(), list(overrides or []))) if overrides else config
 
     device = check_device(cfg.train.device)
+    ctx, device = distributed.from_environment(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.flush_denormal:
@@ -167,7 +173,9 @@ def run(
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.train.seed)
 
-    dataset = dataset_for(cfg).to(device)
+    loaded: dict[str, Dataset] = {}  # rank 0 loads (downloads) first, then the others read its files
+    ctx.on_main(lambda: loaded.setdefault("data", dataset_for(cfg)) and None)
+    dataset = (loaded.get("data") or dataset_for(cfg)).to(device)
     model, methods, problem, optimizers = build_trainer(cfg, dataset, device)
     data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     pos = Position(0, 0, 0, data_gen.get_state())
@@ -212,15 +220,23 @@ def run(
         wandb_id = checkpoint.get("wandb_id") or None
         selected = checkpoint.get("selected") or None
         # everything validated: only now change the run directory
-        history, _ = cut_log(out, pos.epoch)
+        history = ctx.on_main(lambda: cut_log(out, pos.epoch)[0])
     else:  # everything validated: only now create the run directory
-        if run_dir is not None:
-            out = prepare_run_dir(run_dir, overwrite)
-        else:
-            out = new_run_dir(cfg.tracking.out_dir, cfg.tracking.run_name or cfg.name)
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    tracker = Tracker(
+        def create() -> Path:
+            made = (
+                prepare_run_dir(run_dir, overwrite)
+                if run_dir is not None
+                else new_run_dir(cfg.tracking.out_dir, cfg.tracking.run_name or cfg.name)
+            )
+            write_text_atomic(made / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return made
+
+        out = ctx.on_main(create)
+
+    problem.forward_module = distributed.wrap(model, ctx) if ctx.active else None
+    tracker_cls = Tracker if ctx.main else NullTracker  # rank 0 alone logs
+    tracker = tracker_cls(
         out,
         cfg.to_dict(),
         wandb_mode=cfg.tracking.wandb,
@@ -231,25 +247,29 @@ def run(
         name=cfg.tracking.run_name or out.name,
         run_id=wandb_id,
     )
-    state = _Run(cfg, out, dataset, model, methods, problem, optimizers, data_gen, tracker, history)
+    state = _Run(cfg, out, dataset, model, methods, problem, optimizers, data_gen, tracker, history, ctx)
     state.selected = selected
     exit_code = 1
     try:
         with stop_on_signals() as stop:
             state.train(pos, stop)
+            problem.forward_module = None  # the phases after training wrap their own networks
             exit_code = 0
             state.finish_selection()
             state.run_finish(stop)
             state.run_phases(stop)
         state.compaction = state.compaction_counts()
+        state.check_ranks()
     except TrainingInterrupted:
         exit_code = 0  # a clean stop: the run can be resumed
         raise
     finally:
+        problem.forward_module = None
         result = state.result(time.perf_counter() - start)
         tracker.summary(_wandb_summary(result))
         tracker.finish(exit_code=exit_code)
-        write_text_atomic(out / "summary.json", json.dumps(result.summary(), indent=2))
+        if ctx.main:
+            write_text_atomic(out / "summary.json", json.dumps(result.summary(), indent=2))
     return result
 
 
@@ -307,8 +327,11 @@ def _wandb_summary(result: RunResult) -> dict[str, Any]:
 class _Run:
     """The state of one run and what its phases do at each point (kept out of :func:`run`)."""
 
-    def __init__(self, cfg, out, dataset, model, methods, problem, optimizers, data_gen, tracker, history):  # type: ignore[no-untyped-def]
+    def __init__(self, cfg, out, dataset, model, methods, problem, optimizers, data_gen, tracker, history, ctx):  # type: ignore[no-untyped-def]
         self.cfg: Config = cfg
+        self.ctx: distributed.Context = ctx
+        # More than one process: what the end-of-run check of the ranks' states found.
+        self.distributed: dict[str, Any] | None = None
         self.out: Path = out
         self.dataset: Dataset = dataset
         self.model: nn.Module = model
@@ -332,8 +355,35 @@ class _Run:
         self.compaction: dict[str, Any] | None = None
         self.logged_epochs = 0  # the epoch count of the log: the game's epochs, then the phases'
 
+    def _error(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+        """Classification error, each rank counting its part when there are several."""
+        return distributed.error_rate(model, x, y, batch_size, self.ctx)
+
+    def check_ranks(self) -> None:
+        """More than one process: gather the ranks' final states and record whether they agree."""
+        ctx = self.ctx
+        if not ctx.active:
+            return
+        device = self.dataset.train_x.device
+        difference = distributed.check_agreement(ctx, distributed.state_tensors(self.model, self.optimizers), device)
+        self.distributed = {
+            "world_size": ctx.world,
+            "backend": torch.distributed.get_backend(),
+            "global_batch_size": self.cfg.data.batch_size,
+            "batch_size_per_rank": math.ceil(self.cfg.data.batch_size / ctx.world),
+            "ranks_agree": difference == 0.0,
+            "max_difference": difference,
+        }
+        if difference != 0.0:
+            warnings.warn(
+                f"the {ctx.world} ranks' final states differ by up to {difference:g}; rank 0's is saved",
+                stacklevel=2,
+            )
+
     # -- checkpoints --
     def _save(self, pos: Position) -> None:
+        if not self.ctx.main:
+            return
         save_checkpoint(
             {
                 "config": self.cfg.to_dict(),
@@ -419,6 +469,7 @@ class _Run:
             after_step=after_step,
             postfix=self._postfix,
             progress=cfg.tracking.progress,
+            dist=self.ctx,
         )
         play(plan, pos, stop)
 
@@ -432,13 +483,15 @@ class _Run:
             snapshot = self._step_snapshot
             if mode == "last_feasible" and snapshot is not None:  # a feasible step of this (last) epoch
                 step, state = snapshot
-                save_checkpoint({"epoch": metrics["epoch"], "step": step, "model": state}, self.out / SELECTED)
+                if self.ctx.main:
+                    save_checkpoint({"epoch": metrics["epoch"], "step": step, "model": state}, self.out / SELECTED)
                 self.selected = {"epoch": metrics["epoch"], "step": step, "val_error": None}
             return
         val_error = metrics["val/error"]
         if mode == "best_feasible" and self.selected is not None and val_error >= self.selected["val_error"]:
             return
-        save_checkpoint({"epoch": metrics["epoch"], "model": self.model.state_dict()}, self.out / SELECTED)
+        if self.ctx.main:
+            save_checkpoint({"epoch": metrics["epoch"], "model": self.model.state_dict()}, self.out / SELECTED)
         self.selected = {"epoch": metrics["epoch"], "val_error": val_error}
 
     def finish_selection(self) -> None:
@@ -460,6 +513,7 @@ class _Run:
         self.selected_epoch = self.selected["epoch"]
         self.selected_step = self.selected.get("step")
         if self.selected_epoch != self.epoch or self.selected_step is not None:
+            self.ctx.barrier()  # rank 0 has written the file
             self.model.load_state_dict(load_checkpoint(self.out / SELECTED)["model"])
 
     def _epoch_metrics(
@@ -468,9 +522,9 @@ class _Run:
         ds = self.dataset
         bs = self.cfg.data.eval_batch_size
         metrics: dict[str, Any] = {"epoch": epoch, "train/loss": loss, "train/lagrangian": lagrangian}
-        test_error = error_rate(self.model, ds.test_x, ds.test_y, bs)
+        test_error = self._error(self.model, ds.test_x, ds.test_y, bs)
         if ds.val_x is not None:
-            metrics["val/error"] = error_rate(self.model, ds.val_x, ds.val_y, bs)
+            metrics["val/error"] = self._error(self.model, ds.val_x, ds.val_y, bs)
         else:
             metrics["val/error"] = test_error  # no validation split: the test set stands in
         metrics["test/error"] = test_error
@@ -511,7 +565,7 @@ class _Run:
             return
         ds, bs = self.dataset, self.cfg.data.eval_batch_size
         start = time.perf_counter()
-        info: dict[str, Any] = {"test_error_before": error_rate(self.model, ds.test_x, ds.test_y, bs)}
+        info: dict[str, Any] = {"test_error_before": self._error(self.model, ds.test_x, ds.test_y, bs)}
         before = self.problem.violations()
         for method in self.methods:
             method.freeze_()
@@ -530,7 +584,7 @@ class _Run:
                 "those budgets stay as training left them",
                 stacklevel=2,
             )
-        info["test_error_closed"] = error_rate(self.model, ds.test_x, ds.test_y, bs)
+        info["test_error_closed"] = self._error(self.model, ds.test_x, ds.test_y, bs)
         phase = Phase("finish", self.model, epochs, lr)
         if epochs > 0:  # the weights that are exactly 0 stay 0: a method whose pattern is its zeros
             zeros = [(w, w == 0) for w in _layer_weights(self.model)]
@@ -553,14 +607,15 @@ class _Run:
                 "strict_violation_after": {name: v[1] for name, v in after.items()},
                 "epochs": epochs,
                 "lr": lr,
-                "test_error_after": error_rate(self.model, ds.test_x, ds.test_y, bs),
+                "test_error_after": self._error(self.model, ds.test_x, ds.test_y, bs),
                 "seconds": time.perf_counter() - start,
                 "model_file": FINISHED,
             }
         )
         if ds.val_x is not None:
-            info["val_error_after"] = error_rate(self.model, ds.val_x, ds.val_y, bs)
-        save_checkpoint({"epoch": self.epoch, "model": self.model.state_dict()}, self.out / FINISHED)
+            info["val_error_after"] = self._error(self.model, ds.val_x, ds.val_y, bs)
+        if self.ctx.main:
+            save_checkpoint({"epoch": self.epoch, "model": self.model.state_dict()}, self.out / FINISHED)
         self.finish = info
 
     # -- phases after training: the methods' (merge and refit, ...) --
@@ -571,7 +626,7 @@ class _Run:
             context = PhaseContext(
                 primal_lr=cfg.optim.primal.lr,
                 others=len(self.methods) > 1,
-                error=lambda m: error_rate(m, ds.test_x, ds.test_y, bs),
+                error=lambda m: self._error(m, ds.test_x, ds.test_y, bs),
                 max_output_difference=lambda a, b: max_output_difference(a, b, ds.test_x, bs),
             )
             phase = method.after_training(self.model, context)
@@ -579,11 +634,13 @@ class _Run:
                 continue
             info = {"method": method_spec(method), **phase.info}
             for filename, network in phase.files.items():
-                save_sequential(network, self.out / filename)
+                if self.ctx.main:
+                    save_sequential(network, self.out / filename)
             if phase.epochs > 0:
                 self._train_phase(phase, seed=cfg.train.seed + 2 + len(self.phases), stop=stop)
-                info[f"test_error_{phase.name}"] = error_rate(phase.model, ds.test_x, ds.test_y, bs)
-                save_sequential(phase.model, self.out / f"{phase.name}_model.pt")
+                info[f"test_error_{phase.name}"] = self._error(phase.model, ds.test_x, ds.test_y, bs)
+                if self.ctx.main:
+                    save_sequential(phase.model, self.out / f"{phase.name}_model.pt")
                 info["model_file"] = f"{phase.name}_model.pt"
             self.phases[phase.name] = info
 
@@ -608,6 +665,7 @@ class _Run:
             for m in layers:
                 prune.custom_from_mask(m, "weight", mask=(m.weight != 0))
         problem = SparsityProblem(model, methods)
+        problem.forward_module = distributed.wrap(model, self.ctx) if self.ctx.active else None
         adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=phase.lr)
         optimizers = OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, adam), None, "alternating")
         first = self.logged_epochs  # phase rows continue the run's epoch count
@@ -619,7 +677,7 @@ class _Run:
                 "epoch": first + epoch,
                 f"{phase.name}/epoch": epoch,
                 f"{phase.name}/train_loss": loss,
-                f"{phase.name}/test_error": error_rate(model, ds.test_x, ds.test_y, bs),
+                f"{phase.name}/test_error": self._error(model, ds.test_x, ds.test_y, bs),
                 "time/epoch_s": seconds,
             }
 
@@ -653,8 +711,12 @@ class _Run:
             after_step=after_step,
             lr=lr if schedule != "constant" else None,
             progress=cfg.tracking.progress,
+            dist=self.ctx,
         )
-        play(plan, Position(0, 0, 0, generator.get_state()), stop)
+        try:
+            play(plan, Position(0, 0, 0, generator.get_state()), stop)
+        finally:
+            problem.forward_module = None
         if phase.keep_zeros:
             for m in layers:
                 prune.remove(m, "weight")
@@ -685,9 +747,9 @@ class _Run:
             test_error = self.finish["test_error_after"]
             val_error = self.finish.get("val_error_after")
         if test_error is None:  # an iterate no epoch row describes: measure it
-            test_error = error_rate(self.model, ds.test_x, ds.test_y, bs)
+            test_error = self._error(self.model, ds.test_x, ds.test_y, bs)
             if ds.val_x is not None:
-                val_error = error_rate(self.model, ds.val_x, ds.val_y, bs)
+                val_error = self._error(self.model, ds.val_x, ds.val_y, bs)
         targets = []
         for target, _ in self.problem.ordered_constraints():
             method = target.method
@@ -737,4 +799,5 @@ class _Run:
             compaction=self.compaction,
             methods=[method_spec(m) for m in self.methods],
             measures=measures,
+            distributed=self.distributed,
         )
