@@ -74,6 +74,17 @@ def test_dense_baseline_runs(quiet):
     assert 0 <= result.test_error < 0.5
 
 
+def test_every_run_draws_its_dynamics_and_the_report_names_the_file(quiet):
+    from constrained_sparsity.training import format_report
+
+    result = _run([*quiet, "sparsity.targets=[0.5,0.3,0.8]", "train.epochs=3"])
+    path = Path(result.run_dir) / "dynamics.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert f"dynamics (measures, multipliers, error per epoch): {path}" in format_report(result)
+    dense = _run([*quiet, "sparsity.method=none", "train.epochs=1"])  # no budget: the error alone
+    assert (Path(dense.run_dir) / "dynamics.png").is_file()
+
+
 def _state(run_dir):
     ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     return ckpt["model"], ckpt["cmp"], ckpt["optimizer"]

@@ -270,7 +270,18 @@ def run(
         tracker.finish(exit_code=exit_code)
         if ctx.main:
             write_text_atomic(out / "summary.json", json.dumps(result.summary(), indent=2))
+            _plot_dynamics(result)
     return result
+
+
+def _plot_dynamics(result: RunResult) -> None:
+    """``dynamics.png`` in the run directory (a failure to draw is a warning, never an error)."""
+    from .report import write_dynamics
+
+    try:
+        write_dynamics(result)
+    except Exception as exc:  # noqa: BLE001 - a plot must not fail a trained run
+        warnings.warn(f"could not draw {result.run_dir}/dynamics.png ({type(exc).__name__}: {exc})", stacklevel=2)
 
 
 def check_device(name: str) -> torch.device:
