@@ -112,7 +112,7 @@ class DataConfig:
     cache_dir: str | None = None
     mirror: str | None = None
     val_fraction: float = 0.0
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: under torchrun each of N ranks trains on its 1/N slice
     eval_batch_size: int = 4096
 
     def __post_init__(self) -> None:
