@@ -41,9 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite", action="store_true", help="with --run-dir: start over in a directory that holds a run"
     )
-    cmp = sub.add_parser("compare", help="penalised vs constrained training on one config, side by side")
-    cmp.add_argument("config", help="YAML config (its method and model are compared)")
-    cmp.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    cmp = sub.add_parser("compare", help="penalised vs constrained training, side by side, for one method or several")
+    cmp.add_argument(
+        "configs",
+        nargs="+",
+        metavar="CONFIG",
+        help="YAML config(s), one method each (several: one joint table and plot), then key=value overrides "
+        "applied to every run",
+    )
+    cmp.add_argument(
+        "--methods",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="compare these methods on the one CONFIG (each run with sparsity.method=NAME)",
+    )
     cmp.add_argument(
         "--targets",
         nargs="+",
@@ -128,12 +140,41 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, parse_budget, parse_lambda
     from .config import load_config
 
-    overrides = list(args.overrides)
+    overrides = [v for v in args.configs if "=" in v]
+    paths = [v for v in args.configs if "=" not in v]
     targets = _split_overrides(args.targets, overrides)
     lambdas = [parse_lambda(v) for v in _split_overrides(args.lambdas, overrides)]
+    methods = _split_overrides(args.methods, overrides)
     if not targets:
         raise CSparseError("--targets: give at least one budget")
-    cfg = load_config(args.config, overrides)
+    if not paths:
+        raise CSparseError("compare needs a CONFIG")
+    if methods and len(paths) > 1:
+        raise CSparseError("--methods runs on one CONFIG; with several configs, each names its method")
+    if methods or len(paths) > 1:
+        from .compare import compare_methods
+
+        cfgs = (
+            [load_config(paths[0], [*overrides, f"sparsity.method={m}"]) for m in methods]
+            if methods
+            else [load_config(p, overrides) for p in paths]
+        )
+        joint = compare_methods(
+            cfgs,
+            [parse_budget(t) for t in targets],
+            lambdas=lambdas,
+            bisect=args.bisect,
+            tol=args.tol,
+            max_runs=args.max_runs,
+            lambda_range=tuple(args.lambda_range),
+            out_dir=args.out,
+            overwrite=args.overwrite,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        print((joint.out_dir / "results.md").read_text())
+        print(f"comparison directory: {joint.out_dir} (plot: {joint.plot.name}; one directory per method)")
+        return 0
+    cfg = load_config(paths[0], overrides)
     result = compare(
         cfg,
         [parse_budget(t) for t in targets],

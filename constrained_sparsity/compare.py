@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import Config, DeclaredMethod, apply_overrides, config_from_dict
@@ -41,7 +42,15 @@ from .methods import method_spec
 from .training import RunResult, build_trainer, dataset_for, run
 from .training.rundir import new_run_dir, prepare_run_dir
 
-__all__ = ["BisectResult", "Comparison", "bisect_lambda", "compare", "parse_budget"]
+__all__ = [
+    "BisectResult",
+    "Comparison",
+    "MethodsComparison",
+    "bisect_lambda",
+    "compare",
+    "compare_methods",
+    "parse_budget",
+]
 
 
 # -- bisection ---------------------------------------------------------------------------------
@@ -516,3 +525,139 @@ def _log_table(cfg: Config, group: str, out: Path, rows: list[dict[str, Any]]) -
         wb.finish()
     except Exception as exc:  # noqa: BLE001
         warnings.warn(f"W&B could not log the comparison table ({type(exc).__name__}: {exc}); see {out}", stacklevel=2)
+
+
+# -- several methods on one page ----------------------------------------------------------------
+@dataclass
+class MethodsComparison:
+    """What :func:`compare_methods` wrote: one :class:`Comparison` per method (in
+    ``out_dir/<label>``) and the rows of the joint table (each with ``config`` and ``label``)."""
+
+    out_dir: Path
+    comparisons: dict[str, Comparison]
+    rows: list[dict[str, Any]]
+    plot: Path
+
+
+def compare_methods(
+    cfgs: Sequence[Config],
+    targets: Sequence[Any],
+    lambdas: Sequence[float] = (),
+    bisect: bool = False,
+    tol: float | None = None,
+    max_runs: int = 8,
+    lambda_range: tuple[float, float] = (1e-3, 1e2),
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = print,
+    overwrite: bool = False,
+) -> MethodsComparison:
+    """:func:`compare` for each config (one method each, e.g. ``l0``, ``cges``, ``rw_l1``), at the
+    same budgets, with one joint table (``results.csv`` / ``results.md``: method, mode, the
+    achieved measure, error, feasibility, runs and wall time -- for a bisection, the time of
+    all its runs: what hitting the budget with a penalty costs), one error-vs-measure plot
+    with a line per method and mode (``error_vs_density.png``), and every run in one W&B
+    group. Each method's own comparison is in ``out_dir/<label>``.
+
+    Every config and run is checked before anything runs (:class:`ConfigError`).
+    """
+    if not cfgs:
+        raise ConfigError("compare: give at least one config")
+    methods = [_method_of(c) for c in cfgs]
+    if len({m.cls.count_budget for m in methods}) > 1:
+        raise ConfigError("compare: layer counts and densities cannot share budgets; compare them separately")
+    specs = [m.spec for m in methods]
+    labels = [s if specs.count(s) == 1 else f"{c.name}" for s, c in zip(specs, cfgs)]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare: the configs {labels} repeat; give each method once")
+    for cfg, method in zip(cfgs, methods):
+        _check_runs(cfg, method, targets, lambdas, bisect)
+    if out_dir is not None:
+        out = prepare_run_dir(
+            out_dir, overwrite, ("results.csv", *labels), "--out", "a comparison", "start it over with --overwrite"
+        )
+    else:
+        out = new_run_dir(cfgs[0].tracking.out_dir, "compare-methods")
+    group = cfgs[0].tracking.group or out.name
+    comparisons: dict[str, Comparison] = {}
+    rows: list[dict[str, Any]] = []
+    say = progress or (lambda _msg: None)
+    for label, cfg in zip(labels, cfgs):
+        say(f"[compare] method {label} ({cfg.name})")
+        grouped = config_from_dict(apply_overrides(cfg.to_dict(), [f"tracking.group={group}"]))
+        comparison = compare(
+            grouped,
+            targets,
+            lambdas=lambdas,
+            bisect=bisect,
+            tol=tol,
+            max_runs=max_runs,
+            lambda_range=lambda_range,
+            out_dir=out / label,
+            progress=progress,
+            overwrite=overwrite,
+        )
+        comparisons[label] = comparison
+        rows += [{**r, "label": label, "config": cfg.name} for r in comparison.rows]
+    _write_joint_tables(out, rows, methods[0].label)
+    plot = _joint_plot(out, rows, methods[0].label, targets)
+    return MethodsComparison(out, comparisons, rows, plot)
+
+
+def _mode(row: dict[str, Any]) -> str:
+    return "constrained" if row["method"] == "constrained" else f"penalized ({row['search'].split()[0]})"
+
+
+def _write_joint_tables(out: Path, rows: list[dict[str, Any]], measure: str) -> None:
+    columns = ["label", "config", *_COLUMNS]
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row[k]) if isinstance(row[k], (list, dict)) else row[k] for k in columns})
+    lines = [
+        f"| method | mode | target | λ | achieved {measure} | test error | feasible | runs | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (json.dumps(r["target"]), r["label"], _mode(r))):
+        lines.append(
+            f"| {r['label']} | {_mode(r)} | {_cell(r['target'])} | {_cell(r['lambda'])} | {_cell(r['achieved'])} | "
+            f"{100 * r['test_error']:.2f} % | {_cell(r['feasible'])} | {r['runs_used']} | {r['wall_time_s']:.1f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _joint_plot(out: Path, rows: list[dict[str, Any]], measure: str, targets: Sequence[Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    markers = {"constrained": ("o", "-"), "penalized (bisect)": ("^", "--"), "penalized (grid)": ("s", ":")}
+    for i, label in enumerate(labels):
+        for mode, (marker, style) in markers.items():
+            pts = sorted(
+                (float(np.mean(r["achieved"])) if isinstance(r["achieved"], list) else float(r["achieved"]),
+                 100 * r["test_error"])
+                for r in rows
+                if r["label"] == label and _mode(r) == mode
+            )  # fmt: skip
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=style, color=f"C{i}",
+                    label=f"{label}, {mode}",
+                )  # fmt: skip
+    for budget in targets:
+        if not isinstance(budget, list):
+            ax.axvline(float(budget), color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel(measure + " (mean over layers for per-layer budgets)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("test error vs sparsity, per method and mode (dashed: budgets)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "error_vs_density.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -366,7 +366,8 @@ class FinishConfig:
     unless the method ends with it (``SparsityMethod.finishes``: rw_l1, rw_l2, focuss, lwc, dns).
     ``epochs``:
     fine-tuning epochs (null: 5 % of ``train.epochs``, at least 1). ``lr``: the fine-tuning
-    Adam learning rate (null: ``lr_factor`` x ``optim.primal.lr``).
+    learning rate (null: ``lr_factor`` x ``optim.primal.lr``), of a fresh optimizer of the
+    training's kind (``optim.primal.name``: Adam, or SGD with its momentum).
     """
 
     enabled: bool | None = None

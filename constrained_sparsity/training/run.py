@@ -607,7 +607,10 @@ class _Run:
                         w.masked_fill_(mask, 0.0)
 
             schedule = self.cfg.finish.schedule
-            self._train_phase(phase, self.cfg.train.seed + 3, stop, self.methods, keep_zeros, schedule)
+            primal = self.cfg.optim.primal  # the training's kind of optimizer, from a fresh state
+            self._train_phase(
+                phase, self.cfg.train.seed + 3, stop, self.methods, keep_zeros, schedule, primal.name, primal.momentum
+            )
         after = self.problem.violations()
         info.update(
             {
@@ -663,8 +666,11 @@ class _Run:
         methods: list[SparsityMethod] | None = None,
         after_step: Callable[[Position], None] | None = None,
         schedule: str = "constant",
+        optimizer: str = "adam",
+        momentum: float = 0.0,
     ) -> None:
-        """Train ``phase.model`` on the task loss alone, through the same loop as the game.
+        """Train ``phase.model`` on the task loss alone, through the same loop as the game,
+        with Adam or SGD (``optimizer``, ``momentum``) from a fresh state at ``phase.lr``.
 
         ``methods`` (their ``after_step`` runs after each step) are the model's own, frozen,
         in the finishing phase; the parameters that do not require gradients stay as they are.
@@ -677,8 +683,12 @@ class _Run:
                 prune.custom_from_mask(m, "weight", mask=(m.weight != 0))
         problem = SparsityProblem(model, methods)
         problem.forward_module = distributed.wrap(model, self.ctx) if self.ctx.active else None
-        adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=phase.lr)
-        optimizers = OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, adam), None, "alternating")
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            step: torch.optim.Optimizer = torch.optim.SGD(trained, lr=phase.lr, momentum=momentum)
+        else:
+            step = torch.optim.Adam(trained, lr=phase.lr)
+        optimizers = OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, step), None, "alternating")
         first = self.logged_epochs  # phase rows continue the run's epoch count
         self.logged_epochs += phase.epochs
         bs = cfg.data.eval_batch_size
