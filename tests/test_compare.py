@@ -207,3 +207,50 @@ def test_a_density_of_exactly_the_budget_is_feasible_as_the_training_step_decide
     exact = float(torch.tensor(348 / 1740, dtype=torch.float32))  # 0.2 in float32: 0.20000000298...
     assert exact > 0.2 and _within(exact, 0.2)
     assert not _within(349 / 1740, 0.2)
+
+
+@pytest.mark.slow
+def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
+    """``csparse compare CONFIG --methods l0 cges``: each method's constrained run and bisection,
+    one joint table with the time each needed (a bisection: all its runs), one plot, one
+    directory per method."""
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "constrained_sparsity", "compare", str(DIGITS), "train.epochs=2",
+        "tracking.progress=false", "tracking.wandb=disabled",
+        "--methods", "l0", "cges", "--targets", "0.4", "--bisect", "--max-runs", "2", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["label"], r["method"], r["search"].split()[0]) for r in rows] == [
+        ("l0", "constrained", "-"),
+        ("l0", "penalized", "bisect"),
+        ("cges", "constrained", "-"),
+        ("cges", "penalized", "bisect"),
+    ]
+    for label in ("l0", "cges"):  # each method's own comparison, with its runs
+        own = list(csv.DictReader((out / label / "results.csv").open()))
+        assert [r["run_dir"] for r in own] == [r["run_dir"] for r in rows if r["label"] == label]
+        assert json.loads((Path(own[0]["run_dir"]) / "summary.json").read_text())["methods"][0].startswith(label)
+    bisect_rows = [r for r in rows if r["method"] == "penalized"]
+    assert all(r["runs_used"] == "2" for r in bisect_rows)
+    for r in rows:  # the wall time is that of the runs the row needed
+        summaries = [json.loads(p.read_text()) for p in (out / r["label"] / "runs").glob("*/summary.json")]
+        own = [s["wall_time_s"] for s in summaries if r["search"] == "-" and s["run_dir"] == r["run_dir"]]
+        if own:
+            assert float(r["wall_time_s"]) >= own[0] - 0.05
+    width, height = _png_ok(out / "error_vs_density.png")
+    assert width > 300 and height > 300
+    table = proc.stdout
+    assert "| l0 | constrained | 0.4 |" in table and "| cges | penalized (bisect) | 0.4 |" in table
+
+
+def test_compare_refuses_mixing_layer_counts_with_densities(tmp_path):
+    from constrained_sparsity.compare import compare_methods
+    from constrained_sparsity.errors import ConfigError
+
+    cfgs = [load_config(DIGITS), load_config(ROOT / "configs" / "digits_deep_mlp_layers.yaml")]
+    with pytest.raises(ConfigError, match="layer counts and densities"):
+        compare_methods(cfgs, [0.3], out_dir=tmp_path / "x", progress=None)
+    assert not (tmp_path / "x").exists()  # nothing written
