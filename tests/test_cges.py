@@ -182,3 +182,24 @@ def test_a_cges_config_is_checked():
     with pytest.raises(cs.ConfigError, match=r"sparsity.mu: mu has 2 entries for 3 layers"):
         cs.run(cs.load_config(CONFIG, [*QUIET, "sparsity.mu=[0.5, 0.5]", "train.epochs=1"]))
     assert count_params(nn.Linear(2, 2)) == 6
+
+
+@pytest.mark.parametrize("t", [1e-4, 1e-2, 0.1, 1.0, 10.0])
+def test_exact_exclusive_prox_equals_the_sorted_prefix_formula(t):
+    """The Newton iteration without sorting gives the threshold of the sorted-prefix rule
+    (k the largest index with u_k > t S_k / (1 + t k)), row by row, including all-zero rows,
+    ties and rows where one weight survives."""
+    torch.manual_seed(0)
+    groups = torch.randn(300, 40, dtype=torch.float64) * torch.rand(300, 1, dtype=torch.float64)
+    groups[0] = 0.0
+    groups[1] = 0.25  # ties
+    groups[2, 0] = 50.0  # one weight dominates
+    a = groups.abs()
+    u = torch.sort(a, dim=1, descending=True).values
+    s = torch.cumsum(u, dim=1)
+    k = torch.arange(1, u.shape[1] + 1, dtype=u.dtype)
+    count = (u > t * s / (1 + t * k)).sum(dim=1, keepdim=True)
+    s_k = torch.gather(s, 1, (count - 1).clamp(min=0))
+    theta = torch.where(count > 0, t * s_k / (1 + t * count.to(u.dtype)), 0.0)
+    expected = groups.sign() * (a - theta).clamp(min=0)
+    torch.testing.assert_close(exclusive_prox(groups, t), expected, rtol=0, atol=1e-12)

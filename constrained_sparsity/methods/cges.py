@@ -25,7 +25,8 @@ less in each next layer (towards exclusive sparsity), clipped to [0, 1].
 
 where, with |v| sorted in decreasing order u_1 >= u_2 >= ..., k is the largest index with
 u_k > t (u_1 + ... + u_k) / (1 + t k) and S_k = u_1 + ... + u_k (the optimality condition of
-the soft-threshold: theta = t sum_i (|v_i| - theta)_+). The seed's step is the first-order
+the soft-threshold: theta = t sum_i (|v_i| - theta)_+; found without sorting, by Newton's
+method on that equation, see :func:`exclusive_prox`). The seed's step is the first-order
 ``w_i <- (1 - t ||v||_1 / |v_i|)_+ v_i`` (``exclusive_prox: approximate``), which
 over-shrinks: it thresholds at t ||v||_1 instead of theta <= t ||v||_1.
 
@@ -96,21 +97,28 @@ def group_prox(groups: torch.Tensor, threshold: float | torch.Tensor) -> torch.T
 def exclusive_prox(groups: torch.Tensor, t: float, exact: bool = True) -> torch.Tensor:
     """Prox of ``t/2 ||w_g||_1^2`` for every row (the exact soft-threshold, or the seed's step).
 
-    Exact: ``sign(v) (|v| - theta)_+`` with ``theta = t S_k / (1 + t k)``, k the largest index
-    with ``u_k > t S_k / (1 + t k)`` for the row's |v| sorted decreasingly (one sort per call,
-    vectorised over the rows). Approximate: ``theta = t ||v||_1``.
+    Exact: ``sign(v) (|v| - theta)_+`` with ``theta = t S_A / (1 + t |A|)``, A the weights with
+    ``|v_i| > theta`` and S_A the sum of their magnitudes -- the root of the convex, decreasing,
+    piecewise-linear ``g(theta) = t sum_i (|v_i| - theta)_+ - theta``. Newton's method on g from
+    the left (``theta_0`` with every weight active) is the update ``theta <- t S_A / (1 + t |A|)``
+    with A the weights above the current theta: theta rises, A only shrinks, and the iteration
+    stops when A stops changing -- then the formula holds with A exactly the weights above
+    theta, which is the sorted-prefix characterisation (k = |A|). Vectorised over the rows; a
+    few iterations in practice, no sort. Approximate: ``theta = t ||v||_1``.
     """
     a = groups.abs()
     if t <= 0:
         return groups.clone()
     if exact:
-        u = torch.sort(a, dim=1, descending=True).values
-        s = torch.cumsum(u, dim=1)
-        k = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=u.dtype)
-        active = u > t * s / (1.0 + t * k)  # true on a prefix of each row
-        count = active.sum(dim=1, keepdim=True)
-        s_k = torch.gather(s, 1, (count - 1).clamp(min=0))
-        theta = torch.where(count > 0, t * s_k / (1.0 + t * count.to(u.dtype)), 0.0)
+        active = a > 0
+        for _ in range(a.shape[1] + 1):  # A shrinks at every step that does not stop
+            count = active.sum(dim=1, keepdim=True).to(a.dtype)
+            theta = t * torch.where(active, a, 0.0).sum(dim=1, keepdim=True) / (1.0 + t * count)
+            shrunk = active & (a > theta)
+            if torch.equal(shrunk, active):
+                break
+            active = shrunk
+        return groups.sign() * torch.where(active, a - theta, 0.0).clamp(min=0.0)
     else:
         theta = t * a.sum(dim=1, keepdim=True)
     return groups.sign() * (a - theta).clamp(min=0.0)
