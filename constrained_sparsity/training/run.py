@@ -39,6 +39,7 @@ from ..tracking import NullTracker, Tracker
 from .build import build_trainer, dataset_for
 from .checkpoint import CHECKPOINT, FINISHED, RUN_KEYS, SELECTED, load_checkpoint, save_checkpoint
 from .loop import Plan, Position, play, stop_on_signals
+from .plots import write_dynamics
 from .rundir import cut_log, new_run_dir, prepare_run_dir
 
 __all__ = ["RunResult", "check_device", "run"]
@@ -276,8 +277,6 @@ def run(
 
 def _plot_dynamics(result: RunResult) -> None:
     """``dynamics.png`` in the run directory (a failure to draw is a warning, never an error)."""
-    from .report import write_dynamics
-
     try:
         write_dynamics(result)
     except Exception as exc:  # noqa: BLE001 - a plot must not fail a trained run
