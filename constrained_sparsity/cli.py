@@ -151,33 +151,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise CSparseError("compare needs a CONFIG")
     if methods and len(paths) > 1:
         raise CSparseError("--methods runs on one CONFIG; with several configs, each names its method")
-    if methods or len(paths) > 1:
-        from .compare import compare_methods
-
-        cfgs = (
-            [load_config(paths[0], [*overrides, f"sparsity.method={m}"]) for m in methods]
-            if methods
-            else [load_config(p, overrides) for p in paths]
-        )
-        joint = compare_methods(
-            cfgs,
-            [parse_budget(t) for t in targets],
-            lambdas=lambdas,
-            bisect=args.bisect,
-            tol=args.tol,
-            max_runs=args.max_runs,
-            lambda_range=tuple(args.lambda_range),
-            out_dir=args.out,
-            overwrite=args.overwrite,
-            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-        )
-        print((joint.out_dir / "results.md").read_text())
-        print(f"comparison directory: {joint.out_dir} (plot: {joint.plot.name}; one directory per method)")
-        return 0
-    cfg = load_config(paths[0], overrides)
-    result = compare(
-        cfg,
-        [parse_budget(t) for t in targets],
+    budgets = [parse_budget(t) for t in targets]
+    options = dict(
         lambdas=lambdas,
         bisect=args.bisect,
         tol=args.tol,
@@ -187,6 +162,20 @@ def _compare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
+    if methods or len(paths) > 1:
+        from .compare import compare_methods
+
+        cfgs = (
+            [load_config(paths[0], [*overrides, f"sparsity.method={m}"]) for m in methods]
+            if methods
+            else [load_config(p, overrides) for p in paths]
+        )
+        joint = compare_methods(cfgs, budgets, **options)
+        print((joint.out_dir / "results.md").read_text())
+        print(f"comparison directory: {joint.out_dir} (plot: {joint.plot.name}; one directory per method)")
+        return 0
+    cfg = load_config(paths[0], overrides)
+    result = compare(cfg, budgets, **options)
     print((result.out_dir / "results.md").read_text())
     print(f"comparison directory: {result.out_dir}")
     return 0

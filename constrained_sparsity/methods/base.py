@@ -53,6 +53,7 @@ __all__ = [
     "BuildContext",
     "Phase",
     "PhaseContext",
+    "PerWeightReport",
     "SparsityMethod",
     "Target",
 ]
@@ -391,3 +392,26 @@ def weight_rows(rows: list[dict[str, Any]], measures: dict[str, Any]) -> list[st
     params, active = sum(r["params"] for r in rows), sum(r["active_params"] for r in rows)
     lines.append(f"{'model':<12}{params:>10}{active:>10}{active / params:>10.4f}")
     return lines
+
+
+class PerWeightReport:
+    """What the methods that prune single weights (``rw_l1``, ``rw_l2``, ``focuss``, ``lwc``,
+    ``dns``) report alike: the density metric a target reads, its entry in the report and
+    ``summary.json``, and the per-layer table. Put it before :class:`SparsityMethod` in the
+    bases; a method with a surrogate overrides ``describe_target`` / ``format_target``."""
+
+    def measure_key(self, target: Target) -> str | None:
+        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
+
+    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        return {"epsilon": target.epsilon, "exact_density": exact}
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        return f"non-zero weights {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        return weight_rows(rows, measures)

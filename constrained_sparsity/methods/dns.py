@@ -31,7 +31,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target, keep_largest, weight_metrics, weight_rows
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    PerWeightReport,
+    SparsityMethod,
+    Target,
+    keep_largest,
+    weight_metrics,
+)
 
 __all__ = ["DNS", "DNSOptions", "StraightThroughMask", "attach_dns"]
 
@@ -71,7 +79,7 @@ class DNSOptions:
             raise OptionError("margin", self.margin, "should be in [0, 1)")
 
 
-class DNS(SparsityMethod):
+class DNS(PerWeightReport, SparsityMethod):
     """Dynamic network surgery on the Linear / Conv2d layers of a model (see the module docstring)."""
 
     name = "dns"
@@ -211,22 +219,6 @@ class DNS(SparsityMethod):
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         return weight_metrics(self.report_rows(), {n: self._w(m) * self._mask(m) for n, m in self.layers.items()})
-
-    def measure_key(self, target: Target) -> str | None:
-        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        return {"epsilon": target.epsilon, "exact_density": exact}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        return f"non-zero weights {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        return weight_rows(rows, measures)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "generator": self.generator.get_state()}

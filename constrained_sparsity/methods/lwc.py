@@ -28,7 +28,15 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import ConfigError, OptionError
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target, keep_largest, weight_metrics, weight_rows
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    PerWeightReport,
+    SparsityMethod,
+    Target,
+    keep_largest,
+    weight_metrics,
+)
 
 __all__ = ["LWC", "LWCOptions", "attach_lwc", "cubic_kept"]
 
@@ -74,7 +82,7 @@ def _layers(model: nn.Module, names: list[str] | None, what: str) -> dict[str, n
     return {n: modules[n] for n in modules if n in set(chosen)}  # model order
 
 
-class LWC(SparsityMethod):
+class LWC(PerWeightReport, SparsityMethod):
     """Gradual magnitude pruning with retraining (see the module docstring)."""
 
     name = "lwc"
@@ -178,22 +186,6 @@ class LWC(SparsityMethod):
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         return weight_metrics(self.report_rows(), {n: m.weight for n, m in self.layers.items()})
-
-    def measure_key(self, target: Target) -> str | None:
-        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        return {"epsilon": target.epsilon, "exact_density": exact}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        return f"non-zero weights {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        return weight_rows(rows, measures)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target, keep_largest, weight_metrics, weight_rows
+from .base import BudgetSpec, BuildContext, PerWeightReport, SparsityMethod, Target, keep_largest, weight_metrics
 
 __all__ = ["AffineScale", "ASTOptions", "FOCUSS", "ReweightedL1", "ReweightedL2", "attach_ast"]
 
@@ -91,7 +91,7 @@ class ASTOptions:
             raise OptionError("p", self.p, "should be in [0, 2]")
 
 
-class _AST(SparsityMethod):
+class _AST(PerWeightReport, SparsityMethod):
     """The affine scaling transformation; subclasses give omega and the surrogate's power."""
 
     options = ASTOptions
@@ -259,9 +259,6 @@ class _AST(SparsityMethod):
         out["reweight/iteration"] = self.iteration
         return out
 
-    def measure_key(self, target: Target) -> str | None:
-        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
-
     def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
         return {"epsilon": target.epsilon, "exact_density": exact, "expected_density": surrogate}
 
@@ -269,12 +266,6 @@ class _AST(SparsityMethod):
     def format_target(cls, entry: dict[str, Any]) -> str:
         value = entry["exact_density"] if entry["measure"] == "exact" else entry["expected_density"]
         return f"{entry['measure']} non-zero weights {value:.4f} <= {entry['epsilon']:.4f}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        return weight_rows(rows, measures)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "iteration": self.iteration, "generator": self.generator.get_state()}
