@@ -15,8 +15,9 @@ methods from one trained dense network, at a budget of non-zero weights.
 
     python benchmarks/bench_table1.py --threads 2 --dense-epochs 10 --epochs 30 --budgets 0.05 0.02
 
-With ``--reuse`` a run already finished under ``--out`` with the same config is kept, so the
-table (about 13 LeNet trainings) can be built over several invocations.
+With ``--reuse`` a run already complete under ``--out`` with the same config is kept and one
+that was stopped (SIGINT / SIGTERM) is resumed from its checkpoint, so the table (13 LeNet
+trainings) can be built over several invocations.
 
 Writes ``benchmarks/out/table1.{json,md}``.
 """
@@ -71,15 +72,16 @@ def _first_feasible(history: list[dict]) -> int | None:
     return None
 
 
-def _complete_run(run_dir: Path, cfg: cs.Config) -> SimpleNamespace | None:
-    """The result of a finished run in ``run_dir`` trained from ``cfg`` (``None`` if there is none).
+def _existing_run(run_dir: Path, cfg: cs.Config) -> str | None:
+    """What ``run_dir`` holds of a run trained from ``cfg``: ``"complete"`` (its summary says
+    so), ``"resumable"`` (stopped with a checkpoint) or ``None`` (nothing, or another config).
 
-    A run counts as finished when it wrote ``summary.json``; its ``config.yaml`` must equal
-    ``cfg`` but for the thread count (timings are taken again, interleaved, at the end)."""
+    Its ``config.yaml`` must equal ``cfg`` but for the thread count (timings are taken again,
+    interleaved, at the end)."""
     import yaml
 
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
-    if not (summary_path.is_file() and config_path.is_file()):
+    if not config_path.is_file():
         return None
     saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
     for d in (saved, wanted):
@@ -87,7 +89,13 @@ def _complete_run(run_dir: Path, cfg: cs.Config) -> SimpleNamespace | None:
     if saved != wanted:
         print(f"[table1] {run_dir.name}: config changed, training again", file=sys.stderr, flush=True)
         return None
-    summary = json.loads(summary_path.read_text())
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
+        return "complete"
+    return "resumable" if (run_dir / "checkpoint.pt").is_file() else None
+
+
+def _kept_run(run_dir: Path) -> SimpleNamespace:
+    summary = json.loads((run_dir / "summary.json").read_text())
     metrics = run_dir / "metrics.jsonl"
     history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return SimpleNamespace(
@@ -110,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse",
         action="store_true",
-        help="keep a run already complete in --out whose config is the one this command would train "
-        "(the table can then be built over several invocations)",
+        help="keep a run already complete in --out whose config is the one this command would train, "
+        "resume one that was stopped (the table can then be built over several invocations)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.finish_epochs < args.epochs:
@@ -124,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     def train(config: str, name: str, epochs: int, *extra: str) -> cs.RunResult:
         overrides = [*_report.run_overrides(epochs, args.threads, runs_dir, args.root), *extra]
         cfg = cs.load_config(ROOT / "configs" / config, overrides)
-        kept = _complete_run(runs_dir / name, cfg) if args.reuse else None
-        result = kept or cs.run(cfg, run_dir=runs_dir / name, overwrite=True)
-        how = "kept" if kept else "trained"
+        how = (_existing_run(runs_dir / name, cfg) if args.reuse else None) or "new"
+        if how == "complete":
+            result = _kept_run(runs_dir / name)
+        elif how == "resumable":
+            result = cs.run(resume=runs_dir / name)
+        else:
+            result = cs.run(cfg, run_dir=runs_dir / name, overwrite=True)
+        how = {"complete": "kept", "resumable": "resumed", "new": "trained"}[how]
         print(f"[table1] {name} ({how}): test error {100 * result.test_error:.2f} %", file=sys.stderr, flush=True)
         return result
 

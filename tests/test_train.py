@@ -38,6 +38,7 @@ def test_constrained_digits_meets_model_wise_target(quiet, eps):
         if row["constraint/l0_model/strict_violation"] > 0.01:
             assert row["constraint/l0_model/multiplier"] > 0, row["epoch"]
     summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete"
     assert summary["density"]["model"] == pytest.approx(result.density["model"])
     compaction = summary["compaction"]  # ARCHITECTURE §5: params and FLOPs before / after compaction
     assert compaction["params_after"] < compaction["params_before"] == 17610
@@ -169,6 +170,7 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, quiet):
         run(resume=tmp_path / "r", overrides=["train.epochs=2"])
     assert ckpt_path.read_bytes() == before
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "failed"
 
 
 def _cli(args, **kwargs):
@@ -210,9 +212,12 @@ def test_signal_writes_checkpoint_and_resume_finishes(tmp_path, sig):
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     done = ckpt["epoch"]
     assert 2 <= done < 500
+    stopped = json.loads((run_dir / "summary.json").read_text())  # a stopped run says so
+    assert stopped["status"] == "interrupted" and stopped["epochs"] == done
     resumed = _cli(["train", "--resume", str(run_dir), f"train.epochs={done + 2}"])
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     epochs = [row["epoch"] for row in rows if "finish/epoch" not in row]
     assert epochs == list(range(1, done + 3))  # each epoch once, then the finishing phase's rows

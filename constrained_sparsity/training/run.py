@@ -89,10 +89,15 @@ class RunResult:
     # More than one process: world size, backend, global and per-rank batch, whether the
     # ranks' final states (model, multipliers, dual optimizer) agree (None: one process).
     distributed: dict[str, Any] | None = None
+    # "complete": every epoch and phase ran; "interrupted": SIGINT / SIGTERM (resumable from
+    # the checkpoint); "failed": an error stopped it. The summary of a stopped run describes
+    # the network at the stop.
+    status: str = "complete"
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
+            "status": self.status,
             "epochs": self.epochs,
             "test_error": self.test_error,
             "val_error": self.val_error,
@@ -251,6 +256,7 @@ def run(
     state = _Run(cfg, out, dataset, model, methods, problem, optimizers, data_gen, tracker, history, ctx)
     state.selected = selected
     exit_code = 1
+    status = "failed"
     try:
         with stop_on_signals() as stop:
             state.train(pos, stop)
@@ -261,12 +267,15 @@ def run(
             state.run_phases(stop)
         state.compaction = state.compaction_counts()
         state.check_ranks()
+        status = "complete"
     except TrainingInterrupted:
         exit_code = 0  # a clean stop: the run can be resumed
+        status = "interrupted"
         raise
     finally:
         problem.forward_module = None
         result = state.result(time.perf_counter() - start)
+        result.status = status
         tracker.summary(_wandb_summary(result))
         tracker.finish(exit_code=exit_code)
         if ctx.main:
