@@ -136,6 +136,19 @@ def _split_overrides(values: list[str], overrides: list[str]) -> list[str]:
     return [v for v in values if "=" not in v]
 
 
+def _method_overrides(spec: str) -> list[str]:
+    """``--methods NAME``: the config's runs with that method, in a mode it has (compare sets
+    the mode of each run; a method without a penalty runs projected)."""
+    from .methods import get_method
+
+    try:
+        cls = get_method(spec)
+    except ValueError as exc:
+        raise CSparseError(f"--methods {spec}: {exc}") from None
+    mode = "constrained" if "constrained" in cls.modes else cls.modes[0]
+    return [f"sparsity.method={spec}", f"sparsity.mode={mode}"]
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, parse_budget, parse_lambda
     from .config import load_config
@@ -166,7 +179,7 @@ def _compare(args: argparse.Namespace) -> int:
         from .compare import compare_methods
 
         cfgs = (
-            [load_config(paths[0], [*overrides, f"sparsity.method={m}"]) for m in methods]
+            [load_config(paths[0], [*overrides, *_method_overrides(m)]) for m in methods]
             if methods
             else [load_config(p, overrides) for p in paths]
         )

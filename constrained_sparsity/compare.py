@@ -158,6 +158,10 @@ class _Method:
         self.spec = method_spec(declared.cls)
         self.names: list[str] = []  # target names, learnt from the first run
         self.label = declared.cls.measure_label if declared.cls.count_budget else f"exact {declared.cls.measure_label}"
+        # the mode of its runs at a budget: constrained, or projected for a method that meets
+        # its budget by construction (it has no penalty, so no lambda to search)
+        self.own_mode = "constrained" if "constrained" in declared.cls.modes else declared.cls.modes[0]
+        self.has_penalty = "penalized" in declared.cls.modes
 
     def _budget(self, budget: Any) -> str:
         if self.cls.count_budget:
@@ -168,7 +172,7 @@ class _Method:
         return json.dumps(budget)
 
     def constrained(self, budget: Any) -> list[str]:
-        return ["sparsity.mode=constrained", f"{self.prefix}{self.cls.budget_key}={self._budget(budget)}"]
+        return [f"sparsity.mode={self.own_mode}", f"{self.prefix}{self.cls.budget_key}={self._budget(budget)}"]
 
     def penalized(self, budget: Any, lam: list[float]) -> list[str]:
         lams = json.dumps(lam if isinstance(budget, list) else lam[0])
@@ -259,7 +263,14 @@ def compare(
     """
     if not targets:
         raise ConfigError("compare: give at least one target (--targets)")
+    _check_options(lambdas, tol, max_runs, lambda_range)
     method = _method_of(cfg)
+    _check_penalty(method, lambdas, bisect)
+    _check_runs(cfg, method, targets, lambdas, bisect)
+    return _compare(cfg, method, targets, lambdas, bisect, tol, max_runs, lambda_range, out_dir, progress, overwrite)
+
+
+def _check_options(lambdas: Sequence[float], tol: float | None, max_runs: int, lambda_range: tuple[float, float]):
     if not all(isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0 for lam in lambdas):
         raise ConfigError(f"--lambdas {list(lambdas)}: every λ should be a finite number >= 0")
     if tol is not None and not (math.isfinite(tol) and tol >= 0):
@@ -269,7 +280,30 @@ def compare(
     lo, hi = lambda_range
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
         raise ConfigError(f"--lambda-range {lo} {hi}: should satisfy 0 < LO < HI (finite)")
-    _check_runs(cfg, method, targets, lambdas, bisect)
+
+
+def _check_penalty(method: _Method, lambdas: Sequence[float], bisect: bool) -> None:
+    if (lambdas or bisect) and not method.has_penalty:
+        raise ConfigError(
+            f"compare: {method.spec} meets its budget by construction (mode {method.own_mode}) and has no "
+            "penalty; compare it without --lambdas / --bisect"
+        )
+
+
+def _compare(
+    cfg: Config,
+    method: _Method,
+    targets: Sequence[Any],
+    lambdas: Sequence[float],
+    bisect: bool,
+    tol: float | None,
+    max_runs: int,
+    lambda_range: tuple[float, float],
+    out_dir: str | Path | None,
+    progress: Callable[[str], None] | None,
+    overwrite: bool,
+) -> Comparison:
+    """:func:`compare` once its arguments and runs are checked."""
     tol = method.tol if tol is None else tol
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"compare-{cfg.name}-{stamp}"
@@ -303,7 +337,7 @@ def compare(
             feasible = all(_within(a, b) for a, b in zip(achieved, method.budgets(budget)))
         return {
             "label": label,
-            "method": "constrained" if search == "-" else "penalized",
+            "method": method.own_mode if search == "-" else "penalized",
             "search": search,
             "target": "-" if budget is None else budget,
             "lambda": "-" if lam is None else lam,
@@ -317,9 +351,9 @@ def compare(
         }
 
     for budget in targets:
-        label = f"constrained-{_slug(budget)}"
+        label = f"{method.own_mode}-{_slug(budget)}"
         t0 = time.perf_counter()
-        result = one_run(label, "constrained", method.constrained(budget), budget)
+        result = one_run(label, method.own_mode, method.constrained(budget), budget)
         rows.append(row_of(label, "-", result, budget, None, 1, time.perf_counter() - t0))
         results.append((rows[-1], result, budget))
         every_run.append((rows[-1], result, budget))
@@ -427,11 +461,21 @@ def _plots(
     paths = []
     measure = method.label
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    styles = {"constrained": ("o", "tab:blue"), "grid": ("s", "tab:orange"), "bisect": ("^", "tab:red")}
-    labels = {"constrained": "constrained", "grid": "penalized (λ grid)", "bisect": "penalized (bisection)"}
+    styles = {
+        "constrained": ("o", "tab:blue"),
+        "projected": ("D", "tab:green"),
+        "grid": ("s", "tab:orange"),
+        "bisect": ("^", "tab:red"),
+    }
+    labels = {
+        "constrained": "constrained",
+        "projected": "projected (budget by construction)",
+        "grid": "penalized (λ grid)",
+        "bisect": "penalized (bisection)",
+    }
 
     def kind_of(row: dict[str, Any]) -> str:
-        return "constrained" if row["method"] == "constrained" else row["search"].split()[0]
+        return row["method"] if row["method"] != "penalized" else row["search"].split()[0]
 
     for kind, (marker, color) in styles.items():
         pts = [
@@ -569,8 +613,13 @@ def compare_methods(
     labels = [s if specs.count(s) == 1 else f"{c.name}" for s, c in zip(specs, cfgs)]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare: the configs {labels} repeat; give each method once")
-    for cfg, method in zip(cfgs, methods):
-        _check_runs(cfg, method, targets, lambdas, bisect)
+    if not targets:
+        raise ConfigError("compare: give at least one target (--targets)")
+    _check_options(lambdas, tol, max_runs, lambda_range)
+    if (lambdas or bisect) and not any(m.has_penalty for m in methods):
+        _check_penalty(methods[0], lambdas, bisect)
+    for cfg, method in zip(cfgs, methods):  # a method without a penalty gets its budget runs only
+        _check_runs(cfg, method, targets, lambdas if method.has_penalty else (), bisect and method.has_penalty)
     if out_dir is not None:
         out = prepare_run_dir(
             out_dir, overwrite, ("results.csv", *labels), "--out", "a comparison", "start it over with --overwrite"
@@ -581,20 +630,23 @@ def compare_methods(
     comparisons: dict[str, Comparison] = {}
     rows: list[dict[str, Any]] = []
     say = progress or (lambda _msg: None)
-    for label, cfg in zip(labels, cfgs):
-        say(f"[compare] method {label} ({cfg.name})")
+    for label, cfg, method in zip(labels, cfgs, methods):
+        penalty = method.has_penalty
+        note = "" if penalty or not (lambdas or bisect) else f"; no penalty: {method.own_mode} runs only"
+        say(f"[compare] method {label} ({cfg.name}{note})")
         grouped = config_from_dict(apply_overrides(cfg.to_dict(), [f"tracking.group={group}"]))
-        comparison = compare(
+        comparison = _compare(
             grouped,
+            method,
             targets,
-            lambdas=lambdas,
-            bisect=bisect,
-            tol=tol,
-            max_runs=max_runs,
-            lambda_range=lambda_range,
-            out_dir=out / label,
-            progress=progress,
-            overwrite=overwrite,
+            lambdas if penalty else (),
+            bisect and penalty,
+            tol,
+            max_runs,
+            lambda_range,
+            out / label,
+            progress,
+            overwrite,
         )
         comparisons[label] = comparison
         rows += [{**r, "label": label, "config": cfg.name} for r in comparison.rows]
@@ -604,7 +656,7 @@ def compare_methods(
 
 
 def _mode(row: dict[str, Any]) -> str:
-    return "constrained" if row["method"] == "constrained" else f"penalized ({row['search'].split()[0]})"
+    return row["method"] if row["method"] != "penalized" else f"penalized ({row['search'].split()[0]})"
 
 
 def _write_joint_tables(out: Path, rows: list[dict[str, Any]], measure: str) -> None:
@@ -634,7 +686,12 @@ def _joint_plot(out: Path, rows: list[dict[str, Any]], measure: str, targets: Se
 
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    markers = {"constrained": ("o", "-"), "penalized (bisect)": ("^", "--"), "penalized (grid)": ("s", ":")}
+    markers = {
+        "constrained": ("o", "-"),
+        "projected": ("D", "-"),
+        "penalized (bisect)": ("^", "--"),
+        "penalized (grid)": ("s", ":"),
+    }
     for i, label in enumerate(labels):
         for mode, (marker, style) in markers.items():
             pts = sorted(

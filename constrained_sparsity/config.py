@@ -182,6 +182,14 @@ class SparsityConfig:
                 raise _fail("sparsity.lambdas", None, "penalized mode needs a lambda per target")
             if len(lambdas) not in (1, len(self.target_list())):
                 raise _fail("sparsity.lambdas", self.lambdas, f"needs 1 or {len(self.target_list())} values")
+        for declared in self.declarations():
+            if self.mode not in declared.cls.modes:
+                how = (
+                    "it meets its budget by construction: use mode projected"
+                    if declared.cls.modes == ("projected",)
+                    else f"it runs in mode {' or '.join(declared.cls.modes)}"
+                )
+                raise _fail("sparsity.mode", self.mode, f"method {declared.cls.name!r} has no such mode; {how}")
         for m in self.measure_list():
             _check_choice("sparsity.measure", m, MEASURES)
         if isinstance(self.measure, list) and len(self.measure) != len(self.target_list()):

@@ -209,16 +209,27 @@ def test_a_density_of_exactly_the_budget_is_feasible_as_the_training_step_decide
     assert not _within(349 / 1740, 0.2)
 
 
+def test_a_method_without_a_penalty_is_compared_without_a_lambda_search(tmp_path):
+    """LWC meets its budget by construction: a lambda grid or bisection would search nothing."""
+    from constrained_sparsity.errors import ConfigError
+
+    cfg = load_config(ROOT / "configs" / "digits_mlp_lwc.yaml")
+    for options in ({"bisect": True}, {"lambdas": [0.1]}):
+        with pytest.raises(ConfigError, match="lwc meets its budget by construction .* without --lambdas"):
+            compare(cfg, [0.3], out_dir=tmp_path / "c", progress=None, **options)
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.slow
 def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
-    """``csparse compare CONFIG --methods l0 cges``: each method's constrained run and bisection,
-    one joint table with the time each needed (a bisection: all its runs), one plot, one
-    directory per method."""
+    """``csparse compare CONFIG --methods l0 cges lwc``: each method's constrained run and
+    bisection (LWC, with no penalty: its projected run only), one joint table with the time
+    each needed (a bisection: all its runs), one plot, one directory per method."""
     out = tmp_path / "cmp"
     cmd = [
         sys.executable, "-m", "constrained_sparsity", "compare", str(DIGITS), "train.epochs=2",
         "tracking.progress=false", "tracking.wandb=disabled",
-        "--methods", "l0", "cges", "--targets", "0.4", "--bisect", "--max-runs", "2", "--out", str(out),
+        "--methods", "l0", "cges", "lwc", "--targets", "0.4", "--bisect", "--max-runs", "2", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -228,8 +239,11 @@ def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
         ("l0", "penalized", "bisect"),
         ("cges", "constrained", "-"),
         ("cges", "penalized", "bisect"),
+        ("lwc", "projected", "-"),
     ]
-    for label in ("l0", "cges"):  # each method's own comparison, with its runs
+    assert "method lwc (digits_mlp_l0; no penalty: projected runs only)" in proc.stderr
+    assert float(rows[-1]["achieved"]) <= 0.4 + 1e-6 and rows[-1]["feasible"] == "True"  # by construction
+    for label in ("l0", "cges", "lwc"):  # each method's own comparison, with its runs
         own = list(csv.DictReader((out / label / "results.csv").open()))
         assert [r["run_dir"] for r in own] == [r["run_dir"] for r in rows if r["label"] == label]
         assert json.loads((Path(own[0]["run_dir"]) / "summary.json").read_text())["methods"][0].startswith(label)
@@ -244,6 +258,7 @@ def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
     assert width > 300 and height > 300
     table = proc.stdout
     assert "| l0 | constrained | 0.4 |" in table and "| cges | penalized (bisect) | 0.4 |" in table
+    assert "| lwc | projected | 0.4 |" in table
 
 
 def test_compare_refuses_mixing_layer_counts_with_densities(tmp_path):

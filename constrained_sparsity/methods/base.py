@@ -203,6 +203,10 @@ class SparsityMethod(ABC):
     * ``compare_tolerance``: how close to the budget a bisected penalty must land.
     * ``finishes``: the method's algorithm ends with the finishing phase (prune to the
       budget, retrain with the pattern fixed) in every mode, penalized included.
+    * ``modes``: the ``sparsity.mode`` values it runs in. A method with a penalty and a
+      multiplier that moves it has ``constrained`` and ``penalized``; one that meets its
+      budget by construction (a top-k mask) has only ``projected`` (no penalty to search:
+      ``compare`` runs it once per budget).
     """
 
     name: ClassVar[str] = ""
@@ -214,6 +218,7 @@ class SparsityMethod(ABC):
     count_budget: ClassVar[bool] = False
     compare_tolerance: ClassVar[float] = 0.01
     finishes: ClassVar[bool] = False
+    modes: ClassVar[tuple[str, ...]] = ("constrained", "penalized")
 
     # -- building ------------------------------------------------------------------------
     @classmethod

@@ -85,6 +85,7 @@ class DNS(PerWeightReport, SparsityMethod):
     name = "dns"
     options = DNSOptions
     finishes = True
+    modes = ("projected",)
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ class LWC(PerWeightReport, SparsityMethod):
     name = "lwc"
     options = LWCOptions
     finishes = True
+    modes = ("projected",)
 
     def __init__(
         self,
