@@ -89,7 +89,9 @@ def from_groups(groups: torch.Tensor, like: torch.Tensor, grouping: str = "input
 
 def group_prox(groups: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """Prox of ``threshold * ||w_g||_2`` for every row: ``(1 - threshold / ||w_g||)_+ w_g``."""
-    norms = groups.norm(dim=1, keepdim=True)
+    # sqrt of the sum of squares: a reduction along the rows of a transposed weight that is
+    # several times faster than ``norm(dim=1)`` there (the prox runs after every step)
+    norms = groups.square().sum(dim=1, keepdim=True).sqrt_()
     scale = torch.where(norms > 0, (1.0 - threshold / norms.clamp_min(1e-30)).clamp(min=0.0), 0.0)
     return groups * scale
 
@@ -100,28 +102,32 @@ def exclusive_prox(groups: torch.Tensor, t: float, exact: bool = True) -> torch.
     Exact: ``sign(v) (|v| - theta)_+`` with ``theta = t S_A / (1 + t |A|)``, A the weights with
     ``|v_i| > theta`` and S_A the sum of their magnitudes -- the root of the convex, decreasing,
     piecewise-linear ``g(theta) = t sum_i (|v_i| - theta)_+ - theta``. Newton's method on g from
-    the left (``theta_0`` with every weight active) is the update ``theta <- t S_A / (1 + t |A|)``
-    with A the weights above the current theta: theta rises, A only shrinks, and the iteration
-    stops when A stops changing -- then the formula holds with A exactly the weights above
-    theta, which is the sorted-prefix characterisation (k = |A|). Vectorised over the rows; a
-    few iterations in practice, no sort. Approximate: ``theta = t ||v||_1``.
+    the left (``theta_0 = 0``: every non-zero weight active) is the update
+    ``theta <- t S_A / (1 + t |A|)`` with A the weights above the current theta: theta rises, A
+    only shrinks, and the iteration stops when A stops changing (its size, as A only shrinks) --
+    then the formula holds with A exactly the weights above theta, which is the sorted-prefix
+    characterisation (k = |A|). Vectorised over the rows; a few iterations in practice, no
+    sort, four passes over the weights per iteration (``S_A = sum (|v| - theta)_+ + |A| theta``
+    and ``|A|`` from the same ``(|v| - theta)_+``, which at the end is the answer's magnitude).
+    Approximate: ``theta = t ||v||_1``.
     """
     a = groups.abs()
     if t <= 0:
         return groups.clone()
-    if exact:
-        active = a > 0
-        for _ in range(a.shape[1] + 1):  # A shrinks at every step that does not stop
-            count = active.sum(dim=1, keepdim=True).to(a.dtype)
-            theta = t * torch.where(active, a, 0.0).sum(dim=1, keepdim=True) / (1.0 + t * count)
-            shrunk = active & (a > theta)
-            if torch.equal(shrunk, active):
-                break
-            active = shrunk
-        return groups.sign() * torch.where(active, a - theta, 0.0).clamp(min=0.0)
-    else:
+    if not exact:
         theta = t * a.sum(dim=1, keepdim=True)
-    return groups.sign() * (a - theta).clamp(min=0.0)
+        return groups.sign() * (a - theta).clamp(min=0.0)
+    theta = torch.zeros(a.shape[0], 1, dtype=a.dtype, device=a.device)
+    r = torch.empty_like(a)
+    size = None
+    for _ in range(a.shape[1] + 2):  # A shrinks at every step that does not stop
+        torch.sub(a, theta, out=r).clamp_(min=0.0)
+        count = r.sign().sum(dim=1, keepdim=True)  # |A| (r >= 0): a float sum, far faster than a bool one
+        if size is not None and torch.equal(count, size):
+            break
+        theta = t * (r.sum(dim=1, keepdim=True) + count * theta) / (1.0 + t * count)
+        size = count
+    return r.copysign_(groups)
 
 
 # -- the method -----------------------------------------------------------------------------------
@@ -326,11 +332,13 @@ class CGES(SparsityMethod):
         num = torch.zeros((), device=device, dtype=torch.float64)
         den = 0
         for layer in selected:
+            # counted through float reductions (|sign|, the largest magnitude): on the CPU they are
+            # several times faster than reducing a boolean tensor, and this runs at every step
             if self.budget == "weights":
-                num = num + layer.weight.detach().ne(0).sum()
+                num = num + layer.weight.detach().sign().abs_().sum(dtype=torch.float64)
             else:
                 groups = to_groups(layer.weight.detach(), self.grouping)
-                num = num + groups.ne(0).any(dim=1).sum() * groups.shape[1]
+                num = num + groups.abs().amax(dim=1).ne(0).sum() * groups.shape[1]
             den += layer.weight.numel()
         return (num / den).float()
 
