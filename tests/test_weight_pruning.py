@@ -136,7 +136,7 @@ def test_the_surrogate_is_the_share_of_non_zero_weights_at_the_reweighting_point
     method.tau = 0.01
     method.reweight_(list(method.layers))
     thetas = torch.cat([method.theta(n).flatten() for n in method.layers])
-    power = 1 if cls is ReweightedL1 else 2
+    power = 2 if cls is ReweightedL2 else 1
     closed = (thetas.abs() ** power / (thetas.abs() ** power + 0.01)).mean()
     assert float(method.measure(Target(0.5))[0]) == pytest.approx(float(closed), rel=1e-12)
 
