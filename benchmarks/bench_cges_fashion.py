@@ -14,7 +14,11 @@ Per model (MLP 784-300-100 at ε = 0.33, LeNet-5-Caffe at ε = 0.10), 30 epochs 
 
     python benchmarks/bench_cges_fashion.py --threads 2 --models mlp lenet --max-runs 5
 
-Writes ``benchmarks/out/cges_fashion.{json,md}``.
+Writes ``benchmarks/out/cges_fashion.{json,md}``. After a change to the method's speed,
+``--retime`` times the dense and constrained CGES runs of that report again (interleaved, with
+the code as it is now) without training, into ``benchmarks/out/cges_fashion_retime.{json,md}``:
+
+    python benchmarks/bench_cges_fashion.py --threads 2 --retime benchmarks/out/cges_fashion.json
 """
 
 from __future__ import annotations
@@ -94,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=30, help="training steps per setup and round")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--retime", metavar="JSON", help="time the runs of this earlier report again; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.retime:
+        return _retime(Path(args.retime), args, out)
     common = _report.run_overrides(args.epochs, args.threads, out / "runs")
     report = {**_report.header(args.threads), "models": {}}
     lines = [*_report.markdown_header(report, f", {args.epochs} epochs per run"), ""]
@@ -181,6 +188,26 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             ]
         _report.write(out, "cges_fashion", report, lines)
+    return 0
+
+
+def _retime(path: Path, args: argparse.Namespace, out: Path) -> int:
+    earlier = json.loads(path.read_text())
+    report = {**_report.header(args.threads), "from": str(path), "models": {}}
+    lines = [*_report.markdown_header(report, f", runs of {path.name} ({earlier['command']})"), ""]
+    for model, data in earlier["models"].items():
+        runs = {"dense": data["runs"]["dense"], "cges": data["runs"]["CGES, constrained"]}
+        timing = _report.interleaved_timing(runs, args.rounds, args.steps)
+        ratio = {phase: timing[f"cges/{phase}"] / timing[f"dense/{phase}"] for phase in ("start", "end")}
+        before = data.get("cges_dense", {})
+        report["models"][model] = {"s_per_epoch": timing, "cges_dense": ratio, "cges_dense_before": before}
+        lines.append(
+            f"{model}: seconds per epoch, interleaved: dense {timing['dense/start']:.2f} (start), "
+            f"{timing['dense/end']:.2f} (end); CGES {timing['cges/start']:.2f}, {timing['cges/end']:.2f}; "
+            f"CGES / dense **{ratio['start']:.3f}** (start), **{ratio['end']:.3f}** (end)"
+            + (f"; in the earlier report {before['start']:.3f}, {before['end']:.3f}." if before else ".")
+        )
+    _report.write(out, "cges_fashion_retime", report, lines)
     return 0
 
 
