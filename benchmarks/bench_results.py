@@ -99,7 +99,7 @@ def _planned_runs(setup: str, methods: list[str], args: argparse.Namespace) -> i
     constrained (or projected) run and, with a penalty, a bisection of up to --max-runs."""
     n = 1
     for method in methods:
-        penalised = "penalized" in cs.methods.get_method(method).modes
+        penalised = cs.methods.get_method(method).has_penalty()
         n += len(SETUPS[setup]["budgets"]) * (1 + (args.max_runs if penalised else 0))
     return n
 
@@ -130,7 +130,7 @@ def _compare(setup: str, method: str, seed: int, args: argparse.Namespace, out: 
     compare_methods(
         [cfg],
         SETUPS[setup]["budgets"],
-        bisect="penalized" in cs.methods.get_method(method).modes,
+        bisect=cs.methods.get_method(method).has_penalty(),
         max_runs=args.max_runs,
         tol=args.tol,
         out_dir=cmp_dir,

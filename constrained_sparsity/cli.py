@@ -145,8 +145,7 @@ def _method_overrides(spec: str) -> list[str]:
         cls = get_method(spec)
     except ValueError as exc:
         raise CSparseError(f"--methods {spec}: {exc}") from None
-    mode = "constrained" if "constrained" in cls.modes else cls.modes[0]
-    return [f"sparsity.method={spec}", f"sparsity.mode={mode}"]
+    return [f"sparsity.method={spec}", f"sparsity.mode={cls.budget_mode()}"]
 
 
 def _compare(args: argparse.Namespace) -> int:

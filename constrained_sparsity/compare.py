@@ -160,8 +160,8 @@ class _Method:
         self.label = declared.cls.measure_label if declared.cls.count_budget else f"exact {declared.cls.measure_label}"
         # the mode of its runs at a budget: constrained, or projected for a method that meets
         # its budget by construction (it has no penalty, so no lambda to search)
-        self.own_mode = "constrained" if "constrained" in declared.cls.modes else declared.cls.modes[0]
-        self.has_penalty = "penalized" in declared.cls.modes
+        self.own_mode = declared.cls.budget_mode()
+        self.has_penalty = declared.cls.has_penalty()
 
     def _budget(self, budget: Any) -> str:
         if self.cls.count_budget:
@@ -261,16 +261,22 @@ def compare(
     Every argument and every run's config is checked before anything runs or is written
     (:class:`ConfigError` naming the option or key).
     """
-    if not targets:
-        raise ConfigError("compare: give at least one target (--targets)")
-    _check_options(lambdas, tol, max_runs, lambda_range)
+    _check_options(targets, lambdas, tol, max_runs, lambda_range)
     method = _method_of(cfg)
     _check_penalty(method, lambdas, bisect)
     _check_runs(cfg, method, targets, lambdas, bisect)
     return _compare(cfg, method, targets, lambdas, bisect, tol, max_runs, lambda_range, out_dir, progress, overwrite)
 
 
-def _check_options(lambdas: Sequence[float], tol: float | None, max_runs: int, lambda_range: tuple[float, float]):
+def _check_options(
+    targets: Sequence[Any],
+    lambdas: Sequence[float],
+    tol: float | None,
+    max_runs: int,
+    lambda_range: tuple[float, float],
+) -> None:
+    if not targets:
+        raise ConfigError("compare: give at least one target (--targets)")
     if not all(isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0 for lam in lambdas):
         raise ConfigError(f"--lambdas {list(lambdas)}: every λ should be a finite number >= 0")
     if tol is not None and not (math.isfinite(tol) and tol >= 0):
@@ -613,9 +619,7 @@ def compare_methods(
     labels = [s if specs.count(s) == 1 else f"{c.name}" for s, c in zip(specs, cfgs)]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare: the configs {labels} repeat; give each method once")
-    if not targets:
-        raise ConfigError("compare: give at least one target (--targets)")
-    _check_options(lambdas, tol, max_runs, lambda_range)
+    _check_options(targets, lambdas, tol, max_runs, lambda_range)
     if (lambdas or bisect) and not any(m.has_penalty for m in methods):
         _check_penalty(methods[0], lambdas, bisect)
     for cfg, method in zip(cfgs, methods):  # a method without a penalty gets its budget runs only

@@ -220,6 +220,17 @@ class SparsityMethod(ABC):
     finishes: ClassVar[bool] = False
     modes: ClassVar[tuple[str, ...]] = ("constrained", "penalized")
 
+    @classmethod
+    def budget_mode(cls) -> str:
+        """The mode of a run at a budget: ``constrained`` where the method has it, else its own
+        (``projected`` for a method that meets its budget by construction)."""
+        return "constrained" if "constrained" in cls.modes else cls.modes[0]
+
+    @classmethod
+    def has_penalty(cls) -> bool:
+        """Whether a penalised run (a fixed lambda) means anything for this method."""
+        return "penalized" in cls.modes
+
     # -- building ------------------------------------------------------------------------
     @classmethod
     def from_config(
