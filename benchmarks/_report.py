@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,6 +90,76 @@ def dense_and_compact(run_dir: str | Path):  # type: ignore[no-untyped-def]
     return trained.cfg, trained.dataset, shape, dense, small
 
 
+def first_feasible(history: list[dict]) -> int | None:
+    """The first epoch of a run's log at which every budget holds (None: never, or no budget)."""
+    for row in history:
+        violations = [v for k, v in row.items() if k.endswith("/strict_violation")]
+        if violations and all(v <= 0 for v in violations):
+            return row["epoch"]
+    return None
+
+
+def existing_run(run_dir: Path, cfg, tag: str = "bench") -> str | None:  # type: ignore[no-untyped-def]
+    """What ``run_dir`` holds of a run trained from ``cfg``: ``"complete"`` (its summary says
+    so), ``"resumable"`` (stopped with a checkpoint) or ``None`` (nothing, or another config).
+
+    Its ``config.yaml`` must equal ``cfg`` but for the thread count (the scripts take their
+    timings again, interleaved, at the end) and the output directory (a run moved elsewhere
+    trains the same)."""
+    import yaml
+
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+    if not config_path.is_file():
+        return None
+    saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
+    for d in (saved, wanted):
+        d.get("train", {}).pop("threads", None)
+        d.get("tracking", {}).pop("out_dir", None)
+    if saved != wanted:
+        print(f"[{tag}] {run_dir.name}: config changed, training again", file=sys.stderr, flush=True)
+        return None
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
+        return "complete"
+    return "resumable" if (run_dir / "checkpoint.pt").is_file() else None
+
+
+def load_result(run_dir: str | Path):  # type: ignore[no-untyped-def]
+    """The ``RunResult`` of a finished run, rebuilt from its directory's summary and log."""
+    import constrained_sparsity as cs
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = [h for h in history if not any(k.endswith("/epoch") for k in h)]
+    return cs.RunResult(
+        run_dir=run_dir,
+        epochs=summary["epochs"],
+        test_error=summary["test_error"],
+        val_error=summary["val_error"],
+        feasible=summary["feasible"],
+        density=summary["density"],
+        expected_density=summary["expected_density"],
+        targets=summary["targets"],
+        multipliers=summary["multipliers"],
+        wall_time_s=summary["wall_time_s"],
+        history=history,
+        finish=summary.get("finish"),
+    )
+
+
+def train_or_reuse(cfg, run_dir: Path, reuse: bool, tag: str = "bench"):  # type: ignore[no-untyped-def]
+    """Train ``cfg`` into ``run_dir``; with ``reuse``, keep a complete run of the same config
+    there, or resume a stopped one. Returns ``(RunResult, "kept" | "resumed" | "trained")``."""
+    import constrained_sparsity as cs
+
+    how = (existing_run(run_dir, cfg, tag) if reuse else None) or "new"
+    if how == "complete":
+        return load_result(run_dir), "kept"
+    if how == "resumable":
+        return cs.run(resume=run_dir), "resumed"
+    return cs.run(cfg, run_dir=run_dir, overwrite=True), "trained"
+
+
 def markdown_header(report: dict, details: str = "") -> list[str]:
     return [f"command: `{report['command']}`  ", f"machine: {report['machine']}{details}", ""]
 
@@ -98,6 +169,39 @@ def write(out: Path, stem: str, report: dict, lines: list[str]) -> None:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def probe_args(doc: str, sparse_run: str, compile_help: str):  # type: ignore[no-untyped-def]
+    """The arguments of a probe of a dense run against a sparse one: their directories,
+    ``--threads`` (set here), ``--rounds`` and ``--steps`` of the interleaved timing, ``--compile``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("dense_run")
+    parser.add_argument(sparse_run)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--compile", action="store_true", help=compile_help)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def interleaved_ms(fns: dict[str, Callable[[int], None]], rounds: int, steps: int) -> dict[str, float]:
+    """Median milliseconds per call of each ``fn(i)`` (i: the step), after 5 warm-up calls each,
+    over ``rounds`` rounds that run ``steps`` calls of every function in turn."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for i in range(5):
+            fn(i)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                fn(i)
+            times[name].append(1e3 * (time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int | None = None) -> dict:

@@ -19,12 +19,16 @@ Writes ``benchmarks/out/cges_fashion.{json,md}``. After a change to the method's
 the code as it is now) without training, into ``benchmarks/out/cges_fashion_retime.{json,md}``:
 
     python benchmarks/bench_cges_fashion.py --threads 2 --retime benchmarks/out/cges_fashion.json
+
+The dense, L0 and CGES-variant runs live in ``OUT/runs/<model>-<run>``; with ``--reuse`` a
+complete one of the same config is kept (a stopped one resumed) instead of trained again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -41,11 +45,8 @@ MODELS = {
 }
 
 
-def _first_feasible(result: cs.RunResult) -> int | None:
-    for row in result.history:
-        if all(v <= 0 for k, v in row.items() if k.endswith("/strict_violation")):
-            return row["epoch"]
-    return None
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def _row(name: str, result: cs.RunResult) -> dict:
@@ -53,7 +54,7 @@ def _row(name: str, result: cs.RunResult) -> dict:
     return {
         "name": name,
         "run_dir": str(result.run_dir),
-        "first_feasible_epoch": _first_feasible(result),
+        "first_feasible_epoch": _report.first_feasible(result.history),
         "feasible": result.feasible,
         "density": result.density.get("model"),
         "test_error": result.test_error,
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps per setup and round")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--retime", metavar="JSON", help="time the runs of this earlier report again; no training")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a complete run of the same config under OUT/runs (dense, L0, the CGES variants); "
+        "the comparison runs again",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -113,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, dict] = {}
 
         def train(name: str, config: str, *extra: str, runs: dict = runs, model: str = model) -> cs.RunResult:
-            result = cs.run(cs.load_config(ROOT / "configs" / config, [*common, *extra]))
+            cfg = cs.load_config(ROOT / "configs" / config, [*common, *extra])
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            result, how = _report.train_or_reuse(cfg, out / "runs" / f"{model}-{slug}", args.reuse, model)
             runs[name] = _row(name, result)
-            print(f"[{model}] {name}: {runs[name]}", file=sys.stderr, flush=True)
+            print(f"[{model}] {name} ({how}): {runs[name]}", file=sys.stderr, flush=True)
             return result
 
         train("dense", l0_config, "sparsity.method=none")
@@ -132,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         constrained = next(r for r in cmp.rows if r["method"] == "constrained")
         bisected = next(r for r in cmp.rows if r["search"].startswith("bisect"))
-        runs["CGES, constrained"] = _row("CGES, constrained", _load(constrained))
+        runs["CGES, constrained"] = _row("CGES, constrained", _report.load_result(constrained["run_dir"]))
         runs["CGES, penalised (bisected)"] = {
-            **_row("CGES, penalised (bisected)", _load(bisected)),
+            **_row("CGES, penalised (bisected)", _report.load_result(bisected["run_dir"])),
             "lambda": bisected["lambda"],
             "runs": bisected["runs_used"],
             "search": bisected["search"],
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             lam = f"{r['lambda']} ({r['runs']}, {r['search']})" if "lambda" in r else "-"
             density = "-" if r["density"] is None else f"{r['density']:.4f}"
             lines.append(
-                f"| {name} | {r['first_feasible_epoch'] or '-'} | {r['feasible']} | {density} | "
+                f"| {name} | {r['first_feasible_epoch'] or '-'} | {_yes_no(r['feasible'])} | {density} | "
                 f"{100 * r['test_error']:.2f} % | {lam} |"
             )
         lines += [
@@ -209,28 +218,6 @@ def _retime(path: Path, args: argparse.Namespace, out: Path) -> int:
         )
     _report.write(out, "cges_fashion_retime", report, lines)
     return 0
-
-
-def _load(row: dict) -> cs.RunResult:
-    """The RunResult of a comparison's run, rebuilt from its run directory's summary and log."""
-    run_dir = Path(row["run_dir"])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    history = [h for h in history if not any(k.endswith("/epoch") for k in h)]
-    return cs.RunResult(
-        run_dir=run_dir,
-        epochs=summary["epochs"],
-        test_error=summary["test_error"],
-        val_error=summary["val_error"],
-        feasible=summary["feasible"],
-        density=summary["density"],
-        expected_density=summary["expected_density"],
-        targets=summary["targets"],
-        multipliers=summary["multipliers"],
-        wall_time_s=summary["wall_time_s"],
-        history=history,
-        finish=summary.get("finish"),
-    )
 
 
 if __name__ == "__main__":

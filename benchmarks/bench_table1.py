@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import _report
 import torch
@@ -64,45 +63,6 @@ def _layers(summary: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _first_feasible(history: list[dict]) -> int | None:
-    for row in history:
-        violations = [v for k, v in row.items() if k.endswith("/strict_violation")]
-        if violations and all(v <= 0 for v in violations):
-            return row["epoch"]
-    return None
-
-
-def _existing_run(run_dir: Path, cfg: cs.Config) -> str | None:
-    """What ``run_dir`` holds of a run trained from ``cfg``: ``"complete"`` (its summary says
-    so), ``"resumable"`` (stopped with a checkpoint) or ``None`` (nothing, or another config).
-
-    Its ``config.yaml`` must equal ``cfg`` but for the thread count (timings are taken again,
-    interleaved, at the end)."""
-    import yaml
-
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
-    if not config_path.is_file():
-        return None
-    saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
-    for d in (saved, wanted):
-        d.get("train", {}).pop("threads", None)
-    if saved != wanted:
-        print(f"[table1] {run_dir.name}: config changed, training again", file=sys.stderr, flush=True)
-        return None
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
-        return "complete"
-    return "resumable" if (run_dir / "checkpoint.pt").is_file() else None
-
-
-def _kept_run(run_dir: Path) -> SimpleNamespace:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = run_dir / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return SimpleNamespace(
-        run_dir=run_dir, test_error=summary["test_error"], feasible=summary["feasible"], history=history
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.02])
@@ -132,14 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     def train(config: str, name: str, epochs: int, *extra: str) -> cs.RunResult:
         overrides = [*_report.run_overrides(epochs, args.threads, runs_dir, args.root), *extra]
         cfg = cs.load_config(ROOT / "configs" / config, overrides)
-        how = (_existing_run(runs_dir / name, cfg) if args.reuse else None) or "new"
-        if how == "complete":
-            result = _kept_run(runs_dir / name)
-        elif how == "resumable":
-            result = cs.run(resume=runs_dir / name)
-        else:
-            result = cs.run(cfg, run_dir=runs_dir / name, overwrite=True)
-        how = {"complete": "kept", "resumable": "resumed", "new": "trained"}[how]
+        result, how = _report.train_or_reuse(cfg, runs_dir / name, args.reuse, "table1")
         print(f"[table1] {name} ({how}): test error {100 * result.test_error:.2f} %", file=sys.stderr, flush=True)
         return result
 
@@ -181,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 "total": total[1] / total[0],
                 "test_error": result.test_error,
                 "feasible_before_pruning": all(v <= 0 for v in before.values()) if before else None,
-                "first_feasible_epoch": _first_feasible(result.history),
+                "first_feasible_epoch": _report.first_feasible(result.history),
                 "feasible": result.feasible,
                 "units_closed": finish.get("units_closed"),
                 "s_per_epoch_in_run": sum(times) / max(len(times), 1),

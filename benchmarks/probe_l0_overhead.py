@@ -18,8 +18,6 @@ The by-hand step is a measuring stick only: the trainer uses Cooper.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -84,32 +82,10 @@ def _forward_backward(model: torch.nn.Module, data: list) -> Callable[[int], Non
     return fb
 
 
-def _interleaved(fns: dict[str, Callable[[int], None]], rounds: int, steps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for i in range(5):
-            fn(i)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for i in range(steps):
-                fn(i)
-            times[name].append(1e3 * (time.perf_counter() - t0) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dense_run")
-    parser.add_argument("constrained_run")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--compile", action="store_true", help="also time forward+backward under torch.compile")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = _report.probe_args(__doc__, "constrained_run", "also time forward+backward under torch.compile")
     dense, constrained = _build(args.dense_run), _build(args.constrained_run)
-    ms = _interleaved(
+    ms = _report.interleaved_ms(
         {
             "dense, cooper": _cooper(dense),
             "dense, by hand": _by_hand(dense),
@@ -136,7 +112,7 @@ def main() -> int:
             _forward_backward(compiled, data)(0)
             print(f"torch.compile of the {label} model: first call {time.perf_counter() - t0:.1f} s")
             fns[f"{label}, compiled"] = _forward_backward(compiled, data)
-        ms = _interleaved(fns, args.rounds, args.steps)
+        ms = _report.interleaved_ms(fns, args.rounds, args.steps)
         print("ms per forward + backward pass:")
         for name, value in ms.items():
             print(f"  {name:24s} {value:7.3f}")

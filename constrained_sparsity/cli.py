@@ -67,7 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--bisect", action="store_true", help="search λ per target by bisection on a log scale")
     cmp.add_argument("--tol", type=float, default=None, help="bisection tolerance on the measure (L0: 0.01)")
     cmp.add_argument("--max-runs", type=int, default=8, help="bisection budget: runs per target (default 8)")
-    cmp.add_argument("--lambda-range", nargs=2, type=float, default=[1e-3, 1e2], metavar=("LO", "HI"))
+    cmp.add_argument(
+        "--lambda-range",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LO", "HI"),
+        help="bisection bracket for λ (default: the method's own; L0 1e-3 1e2, CGES 1e-6 1e-1)",
+    )
     cmp.add_argument("--out", metavar="DIR", help="comparison directory (default: tracking.out_dir/compare-NAME-TIME)")
     cmp.add_argument(
         "--overwrite", action="store_true", help="start over in an --out directory that holds a comparison"
@@ -169,7 +176,7 @@ def _compare(args: argparse.Namespace) -> int:
         bisect=args.bisect,
         tol=args.tol,
         max_runs=args.max_runs,
-        lambda_range=tuple(args.lambda_range),
+        lambda_range=tuple(args.lambda_range) if args.lambda_range else None,
         out_dir=args.out,
         overwrite=args.overwrite,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),

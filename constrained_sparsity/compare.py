@@ -251,7 +251,7 @@ def compare(
     bisect: bool = False,
     tol: float | None = None,
     max_runs: int = 8,
-    lambda_range: tuple[float, float] = (1e-3, 1e2),
+    lambda_range: tuple[float, float] | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     overwrite: bool = False,
@@ -273,7 +273,7 @@ def _check_options(
     lambdas: Sequence[float],
     tol: float | None,
     max_runs: int,
-    lambda_range: tuple[float, float],
+    lambda_range: tuple[float, float] | None,
 ) -> None:
     if not targets:
         raise ConfigError("compare: give at least one target (--targets)")
@@ -283,6 +283,8 @@ def _check_options(
         raise ConfigError(f"--tol {tol}: should be a finite number >= 0")
     if max_runs < 1:
         raise ConfigError(f"--max-runs {max_runs}: should be >= 1")
+    if lambda_range is None:  # each method's own
+        return
     lo, hi = lambda_range
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
         raise ConfigError(f"--lambda-range {lo} {hi}: should satisfy 0 < LO < HI (finite)")
@@ -304,7 +306,7 @@ def _compare(
     bisect: bool,
     tol: float | None,
     max_runs: int,
-    lambda_range: tuple[float, float],
+    lambda_range: tuple[float, float] | None,
     out_dir: str | Path | None,
     progress: Callable[[str], None] | None,
     overwrite: bool,
@@ -389,7 +391,8 @@ def _compare(
                 every_run.append(({"label": label, "lambda": shown}, result, budget))
                 return method.measure(result, budget)
 
-            found = bisect_lambda(evaluate, budgets, *lambda_range, tol=tol, budget=max_runs)
+            bracket = lambda_range or method.cls.lambda_range
+            found = bisect_lambda(evaluate, budgets, *bracket, tol=tol, budget=max_runs)
             bisections[_slug(budget)] = found
             result, label = seen[tuple(found.lam)]
             lam_out: Any = found.lam[0] if len(found.lam) == 1 else [round(v, 6) for v in found.lam]
@@ -596,7 +599,7 @@ def compare_methods(
     bisect: bool = False,
     tol: float | None = None,
     max_runs: int = 8,
-    lambda_range: tuple[float, float] = (1e-3, 1e2),
+    lambda_range: tuple[float, float] | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     overwrite: bool = False,

@@ -26,3 +26,18 @@ DEVICES = [
 def device(request):
     """Each device the machine has: the CPU always, CUDA where present (skipped otherwise)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def benchmark_module():
+    """Import a script of benchmarks/ by name (its folder on sys.path while the module's tests run)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(folder)

@@ -1,20 +1,11 @@
 """The results page's arithmetic (benchmarks/bench_results.py): seeds summarised, the claim checked."""
 
-import importlib
-import sys
-
 import pytest
-
-from .test_train import ROOT
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("bench_results")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def bench(benchmark_module):
+    return benchmark_module("bench_results")
 
 
 def _row(method, mode, error, feasible=True, achieved=0.1, epochs=3, wall=10.0, runs=1):

@@ -269,3 +269,23 @@ def test_compare_refuses_mixing_layer_counts_with_densities(tmp_path):
     with pytest.raises(ConfigError, match="layer counts and densities"):
         compare_methods(cfgs, [0.3], out_dir=tmp_path / "x", progress=None)
     assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_bisection_starts_in_the_methods_own_bracket_unless_given_one(tmp_path):
+    """CGES's lambda multiplies weight norms: its bracket (1e-6, 1e-1) is not L0's (1e-3, 1e2)."""
+    from constrained_sparsity.methods.cges import CGES
+    from constrained_sparsity.methods.l0 import L0Gates
+
+    assert CGES.lambda_range == (1e-6, 1e-1) and L0Gates.lambda_range == (1e-3, 1e2)
+    cfg = load_config(
+        ROOT / "configs" / "digits_mlp_cges.yaml",
+        ["train.epochs=1", "tracking.progress=false", "tracking.wandb=disabled", "finish.enabled=false"],
+    )
+    first = {}
+    for label, bracket in (("own", None), ("given", (1e-2, 1.0))):
+        result = compare(
+            cfg, [0.3], bisect=True, max_runs=1, lambda_range=bracket, out_dir=tmp_path / label, progress=None
+        )
+        first[label] = next(r["lambda"] for r in result.rows if r["search"].startswith("bisect"))
+    assert first["own"] == pytest.approx(10**-3.5)  # the geometric middle of (1e-6, 1e-1)
+    assert first["given"] == pytest.approx(0.1)

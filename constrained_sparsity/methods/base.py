@@ -200,7 +200,10 @@ class SparsityMethod(ABC):
       relative to where it is declared.
     * ``measure_label``: what the budget counts, in words; ``count_budget``: the budget is
       an integer count rather than a proportion.
-    * ``compare_tolerance``: how close to the budget a bisected penalty must land.
+    * ``compare_tolerance``: how close to the budget a bisected penalty must land;
+      ``lambda_range``: the bracket ``(lo, hi)`` that ``compare``'s bisection searches λ in
+      unless told otherwise (the scale of the method's penalty: its first run is at the
+      bracket's geometric middle).
     * ``finishes``: the method's algorithm ends with the finishing phase (prune to the
       budget, retrain with the pattern fixed) in every mode, penalized included.
     * ``modes``: the ``sparsity.mode`` values it runs in. A method with a penalty and a
@@ -217,6 +220,7 @@ class SparsityMethod(ABC):
     measure_label: ClassVar[str] = "density"
     count_budget: ClassVar[bool] = False
     compare_tolerance: ClassVar[float] = 0.01
+    lambda_range: ClassVar[tuple[float, float]] = (1e-3, 1e2)
     finishes: ClassVar[bool] = False
     modes: ClassVar[tuple[str, ...]] = ("constrained", "penalized")
 
