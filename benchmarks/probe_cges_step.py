@@ -108,10 +108,6 @@ def main() -> int:
     }
     if args.compile:
         fused = _fused_prox()
-        c = {layer.name: 1.0 for layer in layers}
-        for layer in layers:
-            groups = cges.to_groups(layer.weight.detach(), method.grouping)
-            c[layer.name] = groups.shape[1] ** 0.5 if method.group_weight == "sqrt" else 1.0
 
         def fused_prox(i: int) -> None:
             restore()
@@ -119,7 +115,8 @@ def main() -> int:
                 for layer in layers:
                     w = layer.weight.detach()
                     groups = cges.to_groups(w, method.grouping)
-                    fused(groups, strength * layer.mu * c[layer.name], strength * (1.0 - layer.mu))
+                    c = groups.shape[1] ** 0.5 if method.group_weight == "sqrt" else 1.0  # as CGES.proximal_step_
+                    fused(groups, strength * layer.mu * c, strength * (1.0 - layer.mu))
                     if groups.data_ptr() != w.data_ptr():  # a copy (convolutions), not a view
                         w.copy_(cges.from_groups(groups, w, method.grouping))
 
