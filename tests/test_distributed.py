@@ -38,7 +38,7 @@ def _env(rank: int, world: int, port: int) -> dict[str, str]:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "OMP_NUM_THREADS": "1",
-        "CSPARSE_DIST_TIMEOUT_S": "120",
+        "CSPARSE_DIST_TIMEOUT_S": "600",  # a bound against hangs, not a speed: the suite may share the cores
     }
 
 
@@ -98,7 +98,7 @@ def _spawn(target, world, *args):  # type: ignore[no-untyped-def]
     return procs
 
 
-def _join(procs, timeout=240):  # type: ignore[no-untyped-def]
+def _join(procs, timeout=600):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(1.0, deadline - time.monotonic()))
@@ -154,11 +154,11 @@ def test_torchrun_two_processes_meet_the_budget_with_one_log(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "constrained_sparsity", "train", "digits_mlp_l0", "train.epochs=12", *QUIET,
+        "-m", "constrained_sparsity", "train", "digits_mlp_l0", "train.epochs=12", "train.threads=1", *QUIET,
         "--run-dir", str(run_dir),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone reports
     assert "processes: 2 (gloo), global batch 64 (up to 32 per rank)" in proc.stdout
@@ -222,10 +222,9 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_that_resumes_in_one_pr
     run_dir = tmp_path / "run"
     argv = ["train", "digits_mlp_l0", "train.epochs=400", "train.threads=1", *QUIET, "--run-dir", str(run_dir)]
     procs = _spawn(_cli_worker, 2, argv, -1, str(tmp_path))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(0.5)
     os.kill(procs[1].pid, signal.SIGTERM)  # rank 1 only
     assert _join(procs) == [128 + signal.SIGTERM] * 2
     assert "SIGTERM: stopped at epoch" in (tmp_path / "stderr-0.txt").read_text()

@@ -2,11 +2,14 @@
 its version agrees with the metadata."""
 
 import importlib.metadata
+import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +59,42 @@ def test_configs_lists_and_shows(capsys):
     assert main(["configs", "show", "nope"]) == 2
 
 
+def _outer_site_directories() -> list[str]:
+    """The site-packages directories of the interpreter running the tests (system, venv or
+    conda-like prefix; a venv with system site packages lists its base's too), without any
+    under the repository."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    root = ROOT.resolve()
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and root not in Path(d).resolve().parents]
+
+
+def _fresh_environment_with_our_packages(venv: Path) -> Path:
+    """A new virtual environment that sees the packages of the one running the tests (torch and
+    the rest), whatever that one is. ``--system-site-packages`` would give it the *base*
+    interpreter's packages, which inside a venv are not the venv's; so the outer site
+    directories are named in a ``.pth`` file instead. Plain path lines: the ``.pth`` files
+    *inside* those directories (an editable install's pointer at the repository) are not read."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.strip()
+    (Path(purelib) / "_outer_environment.pth").write_text("".join(f"{d}\n" for d in _outer_site_directories()))
+    return python
+
+
+def test_the_outer_site_directories_hold_torch_and_not_the_repository():
+    dirs = [Path(d) for d in _outer_site_directories()]
+    assert any((d / "torch" / "__init__.py").is_file() for d in dirs)
+    assert not [d for d in dirs if d.resolve() == ROOT.resolve() or ROOT.resolve() in d.resolve().parents]
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_and_runs_without_the_repository(tmp_path):
     source = tmp_path / "src"
@@ -74,12 +113,10 @@ def test_the_wheel_installs_and_runs_without_the_repository(tmp_path):
         assert f"constrained_sparsity/configs/{name}.yaml" in names
     assert "constrained_sparsity/py.typed" in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
-    # a fresh virtual environment that sees the torch (and the rest) already installed
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
+    python = _fresh_environment_with_our_packages(venv)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -98,8 +135,8 @@ def test_the_wheel_installs_and_runs_without_the_repository(tmp_path):
         [
             str(python),
             "-c",
-            "import constrained_sparsity as c, importlib.metadata as m; "
-            "print(c.__file__); print(c.__version__, m.version('constrained_sparsity'))",
+            "import constrained_sparsity as c, importlib.metadata as m, json, sys; "
+            "print(c.__file__); print(c.__version__, m.version('constrained_sparsity')); print(json.dumps(sys.path))",
         ],
         cwd=empty,
         env=env,
@@ -109,6 +146,9 @@ def test_the_wheel_installs_and_runs_without_the_repository(tmp_path):
         check=True,
     ).stdout.splitlines()
     assert where[0].startswith(str(venv)) and where[1] == f"{cs.__version__} {cs.__version__}"
+    root = ROOT.resolve()
+    on_path = [Path(p).resolve() for p in json.loads(where[2]) if p]
+    assert not [p for p in on_path if p == root or root in p.parents], "the repository is on the path"
     proc = csparse("train", "digits_mlp_l0", "train.epochs=2", "tracking.progress=false")
     assert proc.returncode == 0, proc.stderr
     assert "(the shipped config digits_mlp_l0)" in proc.stdout and "test error:" in proc.stdout
