@@ -9,14 +9,16 @@ method counts layers, not a density, and is compared on its own) on Fashion-MNIS
 * ``digits``: the 8x8 digits MLP at ε = 0.3 -- a smoke setup that checks this script in
   minutes; its numbers are not results.
 
-Per setup, seed and method, ``csparse compare``'s machinery (``compare_methods``): the
-constrained run at each budget and, for a method with a penalty, the bisection of λ to the
-budget (``--max-runs`` runs at most; the row's wall time is that of all its runs: what
-hitting a budget with a penalty costs); a method whose budget holds by construction (LWC,
-DNS) runs once per budget, projected. Every run gets ``--epochs`` epochs from scratch (the
-shipped configs otherwise; the per-weight methods' LeNet configs on the MLP for ``mlp``), and
-a dense network per seed gives the reference error. All runs of a setup and seed share one
-W&B group (``tracking.wandb`` of the configs: disabled here unless ``--wandb offline``).
+Per setup and seed, ``csparse compare``'s machinery (``prepare_methods``): the constrained run
+at each budget and, for a method with a penalty, the search of λ to the budgets (one joint
+search over all budgets for L0 and CGES; a bisection per budget for the re-weighted methods,
+whose penalised runs prune to their budget at the end; ``--max-runs`` runs per budget at
+most; the row's wall time is that of all the search's runs: what hitting a budget with a
+penalty costs); a method whose budget holds by construction (LWC, DNS) runs once per budget,
+projected. Every run gets ``--epochs`` epochs from scratch (the shipped configs otherwise;
+the per-weight methods' LeNet configs on the MLP for ``mlp``), and a dense network per seed
+gives the reference error. ``--jobs N`` trains N runs at once (``--threads`` each, default
+cores / N); a search's runs stay in order.
 
 Per budget, method and mode, over the seeds: test error (mean ± standard deviation),
 achieved exact density, how many seeds ended within the budget, epochs to the budget (the
@@ -24,23 +26,28 @@ first epoch whose exact measure met it), runs and wall time, FLOPs per example a
 (batch 256, eval, median) of the compact network. The constrained-L0 paper's claim --
 constrained training hits the budget without a λ search at no cost in error -- is checked
 per method and budget: the constrained run is within the budget in every seed and its mean
-error is at most the bisected penalty's plus the larger of the two spreads.
+error is at most the penalty's plus the larger of the two spreads.
 
-    python benchmarks/bench_results.py --threads 2 --epochs 30 --seeds 0 1 2 --max-runs 5
-    python benchmarks/bench_results.py --plan          # the runs it would train, and stop
+    python benchmarks/bench_results.py --setups mlp --seeds 0 1 2 --jobs 2 --reuse
+    python benchmarks/bench_results.py --plan          # the runs it would train, their time, and stop
+    python benchmarks/bench_results.py --no-train      # the page from the results folder alone
 
-``--reuse`` keeps each comparison (setup, seed, method) already complete under ``--out``,
-so the page can be built over several invocations. Writes ``--page`` (docs/results.md),
-its plots into ``--img`` (docs/img/results_<setup>.png) and ``benchmarks/out/results.json``.
+Every finished run is kept in ``--results`` (``benchmarks/results/``, committed; see
+:class:`ResultsFolder`): ``--reuse`` trains only what it does not hold, so the page is built
+over several invocations, and it says which rows are still missing. Writes ``--page``
+(docs/results.md), its plots into ``--img`` (docs/img/results_<setup>.png) and
+``OUT/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
 import math
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +56,8 @@ import _report
 import torch
 
 import constrained_sparsity as cs
-from constrained_sparsity.compare import compare_methods
+from constrained_sparsity.compare import prepare_methods
+from constrained_sparsity.jobs import Runner, default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ["model.name=mlp", "model.hidden=[300, 100]"]
@@ -94,61 +102,123 @@ def _config(setup: str, method: str, seed: int, args: argparse.Namespace, group:
     return cs.load_config(ROOT / "configs" / path, overrides)
 
 
-def _planned_runs(setup: str, methods: list[str], args: argparse.Namespace) -> int:
-    """Trainings one seed of a setup needs at most: dense, then per method and budget one
-    constrained (or projected) run and, with a penalty, a bisection of up to --max-runs."""
-    n = 1
+def _planned_runs(setup: str, methods: list[str], args: argparse.Namespace) -> tuple[int, int]:
+    """Trainings one seed of a setup needs, at least and at most: dense, then per method and
+    budget one constrained (or projected) run and, with a penalty, a λ search that lands each
+    budget in one run at best and spends ``--max-runs`` per budget at worst."""
+    budgets = len(SETUPS[setup]["budgets"])
+    least = most = 1
     for method in methods:
         penalised = cs.methods.get_method(method).has_penalty()
-        n += len(SETUPS[setup]["budgets"]) * (1 + (args.max_runs if penalised else 0))
-    return n
+        least += budgets * (1 + penalised)
+        most += budgets * (1 + (args.max_runs if penalised else 0))
+    return least, most
 
 
-def _complete(run_dir: Path) -> bool:
-    path = run_dir / "summary.json"
-    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+# -- the results folder ----------------------------------------------------------------------
+def config_key(cfg: cs.Config) -> str:
+    """What makes two runs the same run: the resolved config but for its name, where it logs
+    to, its thread count and where its data files lie."""
+    data = cfg.to_dict()
+    data.pop("name", None)
+    data.pop("tracking", None)
+    data["train"].pop("threads", None)
+    data["data"].pop("root", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _saved_rows(cmp_dir: Path) -> list[dict] | None:
-    """The rows of a comparison already complete in ``cmp_dir`` (``None``: none, or a run of it
-    did not finish)."""
-    path = cmp_dir / "results.csv"
-    if not path.is_file():
-        return None
-    rows = list(csv.DictReader(path.open()))
-    if not rows or not all(_complete(Path(r["run_dir"])) for r in rows):
-        return None
-    return rows
+def _commit() -> str:
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def _compare(setup: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
-    cmp_dir = out / setup / f"seed{seed}" / method
-    if args.reuse and (rows := _saved_rows(cmp_dir)) is not None:
-        _say(f"{setup} seed {seed} {method}: kept ({len(rows)} rows)")
-        return rows
-    cfg = _config(setup, method, seed, args, f"results-{setup}-seed{seed}")
-    compare_methods(
-        [cfg],
+class ResultsFolder:
+    """The page's finished runs, kept in the repository (a :class:`constrained_sparsity.jobs.RunStore`).
+
+    A run trained into ``OUT/<setup>/seed<k>/<method>/runs/<run>`` is recorded in
+    ``RESULTS/<setup>/seed<k>/<method>/<run>``: its ``summary.json``, ``metrics.jsonl`` and
+    ``config.yaml`` (no checkpoints, a few tens of kB), and ``record.json`` with the key of its
+    config (:func:`config_key`), the commit it ran on and what the page measures of its
+    compact network (FLOPs, latency), measured when it finished. With ``reuse``, a recorded
+    run of the same key is not trained again; another key (a config changed) is.
+    """
+
+    def __init__(self, out: Path, results: Path, reuse: bool) -> None:
+        self.out, self.results, self.reuse = out, results, reuse
+        self.commit = _commit()
+
+    def record_dir(self, run_dir: Path) -> Path:
+        rel = run_dir.relative_to(self.out)
+        parts = [p for p in rel.parts if p != "runs"]
+        return self.results.joinpath(*parts)
+
+    def get(self, cfg: cs.Config, run_dir: Path) -> cs.RunResult | None:
+        record = self.record_dir(run_dir) / "record.json"
+        if not (self.reuse and record.is_file()):
+            return None
+        if json.loads(record.read_text())["key"] != config_key(cfg):
+            _say(f"{record.parent.relative_to(self.results)}: config changed, training again")
+            return None
+        return _load(record.parent)
+
+    def put(self, cfg: cs.Config, run_dir: Path, result: cs.RunResult) -> cs.RunResult:
+        kept = self.record_dir(run_dir)
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+        for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+            shutil.copy2(run_dir / name, kept / name)
+        record = {"key": config_key(cfg), "commit": self.commit, "measured": _measure_run(run_dir)}
+        (kept / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        return _load(kept)
+
+
+def _load(kept: Path) -> cs.RunResult:
+    result = _report.load_result(kept)
+    result.layers = json.loads((kept / "summary.json").read_text()).get("layers", [])
+    return result
+
+
+def _measure_run(run_dir: Path) -> dict:
+    """What the page reports of a run besides its summary: epochs to the budget, the compact
+    network's parameters, FLOPs per example and latency (batch 256, eval, median)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    _, _, shape, _, compact = _report.dense_and_compact(run_dir)
+    compaction = summary.get("compaction") or {}
+    return {
+        "epochs_to_budget": _epochs_to_budget(run_dir),
+        "params": compaction.get("params_after"),
+        "flops": compaction.get("flops_after"),
+        "latency_ms": _latency_ms(compact, shape),
+    }
+
+
+def _prepared(setup: str, seed: int, methods: list[str], args: argparse.Namespace, out: Path):
+    """The comparison of every method of a setup and seed (checked; nothing trained)."""
+    cfgs = [_config(setup, m, seed, args, f"results-{setup}-seed{seed}") for m in methods]
+    penalised = any(cs.methods.get_method(m).has_penalty() for m in methods)
+    return prepare_methods(
+        cfgs,
         SETUPS[setup]["budgets"],
-        bisect=cs.methods.get_method(method).has_penalty(),
+        bisect=penalised,
         max_runs=args.max_runs,
         tol=args.tol,
-        out_dir=cmp_dir,
+        out_dir=out / setup / f"seed{seed}",
         overwrite=True,
-        progress=_say,
+        search=args.search,
+        jobs=args.jobs,
     )
-    rows = _saved_rows(cmp_dir)
-    assert rows is not None, cmp_dir
-    return rows
 
 
-def _dense(setup: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    run_dir = out / setup / f"seed{seed}" / "dense"
-    if not (args.reuse and _complete(run_dir)):
+def _dense_task(setup: str, seed: int, args: argparse.Namespace, out: Path, runner: Runner):
+    def task() -> dict:
         cfg = _config(setup, "l0", seed, args, f"results-{setup}-seed{seed}", "sparsity.method=none")
-        cs.run(cfg, run_dir=run_dir, overwrite=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"test_error": summary["test_error"], "wall_time_s": summary["wall_time_s"], "run_dir": str(run_dir)}
+        result = runner.train(cfg, out / setup / f"seed{seed}" / "dense", label=f"{setup} seed {seed} dense")
+        return {"test_error": result.test_error, "wall_time_s": result.wall_time_s, "run_dir": str(result.run_dir)}
+
+    return task
 
 
 def _say(msg: str) -> None:
@@ -179,24 +249,23 @@ def _latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 
     return 1e3 * statistics.median(times)
 
 
-def _measured(row: dict) -> dict:
-    run_dir = Path(row["run_dir"])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    _, _, shape, _, compact = _report.dense_and_compact(run_dir)
+def _measured(row: dict, method: str) -> dict:
+    record = json.loads((Path(row["run_dir"]) / "record.json").read_text())
     return {
-        "method": row["label"],
+        "method": method,
         "mode": row["method"] if row["method"] != "penalized" else f"penalized ({row['search'].split()[0]})",
         "budget": float(row["target"]),
         "lambda": row["lambda"],
         "achieved": float(row["achieved"]),
         "test_error": float(row["test_error"]),
-        "feasible": row["feasible"] == "True",
+        "feasible": row["feasible"] is True or row["feasible"] == "True",
         "runs": int(row["runs_used"]),
         "wall_time_s": float(row["wall_time_s"]),
-        "epochs_to_budget": _epochs_to_budget(run_dir),
-        "flops": (summary.get("compaction") or {}).get("flops_after"),
-        "latency_ms": _latency_ms(compact, shape),
-        "run_dir": str(run_dir),
+        **record["measured"],
+        "commit": record["commit"],
+        "run_dir": str(Path(row["run_dir"]).relative_to(ROOT))
+        if Path(row["run_dir"]).is_relative_to(ROOT)
+        else row["run_dir"],
     }
 
 
@@ -246,7 +315,7 @@ def claim(entries: list[dict]) -> list[dict]:
     for (budget, method, mode), c in by_key.items():
         if mode != "constrained":
             continue
-        p = by_key.get((budget, method, "penalized (bisect)"))
+        p = by_key.get((budget, method, "penalized (joint)")) or by_key.get((budget, method, "penalized (bisect)"))
         if p is None:
             continue
         margin = max(c["test_error_sd"], p["test_error_sd"])
@@ -290,7 +359,12 @@ def _plot(setup: str, entries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    styles = {"constrained": ("o", "-"), "projected": ("D", "-"), "penalized (bisect)": ("^", "--")}
+    styles = {
+        "constrained": ("o", "-"),
+        "projected": ("D", "-"),
+        "penalized (joint)": ("^", "--"),
+        "penalized (bisect)": ("v", "--"),
+    }
     methods = list(dict.fromkeys(e["method"] for e in entries))
     for i, method in enumerate(methods):
         for mode, (marker, line) in styles.items():
@@ -318,21 +392,28 @@ def _page(report: dict, args: argparse.Namespace, plots: dict[str, Path], page: 
     lines = [
         "# Which method for my budget?",
         "",
-        "Every method, constrained and penalised (λ bisected to the budget), at the same budgets,",
-        f"{args.epochs} epochs per run from scratch, seeds {args.seeds}; a method whose budget holds",
-        "by construction (LWC, DNS) runs projected, with no λ to search. Test error: mean ± standard",
-        "deviation over the seeds; wall time: one run, or for a bisection all of its runs (the cost",
-        "of hitting a budget with a penalty); FLOPs and latency (batch 256, eval, median): the",
-        "compact network. Produced by `benchmarks/bench_results.py`:",
+        "Every method, constrained and penalised (λ searched to the budget), at the same budgets,",
+        f"{args.epochs} epochs per run from scratch; a method whose budget holds by construction (LWC,",
+        "DNS) runs projected, with no λ to search. The λ of L0 and CGES comes from one joint search",
+        "over all budgets of a seed (each run informs every budget; its runs and wall time are those",
+        "of the whole search, shared by the budgets); the re-weighted methods prune to the budget at",
+        "the end of a penalised run too, so their budgets are bisected one by one. Test error: mean",
+        "± standard deviation over the seeds (the `seeds` column says how many); FLOPs and latency",
+        "(batch 256, eval, median, measured when the run finished, one thread, beside other runs:",
+        "indicative): the compact network. Every run is kept in `benchmarks/results/` (summary,",
+        "log, config and the commit it ran on). Produced by `benchmarks/bench_results.py`:",
         "",
         *_report.markdown_header(report),
     ]
+    if report.get("missing"):
+        lines += ["**Still missing** (not yet trained; the command above with `--reuse` goes on from here):", ""]
+        lines += [f"* {m}" for m in report["missing"]] + [""]
     for setup, data in report["setups"].items():
         dense = data["dense"]
         lines += [
             f"## {SETUPS[setup]['title']}",
             "",
-            f"Dense reference: test error {100 * dense['test_error']:.2f} % (mean over {len(data['seeds'])} seeds).",
+            f"Dense reference: test error {100 * dense['test_error']:.2f} % (mean over {len(dense['runs'])} seeds).",
             "",
         ]
         if setup in plots:
@@ -344,13 +425,14 @@ def _page(report: dict, args: argparse.Namespace, plots: dict[str, Path], page: 
             lines += [
                 f"### ε = {budget}",
                 "",
-                "| method | mode | test error | density | within ε | epochs to ε | runs | wall s | FLOPs | ms |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "| method | mode | seeds | test error | density | within ε | epochs to ε | runs | wall s | FLOPs | ms |",  # noqa: E501
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for e in sorted(entries, key=lambda e: e["test_error"]):
                 epochs = _fmt(e["epochs_to_budget"], ".1f") if not e["never_met"] else f"never in {e['never_met']}"
                 lines.append(
-                    f"| {e['method']} | {e['mode']} | {100 * e['test_error']:.2f} ± {100 * e['test_error_sd']:.2f} % "
+                    f"| {e['method']} | {e['mode']} | {e['seeds']} "
+                    f"| {100 * e['test_error']:.2f} ± {100 * e['test_error_sd']:.2f} % "
                     f"| {e['achieved']:.4f} | {e['feasible']}/{e['seeds']} | {epochs} | {_fmt(e['runs'], '.1f')} "
                     f"| {e['wall_time_s']:.0f} | {_fmt(e['flops'], ',.0f')} | {_fmt(e['latency_ms'], '.2f')} |"
                 )
@@ -375,50 +457,140 @@ def _page(report: dict, args: argparse.Namespace, plots: dict[str, Path], page: 
     return lines
 
 
+class Missing(Exception):
+    """A run the results folder does not hold, asked for with ``--no-train``."""
+
+
+class _ReadOnly(ResultsFolder):
+    def get(self, cfg: cs.Config, run_dir: Path) -> cs.RunResult | None:
+        kept = super().get(cfg, run_dir)
+        if kept is None:
+            raise Missing(str(self.record_dir(run_dir).relative_to(self.results)))
+        return kept
+
+
+def _or_missing(task):  # type: ignore[no-untyped-def]
+    def wrapped():  # type: ignore[no-untyped-def]
+        try:
+            return task()
+        except Missing as exc:
+            return exc
+
+    return wrapped
+
+
+def _seconds_per_epoch(setup: str, args: argparse.Namespace, results: Path) -> tuple[float, str]:
+    """Seconds per epoch of a setup's runs on this machine: the mean of the recorded runs'
+    ``time/epoch_s``, or else one epoch of its dense network trained now."""
+    times = []
+    for log in (results / setup).glob("*/*/*/metrics.jsonl"):
+        times += [row["time/epoch_s"] for row in map(json.loads, log.read_text().splitlines()) if "time/epoch_s" in row]
+    times += [
+        row["time/epoch_s"]
+        for log in (results / setup).glob("*/dense/metrics.jsonl")
+        for row in map(json.loads, log.read_text().splitlines())
+        if "time/epoch_s" in row
+    ]
+    if times:
+        return statistics.fmean(times), f"mean of {len(times)} recorded epochs"
+    threads = args.threads or default_threads(args.jobs)
+    cfg = _config(setup, "l0", 0, args, "plan", "sparsity.method=none", "train.epochs=1", f"train.threads={threads}")
+    result = cs.run(cfg, run_dir=Path(args.out) / "plan" / setup, overwrite=True)
+    return result.wall_time_s, f"one dense epoch measured now at {threads} thread(s)"
+
+
+def _plan(args: argparse.Namespace, results: Path) -> None:
+    total = 0.0
+    for setup in args.setups:
+        methods = args.methods or list(SETUPS[setup]["methods"])
+        least, most = _planned_runs(setup, methods, args)
+        seconds, how = _seconds_per_epoch(setup, args, results)
+        per_run = seconds * args.epochs * 1.05  # and the finishing phase's few epochs
+        hours = [n * len(args.seeds) * per_run / args.jobs / 3600 for n in (least, most)]
+        total += hours[1]
+        _say(
+            f"{setup}: {least}-{most} trainings of {args.epochs} epochs per seed, {least * len(args.seeds)}-"
+            f"{most * len(args.seeds)} in all; {seconds:.1f} s per epoch ({how}): "
+            f"{hours[0]:.1f}-{hours[1]:.1f} h at --jobs {args.jobs} (runs already in {results} are not counted again)"
+        )
+    _say(f"at most {total:.1f} h in all")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=["mlp", "lenet"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the setup")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--max-runs", type=int, default=5, help="bisection runs per budget and method")
-    parser.add_argument("--tol", type=float, default=None, help="bisection tolerance (default: the method's)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-runs", type=int, default=5, help="λ search runs per budget and method")
+    parser.add_argument("--search", choices=["joint", "per-budget"], default="joint")
+    parser.add_argument("--tol", type=float, default=None, help="search tolerance (default: the method's)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
+    parser.add_argument("--threads", type=int, default=None, help="threads per training (default: cores / jobs)")
     parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
     parser.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "results"), help="the runs' directories")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="the kept runs (committed)")
     parser.add_argument("--page", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--img", default=str(ROOT / "docs" / "img"))
-    parser.add_argument("--reuse", action="store_true", help="keep each comparison already complete in --out")
-    parser.add_argument("--plan", action="store_true", help="print the trainings it would run, and stop")
+    parser.add_argument("--reuse", action="store_true", help="keep every run the results folder holds")
+    parser.add_argument("--no-train", action="store_true", help="build the page from the results folder alone")
+    parser.add_argument("--plan", action="store_true", help="print the trainings and their estimated time, and stop")
     args = parser.parse_args(argv)
     for setup in args.setups:
         unknown = set(args.methods or []) - set(SETUPS[setup]["methods"])
         if unknown:
             parser.error(f"--methods {sorted(unknown)}: not in setup {setup} ({', '.join(SETUPS[setup]['methods'])})")
-    if args.epochs < 1 or args.max_runs < 1:
-        parser.error("--epochs and --max-runs should be >= 1")
-    plan = {s: _planned_runs(s, args.methods or list(SETUPS[s]["methods"]), args) for s in args.setups}
-    for setup, n in plan.items():
-        _say(f"{setup}: at most {n} trainings of {args.epochs} epochs per seed, {n * len(args.seeds)} in all")
+    if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--epochs, --max-runs, --jobs and --threads should be >= 1")
+    results, out = Path(args.results), Path(args.out)
     if args.plan:
+        _plan(args, results)
         return 0
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    args.threads = args.threads or default_threads(args.jobs)
+    torch.set_num_threads(args.threads)  # this process measures the compact networks
     out.mkdir(parents=True, exist_ok=True)
-    report = {**_report.header(args.threads), "epochs": args.epochs, "seeds": args.seeds, "setups": {}}
+    folder = (_ReadOnly if args.no_train else ResultsFolder)(out, results, reuse=args.reuse or args.no_train)
+    report = {**_report.header(args.threads), "epochs": args.epochs, "jobs": args.jobs, "setups": {}, "missing": []}
+    with Runner(args.jobs, args.threads, store=folder, say=_say) as runner:
+        work = []  # (setup, seed, dense task index, [(plan, task indices)])
+        tasks = []
+        for setup in args.setups:
+            methods = args.methods or list(SETUPS[setup]["methods"])
+            for seed in args.seeds:
+                plans = _prepared(setup, seed, methods, args, out).plans(runner)
+                tasks.append(_or_missing(_dense_task(setup, seed, args, out, runner)))
+                runner.progress.plan(1)
+                spans = []
+                for plan in plans:
+                    own = plan.tasks()
+                    spans.append((plan, list(range(len(tasks), len(tasks) + len(own)))))
+                    tasks += [_or_missing(t) for t in own]
+                work.append((setup, seed, len(tasks) - sum(len(i) for _, i in spans) - 1, spans))
+        made = runner.play(tasks)
     plots: dict[str, Path] = {}
-    page = Path(args.page)
     for setup in args.setups:
-        methods = args.methods or list(SETUPS[setup]["methods"])
-        measured, dense = [], []
-        for seed in args.seeds:
-            dense.append(_dense(setup, seed, args, out))
-            for method in methods:
-                measured += [_measured(row) for row in _compare(setup, method, seed, args, out)]
+        measured, dense, seeds = [], [], set()
+        for s, seed, dense_index, spans in work:
+            if s != setup:
+                continue
+            if isinstance(made[dense_index], Missing):
+                report["missing"].append(f"{setup} seed {seed}: dense")
+            else:
+                dense.append(made[dense_index])
+            for plan, indices in spans:
+                outputs = [made[i] for i in indices]
+                gone = [o for o in outputs if isinstance(o, Missing)]
+                if gone:
+                    report["missing"].append(f"{setup} seed {seed}: {plan.method.spec} (from {gone[0]})")
+                    continue
+                seeds.add(seed)
+                measured += [_measured(r, plan.method.spec) for r in plan.finish(outputs).rows]
+        if not measured:
+            continue
         entries = aggregate(measured)
         report["setups"][setup] = {
-            "seeds": args.seeds,
+            "seeds": sorted(seeds),
             "dense": {"test_error": _mean_std([d["test_error"] for d in dense])[0], "runs": dense},
             "entries": entries,
             "claim": claim(entries),
@@ -426,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         plots[setup] = Path(args.img) / f"results_{setup}.png"
         _plot(setup, entries, plots[setup])
-        (out / "results.json").write_text(json.dumps(report, indent=2))  # what is done so far
+    page = Path(args.page)
     lines = _page(report, args, plots, page)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ Typical use::
 """
 
 from .compact import compact
-from .compare import bisect_lambda, compare
+from .compare import bisect_lambda, compare, compare_methods, joint_search
 from .config import Config, load_config
 from .data import Dataset, load_dataset
 from .errors import (
@@ -94,6 +94,8 @@ __all__ = [
     "attach_l0",
     "attach_layer_sparsity",
     "bisect_lambda",
+    "compare_methods",
+    "joint_search",
     "build_optimizer",
     "compact",
     "compare",

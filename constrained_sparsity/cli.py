@@ -64,9 +64,22 @@ def _parser() -> argparse.ArgumentParser:
         help="budgets: densities for L0 (a comma-separated list for per-layer targets), layer counts for layers",
     )
     cmp.add_argument("--lambdas", nargs="*", default=[], metavar="LAM", help="penalised λ grid")
-    cmp.add_argument("--bisect", action="store_true", help="search λ per target by bisection on a log scale")
-    cmp.add_argument("--tol", type=float, default=None, help="bisection tolerance on the measure (L0: 0.01)")
-    cmp.add_argument("--max-runs", type=int, default=8, help="bisection budget: runs per target (default 8)")
+    cmp.add_argument("--bisect", action="store_true", help="search the λ that lands on each target")
+    cmp.add_argument(
+        "--search",
+        choices=["joint", "per-budget"],
+        default="joint",
+        help="with --bisect: one search for every target, each run informing all (default), or a bisection per "
+        "target (always for per-layer targets and for methods whose penalised runs prune to the target)",
+    )
+    cmp.add_argument("--tol", type=float, default=None, help="search tolerance on the measure (L0: 0.01)")
+    cmp.add_argument(
+        "--max-runs", type=int, default=8, help="search budget: runs per target (joint: this times the targets)"
+    )
+    cmp.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
+    cmp.add_argument(
+        "--threads", type=int, default=None, help="threads per training (default with --jobs N: the cores / N)"
+    )
     cmp.add_argument(
         "--lambda-range",
         nargs=2,
@@ -179,6 +192,9 @@ def _compare(args: argparse.Namespace) -> int:
         lambda_range=tuple(args.lambda_range) if args.lambda_range else None,
         out_dir=args.out,
         overwrite=args.overwrite,
+        search=args.search,
+        jobs=args.jobs,
+        threads=args.threads,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     if methods or len(paths) > 1:

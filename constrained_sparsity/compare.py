@@ -24,101 +24,43 @@ close a bisection must land (``compare_tolerance``) and what the budget counts.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .config import Config, DeclaredMethod, apply_overrides, config_from_dict
 from .errors import ConfigError
+from .jobs import Runner
+from .lambda_search import BisectResult, JointSearchResult, bisect_lambda, joint_search
+from .lambda_search import within as _within
 from .methods import method_spec
-from .training import RunResult, build_trainer, dataset_for, run
+from .training import RunResult, build_trainer, dataset_for
 from .training.rundir import new_run_dir, prepare_run_dir
 
 __all__ = [
+    "SEARCHES",
     "BisectResult",
     "Comparison",
+    "JointSearchResult",
     "MethodsComparison",
+    "PreparedComparison",
     "bisect_lambda",
     "compare",
     "compare_methods",
+    "joint_search",
     "parse_budget",
+    "prepare_methods",
 ]
 
-
-# -- bisection ---------------------------------------------------------------------------------
-@dataclass
-class BisectResult:
-    """Outcome of :func:`bisect_lambda`: the lambda(s) chosen and how the search went."""
-
-    lam: list[float]
-    value: list[float]
-    runs: int
-    converged: bool
-    reason: str
-    history: list[tuple[list[float], list[float]]] = field(default_factory=list)
-
-
-def _within(achieved: float, budget: float) -> bool:
-    """``achieved <= budget`` as the training step decides it: in float32, where the measures
-    live (a density of exactly the budget, 0.2, reads 0.20000000298 as a double)."""
-    return bool(torch.tensor(achieved, dtype=torch.float32) <= torch.tensor(budget, dtype=torch.float32))
-
-
-def bisect_lambda(
-    evaluate: Callable[[list[float]], list[float]],
-    targets: Sequence[float],
-    lo: float = 1e-3,
-    hi: float = 1e2,
-    tol: float = 0.01,
-    budget: int = 8,
-) -> BisectResult:
-    """Bisection on ``log(lambda)`` so that ``evaluate(lambda)`` is within ``tol`` of ``targets``.
-
-    ``evaluate`` maps one lambda per coordinate to the achieved measure per coordinate and must
-    be non-increasing in each lambda (a larger penalty, a sparser network). Every coordinate
-    keeps its own bracket ``[lo, hi]`` and is evaluated at the bracket's geometric midpoint;
-    all coordinates share each run. Stops when every coordinate is within ``tol`` or after
-    ``budget`` runs. The returned lambda is the last one evaluated on convergence; otherwise
-    the one whose worst miss was smallest, preferring points that met every budget.
-    """
-    if not 0 < lo < hi:
-        raise ValueError(f"lambda range ({lo}, {hi}) should satisfy 0 < lo < hi")
-    if budget < 1:
-        raise ValueError(f"budget={budget} should be >= 1")
-    if tol < 0:
-        raise ValueError(f"tol={tol} should be >= 0")
-    n = len(targets)
-    lows, highs = [math.log(lo)] * n, [math.log(hi)] * n
-    history: list[tuple[list[float], list[float]]] = []
-    for _ in range(budget):
-        lam = [math.exp((a + b) / 2) for a, b in zip(lows, highs)]
-        value = list(evaluate(lam))
-        history.append((lam, value))
-        if all(abs(v - t) <= tol for v, t in zip(value, targets)):
-            return BisectResult(lam, value, len(history), True, "within tolerance", history)
-        for i, (v, t) in enumerate(zip(value, targets)):
-            if abs(v - t) <= tol:
-                continue
-            if v > t:  # not sparse enough: a larger penalty
-                lows[i] = math.log(lam[i])
-            else:
-                highs[i] = math.log(lam[i])
-
-    def miss(item: tuple[list[float], list[float]]) -> tuple[bool, float]:
-        lam, value = item
-        feasible = all(v <= t + tol for v, t in zip(value, targets))
-        return (not feasible, max(abs(v - t) for v, t in zip(value, targets)))
-
-    lam, value = min(history, key=miss)
-    return BisectResult(lam, value, len(history), False, f"budget of {budget} runs spent", history)
+SEARCHES = ("joint", "per-budget")
 
 
 # -- the comparison -----------------------------------------------------------------------------
@@ -255,17 +197,52 @@ def compare(
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     overwrite: bool = False,
+    search: str = "joint",
+    jobs: int = 1,
+    threads: int | None = None,
+    runner: Runner | None = None,
 ) -> Comparison:
     """Run the comparison (see the module docstring) and write its files into ``out_dir``.
 
-    Every argument and every run's config is checked before anything runs or is written
-    (:class:`ConfigError` naming the option or key).
+    ``search``: with ``bisect``, ``"joint"`` searches one λ for every (model-wise) budget at
+    once (:func:`joint_search`, at most ``max_runs`` runs per budget in all); ``"per-budget"``
+    bisects each budget on its own (:func:`bisect_lambda`, ``max_runs`` each; per-layer
+    budgets always). ``jobs`` trainings run at once, ``threads`` threads each (see
+    :class:`Runner`; or pass a ``runner`` to share one). Every argument and every run's
+    config is checked before anything runs or is written (:class:`ConfigError` naming the
+    option or key).
     """
-    _check_options(targets, lambdas, tol, max_runs, lambda_range)
+    _check_options(targets, lambdas, tol, max_runs, lambda_range, search, jobs, threads)
     method = _method_of(cfg)
     _check_penalty(method, lambdas, bisect)
     _check_runs(cfg, method, targets, lambdas, bisect)
-    return _compare(cfg, method, targets, lambdas, bisect, tol, max_runs, lambda_range, out_dir, progress, overwrite)
+    if out_dir is not None:
+        out = prepare_run_dir(
+            out_dir, overwrite, ("results.csv", "runs"), "--out", "a comparison", "start it over with --overwrite"
+        )
+        name = f"compare-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        out = new_run_dir(cfg.tracking.out_dir, f"compare-{cfg.name}")
+        name = out.name
+    options = _Options(targets, lambdas, bisect, search, tol, max_runs, lambda_range)
+    with _runner(runner, jobs, threads, progress) as active:
+        plan = _Plan(cfg, method, options, out, cfg.tracking.group or name, active)
+        return plan.finish(active.play(plan.tasks()))
+
+
+class _runner:
+    """The runner given, or one of ``jobs`` made (and closed) for one comparison."""
+
+    def __init__(self, given: Runner | None, jobs: int, threads: int | None, say: Callable[[str], None] | None):
+        self.given = given
+        self.made = None if given is not None else Runner(jobs, threads, say=say)
+
+    def __enter__(self) -> Runner:
+        return self.given or self.made  # type: ignore[return-value]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.made is not None:
+            self.made.close()
 
 
 def _check_options(
@@ -274,6 +251,9 @@ def _check_options(
     tol: float | None,
     max_runs: int,
     lambda_range: tuple[float, float] | None,
+    search: str = "joint",
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> None:
     if not targets:
         raise ConfigError("compare: give at least one target (--targets)")
@@ -283,6 +263,12 @@ def _check_options(
         raise ConfigError(f"--tol {tol}: should be a finite number >= 0")
     if max_runs < 1:
         raise ConfigError(f"--max-runs {max_runs}: should be >= 1")
+    if search not in SEARCHES:
+        raise ConfigError(f"--search {search}: should be one of {', '.join(SEARCHES)}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: should be >= 1")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: should be >= 1")
     if lambda_range is None:  # each method's own
         return
     lo, hi = lambda_range
@@ -298,48 +284,50 @@ def _check_penalty(method: _Method, lambdas: Sequence[float], bisect: bool) -> N
         )
 
 
-def _compare(
-    cfg: Config,
-    method: _Method,
-    targets: Sequence[Any],
-    lambdas: Sequence[float],
-    bisect: bool,
-    tol: float | None,
-    max_runs: int,
-    lambda_range: tuple[float, float] | None,
-    out_dir: str | Path | None,
-    progress: Callable[[str], None] | None,
-    overwrite: bool,
-) -> Comparison:
-    """:func:`compare` once its arguments and runs are checked."""
-    tol = method.tol if tol is None else tol
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"compare-{cfg.name}-{stamp}"
-    if out_dir is not None:
-        out = prepare_run_dir(
-            out_dir, overwrite, ("results.csv", "runs"), "--out", "a comparison", "start it over with --overwrite"
+@dataclass(frozen=True)
+class _Options:
+    """What a comparison runs, besides the config and method."""
+
+    targets: Sequence[Any]
+    lambdas: Sequence[float]
+    bisect: bool
+    search: str
+    tol: float | None
+    max_runs: int
+    lambda_range: tuple[float, float] | None
+
+
+# A task's output: the table's rows (row, result, budget) and every run it made (for the plots).
+_Made = tuple[list[tuple[dict[str, Any], RunResult, Any]], list[tuple[dict[str, Any], RunResult, Any]]]
+
+
+class _Plan:
+    """One method's comparison as tasks (each a sequence of runs, see :class:`Runner`), then
+    its files from what the tasks made."""
+
+    def __init__(self, cfg: Config, method: _Method, options: _Options, out: Path, group: str, runner: Runner):
+        self.cfg, self.method, self.options, self.out, self.group, self.runner = (
+            cfg,
+            method,
+            options,
+            out,
+            group,
+            runner,
         )
-    else:
-        out = new_run_dir(cfg.tracking.out_dir, f"compare-{cfg.name}")
-        name = out.name
-    group = cfg.tracking.group or name
-    base = cfg.to_dict()
-    say = progress or (lambda _msg: None)
-    results: list[tuple[dict[str, Any], RunResult, Any]] = []  # one per row of the table
-    every_run: list[tuple[dict[str, Any], RunResult, Any]] = []  # for the dynamics plots
-    rows: list[dict[str, Any]] = []
+        self.base = cfg.to_dict()
+        self.tol = method.tol if options.tol is None else options.tol
+        self.bisections: dict[str, BisectResult | JointSearchResult] = {}
 
-    def one_run(label: str, job_type: str, overrides: list[str], budget: Any) -> RunResult:
-        data = apply_overrides(json.loads(json.dumps(base)), overrides)
-        data["name"] = f"{cfg.name}-{label}"
-        data["tracking"].update(group=group, job_type=job_type, out_dir=str(out / "runs"))
-        run_cfg = config_from_dict(data)
-        say(f"[compare] {label}")
-        return run(run_cfg, run_dir=out / "runs" / label)
+    # -- the runs
+    def _run(self, label: str, job_type: str, overrides: list[str]) -> RunResult:
+        data = apply_overrides(json.loads(json.dumps(self.base)), overrides)
+        data["name"] = f"{self.cfg.name}-{label}"
+        data["tracking"].update(group=self.group, job_type=job_type, out_dir=str(self.out / "runs"))
+        return self.runner.train(config_from_dict(data), self.out / "runs" / label, label=f"{self.cfg.name} {label}")
 
-    def row_of(label: str, search: str, result: RunResult, budget: Any, lam: Any, runs: int, wall: float) -> dict:
+    def _row(self, label: str, search: str, result: RunResult, budget: Any, lam: Any, runs: int, wall: float) -> dict:
+        method = self.method
         achieved = method.measure(result, budget)
-        per_layer = method.per_layer(result)
         feasible: Any = "-"
         if budget is not None:
             feasible = all(_within(a, b) for a, b in zip(achieved, method.budgets(budget)))
@@ -350,7 +338,7 @@ def _compare(
             "target": "-" if budget is None else budget,
             "lambda": "-" if lam is None else lam,
             "achieved": achieved[0] if len(achieved) == 1 else achieved,
-            "per_layer": per_layer,
+            "per_layer": method.per_layer(result),
             "test_error": result.test_error,
             "feasible": feasible,
             "runs_used": runs,
@@ -358,54 +346,112 @@ def _compare(
             "run_dir": str(result.run_dir),
         }
 
-    for budget in targets:
-        label = f"{method.own_mode}-{_slug(budget)}"
-        t0 = time.perf_counter()
-        result = one_run(label, method.own_mode, method.constrained(budget), budget)
-        rows.append(row_of(label, "-", result, budget, None, 1, time.perf_counter() - t0))
-        results.append((rows[-1], result, budget))
-        every_run.append((rows[-1], result, budget))
+    def _budget_run(self, budget: Any) -> _Made:
+        label = f"{self.method.own_mode}-{_slug(budget)}"
+        result = self._run(label, self.method.own_mode, self.method.constrained(budget))
+        row = self._row(label, "-", result, budget, None, 1, result.wall_time_s)
+        return [(row, result, budget)], [(row, result, budget)]
 
-    reference = targets[0]
-    for lam in lambdas:
+    def _grid_run(self, lam: float) -> _Made:
+        reference = self.options.targets[0]
         label = f"penalized-grid-{lam:g}"
-        lam_vec = [float(lam)] * len(method.budgets(reference))
-        t0 = time.perf_counter()
-        result = one_run(label, "penalized", method.penalized(reference, lam_vec), reference)
-        rows.append(row_of(label, "grid", result, None, lam, 1, time.perf_counter() - t0))
-        results.append((rows[-1], result, None))
-        every_run.append((rows[-1], result, None))
+        lam_vec = [float(lam)] * len(self.method.budgets(reference))
+        result = self._run(label, "penalized", self.method.penalized(reference, lam_vec))
+        row = self._row(label, "grid", result, None, lam, 1, result.wall_time_s)
+        return [(row, result, None)], [(row, result, None)]
 
-    bisections: dict[str, BisectResult] = {}
-    if bisect:
-        for budget in targets:
-            budgets = method.budgets(budget)
-            t0 = time.perf_counter()
-            seen: dict[tuple[float, ...], tuple[RunResult, str]] = {}
+    def _bisection(self, budget: Any) -> _Made:
+        method, every_run = self.method, []
+        seen: dict[tuple[float, ...], tuple[RunResult, str]] = {}
 
-            def evaluate(lam: list[float], budget: Any = budget, seen: dict = seen) -> list[float]:
-                label = f"penalized-bisect-{_slug(budget)}-{len(seen) + 1}"
-                result = one_run(label, "penalized", method.penalized(budget, lam), budget)
-                seen[tuple(lam)] = (result, label)
-                shown = lam[0] if len(lam) == 1 else lam
-                every_run.append(({"label": label, "lambda": shown}, result, budget))
-                return method.measure(result, budget)
+        def evaluate(lam: list[float]) -> list[float]:
+            label = f"penalized-bisect-{_slug(budget)}-{len(seen) + 1}"
+            result = self._run(label, "penalized", method.penalized(budget, lam))
+            seen[tuple(lam)] = (result, label)
+            every_run.append(({"label": label, "lambda": lam[0] if len(lam) == 1 else lam}, result, budget))
+            return method.measure(result, budget)
 
-            bracket = lambda_range or method.cls.lambda_range
-            found = bisect_lambda(evaluate, budgets, *bracket, tol=tol, budget=max_runs)
-            bisections[_slug(budget)] = found
-            result, label = seen[tuple(found.lam)]
-            lam_out: Any = found.lam[0] if len(found.lam) == 1 else [round(v, 6) for v in found.lam]
-            row = row_of(label, "bisect", result, budget, lam_out, found.runs, time.perf_counter() - t0)
-            row["search"] = f"bisect ({found.reason})"
-            rows.append(row)
-            results.append((row, result, budget))
-            say(f"[compare] bisection for {budget}: lambda {lam_out}, {found.runs} runs, {found.reason}")
+        bracket = self.options.lambda_range or method.cls.lambda_range
+        found = bisect_lambda(evaluate, method.budgets(budget), *bracket, tol=self.tol, budget=self.options.max_runs)
+        self.bisections[_slug(budget)] = found
+        self.runner.progress.drop(self.options.max_runs - found.runs)
+        result, label = seen[tuple(found.lam)]
+        lam_out: Any = found.lam[0] if len(found.lam) == 1 else [round(v, 6) for v in found.lam]
+        wall = sum(r.wall_time_s for r, _ in seen.values())
+        row = self._row(label, "bisect", result, budget, lam_out, found.runs, wall)
+        row["search"] = f"bisect ({found.reason})"
+        self.runner.progress.say(
+            f"[compare] bisection for {budget}: lambda {lam_out}, {found.runs} runs, {found.reason}"
+        )
+        return [(row, result, budget)], every_run
 
-    plots = _plots(out, results, every_run, method, targets)
-    _write_tables(out, rows, method)
-    _log_table(cfg, group, out, rows)
-    return Comparison(out, rows, bisections, plots)
+    def _joint(self) -> _Made:
+        method, targets, every_run = self.method, list(self.options.targets), []
+        made: list[tuple[RunResult, str]] = []
+
+        def evaluate(lam: float) -> float:
+            label = f"penalized-search-{len(made) + 1}"
+            result = self._run(label, "penalized", method.penalized(targets[0], [lam]))
+            made.append((result, label))
+            every_run.append(({"label": label, "lambda": lam}, result, None))
+            return method.measure(result, targets[0])[0]
+
+        bracket = self.options.lambda_range or method.cls.lambda_range
+        cap = self.options.max_runs * len(targets)
+        found = joint_search(evaluate, [float(t) for t in targets], *bracket, tol=self.tol, max_runs=cap)
+        self.runner.progress.drop(cap - found.runs)
+        wall = sum(r.wall_time_s for r, _ in made)
+        rows = []
+        for budget, i, converged in zip(targets, found.chosen, found.converged):
+            self.bisections[_slug(budget)] = found
+            result, label = made[i]
+            row = self._row(label, "joint", result, budget, found.history[i][0], found.runs, wall)
+            how = "within tolerance" if converged else "closest miss"
+            row["search"] = f"joint ({how}; {found.runs} runs for {len(targets)} budgets)"
+            rows.append((row, result, budget))
+        lams = ", ".join(f"{t}: {found.history[i][0]:.4g}" for t, i in zip(targets, found.chosen))
+        self.runner.progress.say(f"[compare] joint λ search: {lams}; {found.runs} runs, {found.reason}")
+        return rows, every_run
+
+    def joint(self) -> bool:
+        """Whether the λ search is one joint search: ``search="joint"``, model-wise budgets, and
+        penalised runs that do not depend on the budget. A run that ends with the finishing
+        phase (the re-weighted methods' magnitude pruning to the budget) does, so its budgets
+        are bisected one by one."""
+        o = self.options
+        if o.search != "joint" or any(isinstance(t, list) for t in o.targets):
+            return False
+        penalised = config_from_dict(apply_overrides(self.cfg.to_dict(), self.method.penalized(o.targets[0], [1.0])))
+        return not penalised.finishing(self.method.cls.finishes)[0]
+
+    def tasks(self) -> list[Callable[[], _Made]]:
+        """Searches first (the longest tasks), then the budget runs, then the λ grid."""
+        o = self.options
+        searches: list[Callable[[], _Made]] = []
+        if o.bisect and self.joint():
+            searches = [self._joint]
+            self.runner.progress.plan(o.max_runs * len(o.targets))
+        elif o.bisect:
+            searches = [lambda b=b: self._bisection(b) for b in o.targets]
+            self.runner.progress.plan(o.max_runs * len(o.targets))
+        self.runner.progress.plan(len(o.targets) + len(o.lambdas))
+        budget_runs = [lambda b=b: self._budget_run(b) for b in o.targets]
+        grid = [lambda lam=lam: self._grid_run(lam) for lam in o.lambdas]
+        self._order = ["search"] * len(searches) + ["budget"] * len(budget_runs) + ["grid"] * len(grid)
+        return [*searches, *budget_runs, *grid]
+
+    # -- the files
+    def finish(self, made: list[_Made]) -> Comparison:
+        """The table (budget runs, grid, searches: as a reader scans it), plots and W&B table."""
+        kinds = ("budget", "grid", "search")
+        ordered = [m for kind in kinds for m, k in zip(made, self._order) if k == kind]
+        results = [entry for rows, _ in ordered for entry in rows]
+        every_run = [entry for _, runs in ordered for entry in runs]
+        rows = [row for row, _, _ in results]
+        plots = _plots(self.out, results, every_run, self.method, self.options.targets)
+        _write_tables(self.out, rows, self.method)
+        _log_table(self.cfg, self.group, self.out, rows)
+        return Comparison(self.out, rows, dict(self.bisections), plots)
 
 
 def _check_runs(cfg: Config, method: _Method, targets: Sequence[Any], lambdas: Sequence[float], bisect: bool) -> None:
@@ -603,16 +649,87 @@ def compare_methods(
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     overwrite: bool = False,
+    search: str = "joint",
+    jobs: int = 1,
+    threads: int | None = None,
+    runner: Runner | None = None,
 ) -> MethodsComparison:
     """:func:`compare` for each config (one method each, e.g. ``l0``, ``cges``, ``rw_l1``), at the
     same budgets, with one joint table (``results.csv`` / ``results.md``: method, mode, the
-    achieved measure, error, feasibility, runs and wall time -- for a bisection, the time of
+    achieved measure, error, feasibility, runs and wall time -- for a λ search, the time of
     all its runs: what hitting the budget with a penalty costs), one error-vs-measure plot
     with a line per method and mode (``error_vs_density.png``), and every run in one W&B
-    group. Each method's own comparison is in ``out_dir/<label>``.
+    group. Each method's own comparison is in ``out_dir/<label>``. The runs of every method
+    share the ``jobs``.
 
     Every config and run is checked before anything runs (:class:`ConfigError`).
     """
+    prepared = prepare_methods(
+        cfgs, targets, lambdas, bisect, tol, max_runs, lambda_range, out_dir, overwrite, search, jobs, threads
+    )
+    with _runner(runner, jobs, threads, progress) as active:
+        plans = prepared.plans(active)
+        tasks = [task for plan in plans for task in plan.tasks()]
+        return prepared.finish(plans, active.play(tasks))
+
+
+@dataclass
+class PreparedComparison:
+    """A checked :func:`compare_methods` whose directory exists and whose runs have not
+    started: :meth:`plans` gives each method's tasks for a :class:`Runner` (several
+    comparisons can share one, as the results page's seeds do), :meth:`finish` writes the
+    joint files from what they made."""
+
+    out: Path
+    group: str
+    cfgs: list[Config]
+    methods: list[_Method]
+    labels: list[str]
+    options: _Options
+
+    def plans(self, runner: Runner) -> list[_Plan]:
+        out = []
+        for label, cfg, method in zip(self.labels, self.cfgs, self.methods):
+            penalty = method.has_penalty
+            o = self.options
+            note = "" if penalty or not (o.lambdas or o.bisect) else f"; no penalty: {method.own_mode} runs only"
+            runner.progress.say(f"[compare] method {label} ({cfg.name}{note})")
+            grouped = config_from_dict(apply_overrides(cfg.to_dict(), [f"tracking.group={self.group}"]))
+            own = dataclasses.replace(o, lambdas=o.lambdas if penalty else (), bisect=o.bisect and penalty)
+            (self.out / label).mkdir(parents=True, exist_ok=True)
+            out.append(_Plan(grouped, method, own, self.out / label, self.group, runner))
+        return out
+
+    def finish(self, plans: list[_Plan], made: list[_Made]) -> MethodsComparison:
+        comparisons: dict[str, Comparison] = {}
+        rows: list[dict[str, Any]] = []
+        start = 0
+        for label, cfg, plan in zip(self.labels, self.cfgs, plans):
+            n = len(plan._order)
+            comparisons[label] = comparison = plan.finish(made[start : start + n])
+            start += n
+            rows += [{**r, "label": label, "config": cfg.name} for r in comparison.rows]
+        _write_joint_tables(self.out, rows, self.methods[0].label)
+        plot = _joint_plot(self.out, rows, self.methods[0].label, self.options.targets)
+        return MethodsComparison(self.out, comparisons, rows, plot)
+
+
+def prepare_methods(
+    cfgs: Sequence[Config],
+    targets: Sequence[Any],
+    lambdas: Sequence[float] = (),
+    bisect: bool = False,
+    tol: float | None = None,
+    max_runs: int = 8,
+    lambda_range: tuple[float, float] | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    search: str = "joint",
+    jobs: int = 1,
+    threads: int | None = None,
+) -> PreparedComparison:
+    """Check a :func:`compare_methods` (its configs, options and every run) and make its
+    directory; nothing is trained."""
     if not cfgs:
         raise ConfigError("compare: give at least one config")
     methods = [_method_of(c) for c in cfgs]
@@ -622,7 +739,7 @@ def compare_methods(
     labels = [s if specs.count(s) == 1 else f"{c.name}" for s, c in zip(specs, cfgs)]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare: the configs {labels} repeat; give each method once")
-    _check_options(targets, lambdas, tol, max_runs, lambda_range)
+    _check_options(targets, lambdas, tol, max_runs, lambda_range, search, jobs, threads)
     if (lambdas or bisect) and not any(m.has_penalty for m in methods):
         _check_penalty(methods[0], lambdas, bisect)
     for cfg, method in zip(cfgs, methods):  # a method without a penalty gets its budget runs only
@@ -633,33 +750,8 @@ def compare_methods(
         )
     else:
         out = new_run_dir(cfgs[0].tracking.out_dir, "compare-methods")
-    group = cfgs[0].tracking.group or out.name
-    comparisons: dict[str, Comparison] = {}
-    rows: list[dict[str, Any]] = []
-    say = progress or (lambda _msg: None)
-    for label, cfg, method in zip(labels, cfgs, methods):
-        penalty = method.has_penalty
-        note = "" if penalty or not (lambdas or bisect) else f"; no penalty: {method.own_mode} runs only"
-        say(f"[compare] method {label} ({cfg.name}{note})")
-        grouped = config_from_dict(apply_overrides(cfg.to_dict(), [f"tracking.group={group}"]))
-        comparison = _compare(
-            grouped,
-            method,
-            targets,
-            lambdas if penalty else (),
-            bisect and penalty,
-            tol,
-            max_runs,
-            lambda_range,
-            out / label,
-            progress,
-            overwrite,
-        )
-        comparisons[label] = comparison
-        rows += [{**r, "label": label, "config": cfg.name} for r in comparison.rows]
-    _write_joint_tables(out, rows, methods[0].label)
-    plot = _joint_plot(out, rows, methods[0].label, targets)
-    return MethodsComparison(out, comparisons, rows, plot)
+    options = _Options(targets, lambdas, bisect, search, tol, max_runs, lambda_range)
+    return PreparedComparison(out, cfgs[0].tracking.group or out.name, list(cfgs), methods, labels, options)
 
 
 def _mode(row: dict[str, Any]) -> str:

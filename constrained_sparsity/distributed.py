@@ -33,6 +33,7 @@ How the game stays one game:
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -145,9 +146,22 @@ def from_environment(device: torch.device) -> tuple[Context, torch.device]:
 
 
 def shutdown() -> None:
-    """Leave the process group (at the end of the command line's work)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (at the end of the command line's work), every rank together.
+
+    The ranks meet at a barrier first and drop what still refers to the group (a
+    DistributedDataParallel wrapper's reducer) before the group is destroyed: a rank that
+    tore its gloo connections down while a peer's gloo threads still used them, or that left
+    gloo work alive into interpreter teardown, aborted at exit in C++ ("terminate called
+    without an active exception", exit -6), now and then on a busy machine."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer already gone: leave all the same
+        pass
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def shard(x: torch.Tensor, y: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, float]:

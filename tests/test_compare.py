@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from constrained_sparsity import load_config
 from constrained_sparsity.compare import bisect_lambda, compare, parse_budget
+from constrained_sparsity.training import load_checkpoint
 
 from . import wandb_files
 from .test_train import DIGITS, ROOT
@@ -93,7 +95,14 @@ def test_small_digits_comparison_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = load_config(DIGITS, ["train.epochs=4", "tracking.progress=false", "tracking.wandb=offline"])
     result = compare(
-        cfg, [0.3, 0.5], lambdas=[0.05, 0.5], bisect=True, max_runs=2, out_dir=tmp_path / "cmp", progress=None
+        cfg,
+        [0.3, 0.5],
+        lambdas=[0.05, 0.5],
+        bisect=True,
+        search="per-budget",
+        max_runs=2,
+        out_dir=tmp_path / "cmp",
+        progress=None,
     )
     out = result.out_dir
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -223,7 +232,7 @@ def test_a_method_without_a_penalty_is_compared_without_a_lambda_search(tmp_path
 @pytest.mark.slow
 def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
     """``csparse compare CONFIG --methods l0 cges lwc``: each method's constrained run and
-    bisection (LWC, with no penalty: its projected run only), one joint table with the time
+    λ search (LWC, with no penalty: its projected run only), one joint table with the time
     each needed (a bisection: all its runs), one plot, one directory per method."""
     out = tmp_path / "cmp"
     cmd = [
@@ -236,9 +245,9 @@ def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["label"], r["method"], r["search"].split()[0]) for r in rows] == [
         ("l0", "constrained", "-"),
-        ("l0", "penalized", "bisect"),
+        ("l0", "penalized", "joint"),
         ("cges", "constrained", "-"),
-        ("cges", "penalized", "bisect"),
+        ("cges", "penalized", "joint"),
         ("lwc", "projected", "-"),
     ]
     assert "method lwc (digits_mlp_l0; no penalty: projected runs only)" in proc.stderr
@@ -257,7 +266,7 @@ def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
     width, height = _png_ok(out / "error_vs_density.png")
     assert width > 300 and height > 300
     table = proc.stdout
-    assert "| l0 | constrained | 0.4 |" in table and "| cges | penalized (bisect) | 0.4 |" in table
+    assert "| l0 | constrained | 0.4 |" in table and "| cges | penalized (joint) | 0.4 |" in table
     assert "| lwc | projected | 0.4 |" in table
 
 
@@ -286,6 +295,47 @@ def test_bisection_starts_in_the_methods_own_bracket_unless_given_one(tmp_path):
         result = compare(
             cfg, [0.3], bisect=True, max_runs=1, lambda_range=bracket, out_dir=tmp_path / label, progress=None
         )
-        first[label] = next(r["lambda"] for r in result.rows if r["search"].startswith("bisect"))
+        first[label] = next(r["lambda"] for r in result.rows if r["method"] == "penalized")
     assert first["own"] == pytest.approx(10**-3.5)  # the geometric middle of (1e-6, 1e-1)
     assert first["given"] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_runs_of_one_job_bit_for_bit(tmp_path):
+    """``jobs=2`` trains in two worker processes what ``jobs=1`` trains in order, at the same
+    thread count: the same rows and the same networks, bit for bit (train.deterministic)."""
+    cfg = load_config(
+        DIGITS, ["train.epochs=3", "train.deterministic=true", "tracking.progress=false", "tracking.wandb=disabled"]
+    )
+    lines = []
+    found = {}
+    for jobs in (1, 2):
+        found[jobs] = compare(
+            cfg, [0.3, 0.5], bisect=True, max_runs=1, jobs=jobs, threads=1, out_dir=tmp_path / f"j{jobs}",
+            progress=lines.append,
+        )  # fmt: skip
+    one, two = found[1].rows, found[2].rows
+    assert [r["label"] for r in one] == [r["label"] for r in two]
+    for a, b in zip(one, two):
+        assert (a["achieved"], a["test_error"], a["lambda"], a["runs_used"]) == (
+            b["achieved"], b["test_error"], b["lambda"], b["runs_used"],
+        )  # fmt: skip
+    runs = sorted(p.name for p in (tmp_path / "j1" / "runs").iterdir())
+    assert runs == sorted(p.name for p in (tmp_path / "j2" / "runs").iterdir()) and len(runs) == 4
+    for name in runs:
+        a = load_checkpoint(tmp_path / "j1" / "runs" / name / "checkpoint.pt")["model"]
+        b = load_checkpoint(tmp_path / "j2" / "runs" / name / "checkpoint.pt")["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert yaml.safe_load((tmp_path / "j2" / "runs" / name / "config.yaml").read_text())["train"]["threads"] == 1
+    finished = [line for line in lines if line.startswith("[") and "test error" in line]
+    assert len(finished) == 8 and finished[-1].startswith("[4/4]")  # one line per run, k of N
+
+
+def test_jobs_and_threads_are_checked_before_anything_runs(tmp_path):
+    from constrained_sparsity.errors import ConfigError
+
+    cfg = load_config(DIGITS)
+    for kwargs, match in (({"jobs": 0}, "--jobs 0"), ({"threads": 0}, "--threads 0"), ({"search": "x"}, "--search")):
+        with pytest.raises(ConfigError, match=match):
+            compare(cfg, [0.3], out_dir=tmp_path / "x", progress=None, **kwargs)
+    assert not (tmp_path / "x").exists()

@@ -317,7 +317,9 @@ def test_every_method_ends_at_its_budget_and_compacts_with_the_same_outputs(name
 
 @pytest.mark.slow
 def test_a_constrained_ast_run_is_feasible_before_its_final_pruning(tmp_path):
-    _, result = _run("rw_l1", tmp_path)
+    # Without dual restarts: with them the measure hovers at ε, and whether an epoch ends
+    # within it depends on the CPU's float rounding (0.1013 against 0.1 at best on one machine)
+    _, result = _run("rw_l1", tmp_path, "sparsity.dual_restarts=false")
     finish = result.finish
     assert finish["strict_violation_before"]["rw_l1_model"] <= 0  # the game met the budget
     assert result.feasible is True and result.test_error < 0.1
