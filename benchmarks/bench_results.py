@@ -504,14 +504,21 @@ def _plan(args: argparse.Namespace, results: Path) -> None:
     for setup in args.setups:
         methods = args.methods or list(SETUPS[setup]["methods"])
         least, most = _planned_runs(setup, methods, args)
+        kept = sum(
+            1
+            for seed in args.seeds
+            for part in ("dense", *methods)
+            for _ in (results / setup / f"seed{seed}" / part).rglob("record.json")
+        )
+        todo = [max(0, n * len(args.seeds) - kept) for n in (least, most)]
         seconds, how = _seconds_per_epoch(setup, args, results)
         per_run = seconds * args.epochs * 1.05  # and the finishing phase's few epochs
-        hours = [n * len(args.seeds) * per_run / args.jobs / 3600 for n in (least, most)]
+        hours = [n * per_run / args.jobs / 3600 for n in todo]
         total += hours[1]
         _say(
             f"{setup}: {least}-{most} trainings of {args.epochs} epochs per seed, {least * len(args.seeds)}-"
-            f"{most * len(args.seeds)} in all; {seconds:.1f} s per epoch ({how}): "
-            f"{hours[0]:.1f}-{hours[1]:.1f} h at --jobs {args.jobs} (runs already in {results} are not counted again)"
+            f"{most * len(args.seeds)} in all, {kept} of them kept in {results}; {seconds:.1f} s per epoch ({how}): "
+            f"{hours[0]:.1f}-{hours[1]:.1f} h for the other {todo[0]}-{todo[1]} at --jobs {args.jobs}"
         )
     _say(f"at most {total:.1f} h in all")
 

@@ -1,5 +1,7 @@
 """The results page's arithmetic (benchmarks/bench_results.py): seeds summarised, the claim checked."""
 
+import json
+
 import pytest
 
 
@@ -42,3 +44,56 @@ def test_the_claim_holds_only_when_the_constrained_run_is_feasible_at_no_cost(be
     missed = [_row("l0", "penalized (bisect)", 0.05, feasible=False, achieved=0.3) for _ in range(2)]
     unmatched = verdict([_row("l0", "constrained", 0.13) for _ in range(2)], missed)
     assert unmatched["holds"] and not unmatched["comparable"]
+
+
+def _page_args(tmp_path, *more):
+    return [
+        "--setups", "digits", "--seeds", "0", "--methods", "l0", "lwc", "--epochs", "2", "--max-runs", "1",
+        "--threads", "1", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results"),
+        "--page", str(tmp_path / "results.md"), "--img", str(tmp_path / "img"), *more,
+    ]  # fmt: skip
+
+
+def _records(tmp_path):
+    return {p.parent.relative_to(tmp_path / "results").as_posix(): p for p in (tmp_path / "results").rglob("record.json")}
+
+
+@pytest.mark.slow
+def test_the_results_folder_keeps_finished_runs_and_retrains_a_changed_config(bench, tmp_path, capsys):
+    assert bench.main(_page_args(tmp_path)) == 0
+    records = _records(tmp_path)
+    # dense, l0's constrained run and its search's runs, lwc's projected run: no checkpoints kept
+    assert {"digits/seed0/dense", "digits/seed0/l0/constrained-0.3", "digits/seed0/lwc/projected-0.3"} <= set(records)
+    for record in records.values():
+        assert sorted(p.name for p in record.parent.iterdir()) == [
+            "config.yaml", "metrics.jsonl", "record.json", "summary.json"
+        ]  # fmt: skip
+        saved = json.loads(record.read_text())
+        assert saved["commit"] and set(saved["measured"]) == {"epochs_to_budget", "params", "flops", "latency_ms"}
+    stamps = {k: p.stat().st_mtime_ns for k, p in records.items()}
+    page = (tmp_path / "results.md").read_text()
+    assert "| l0 | constrained | 1 |" in page and "| lwc | projected | 1 |" in page and "Still missing" not in page
+    capsys.readouterr()
+    # --reuse: nothing trained again, the same page
+    assert bench.main(_page_args(tmp_path, "--reuse")) == 0
+    err = capsys.readouterr().err
+    assert err.count("(kept") == len(records) and "(kept" in err
+    assert {k: p.stat().st_mtime_ns for k, p in _records(tmp_path).items()} == stamps
+    assert (tmp_path / "results.md").read_text().split("command:")[1].split("\n", 2)[2] == page.split(
+        "command:"
+    )[1].split("\n", 2)[2]
+    # a changed config (3 epochs): every run is trained again
+    assert bench.main(_page_args(tmp_path, "--reuse", "--epochs", "3")) == 0
+    err = capsys.readouterr().err
+    assert "config changed, training again" in err and "(kept" not in err
+    assert all(p.stat().st_mtime_ns != stamps[k] for k, p in _records(tmp_path).items() if k in stamps)
+
+
+@pytest.mark.slow
+def test_without_training_the_page_says_which_rows_are_missing(bench, tmp_path):
+    assert bench.main(_page_args(tmp_path, "--methods", "lwc")) == 0  # lwc and dense only
+    assert bench.main(_page_args(tmp_path, "--no-train")) == 0  # now l0 as well: not trained
+    page = (tmp_path / "results.md").read_text()
+    assert "**Still missing**" in page and "* digits seed 0: l0 (from digits/seed0/l0/" in page
+    assert "| lwc | projected | 1 |" in page and "| l0 |" not in page
+    assert not (tmp_path / "results" / "digits" / "seed0" / "l0").exists()
