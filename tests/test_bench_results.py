@@ -55,7 +55,8 @@ def _page_args(tmp_path, *more):
 
 
 def _records(tmp_path):
-    return {p.parent.relative_to(tmp_path / "results").as_posix(): p for p in (tmp_path / "results").rglob("record.json")}
+    root = tmp_path / "results"
+    return {p.parent.relative_to(root).as_posix(): p for p in root.rglob("record.json")}
 
 
 @pytest.mark.slow
