@@ -66,7 +66,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
-MODELS = ("mlp", "lenet5", "convnet")
+MODELS = ("mlp", "lenet5", "convnet", "resnet20", "resnet32", "resnet56", "wrn16_4")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -125,13 +125,25 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """``name``: a network of the project, or ``module:Class`` for a model class of your own
+    (imported from the Python path, built with ``kwargs``; see ``training.build_model``)."""
+
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [300, 100])
     activation: str = "relu"
     channels: list[int] = field(default_factory=lambda: [32, 64])  # convnet: its convolutions
+    kwargs: dict[str, Any] = field(default_factory=dict)  # module:Class: its constructor's arguments
 
     def __post_init__(self) -> None:
-        _check_choice("model.name", self.name, MODELS)
+        if isinstance(self.name, str) and ":" in self.name:
+            module, _, qualname = self.name.partition(":")
+            if not (module and qualname):
+                raise _fail("model.name", self.name, "should be module:Class, e.g. mymodels:MyNet")
+        else:
+            if self.name not in MODELS:
+                raise _fail("model.name", self.name, f"should be one of {', '.join(MODELS)}, or module:Class")
+            if self.kwargs:
+                raise _fail("model.kwargs", self.kwargs, "is for a model class of your own (model.name: module:Class)")
         _check_choice("model.activation", self.activation, ("relu", "tanh", "sigmoid"))
         for key, widths in (("model.hidden", self.hidden), ("model.channels", self.channels)):
             if any(width <= 0 for width in widths):
@@ -504,6 +516,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -517,6 +531,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping of names to values"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 

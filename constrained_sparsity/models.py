@@ -1,4 +1,5 @@
-"""Reference networks of the L0 papers: an MLP and LeNet-5-Caffe."""
+"""Reference networks: those of the L0 papers (an MLP, LeNet-5-Caffe), a ConvNet, and the CIFAR
+ResNets with BatchNorm and residual adds that structured pruning is measured on."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP", "ConvNet", "LeNet5Caffe"]
+__all__ = ["ACTIVATIONS", "MLP", "RESNETS", "BasicBlock", "ConvNet", "LeNet5Caffe", "ResNet"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -83,3 +84,85 @@ class ConvNet(nn.Sequential):
             layers[f"relu{len(channels) + j}"] = nn.ReLU()
         layers[f"fc{len(widths)}"] = nn.Linear(widths[-1], num_classes)
         super().__init__(layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual add (He et al. 2016, fig. 2).
+
+    The shortcut is the identity, or a 1x1 convolution with BatchNorm where the shape changes
+    (stride or width; "option B").
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), bn=nn.BatchNorm2d(channels)
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR ResNets of He et al. (2016, section 4.2) and their wide variant.
+
+    A 3x3 stem of ``16 * width`` channels, three stages of ``blocks`` :class:`BasicBlock` s with
+    ``16, 32, 64`` times ``width`` channels (the second and third start with stride 2), global
+    average pooling and a linear classifier. ``ResNet.cifar(20)`` is ResNet-20 (``blocks =
+    (depth - 2) / 6``); ``ResNet.wide(16, 4)`` is WRN-16-4 of Zagoruyko & Komodakis (2016)
+    (``blocks = (depth - 4) / 6``, widths 64-128-256) in the post-activation form of He's
+    blocks, without dropout. For 1- or 3-channel inputs of any size.
+    """
+
+    def __init__(self, blocks: int, width: int = 1, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        if blocks < 1 or width < 1:
+            raise ValueError(f"blocks={blocks}, width={width}: both should be >= 1")
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, previous = [], 16
+        for i, channels in enumerate(widths):
+            stage = [
+                BasicBlock(previous if b == 0 else channels, channels, 2 if i and b == 0 else 1) for b in range(blocks)
+            ]
+            stages.append(nn.Sequential(*stage))
+            previous = channels
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    @classmethod
+    def cifar(cls, depth: int, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+        if (depth - 2) % 6:
+            raise ValueError(f"depth={depth}: a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110)")
+        return cls((depth - 2) // 6, 1, in_channels, num_classes)
+
+    @classmethod
+    def wide(cls, depth: int, width: int, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+        if (depth - 4) % 6:
+            raise ValueError(f"depth={depth}: a wide ResNet has depth 6n + 4 (10, 16, 22, 28)")
+        return cls((depth - 4) // 6, width, in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# model.name -> how to build it for inputs of a shape and a number of classes
+RESNETS = {
+    "resnet20": lambda c, k: ResNet.cifar(20, c, k),
+    "resnet32": lambda c, k: ResNet.cifar(32, c, k),
+    "resnet56": lambda c, k: ResNet.cifar(56, c, k),
+    "wrn16_4": lambda c, k: ResNet.wide(16, 4, c, k),
+}

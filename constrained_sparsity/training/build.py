@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,7 @@ from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..files import first_line, load_torch_file
 from ..methods import BuildContext, SparsityMethod, Target
-from ..models import MLP, ConvNet, LeNet5Caffe
+from ..models import MLP, RESNETS, ConvNet, LeNet5Caffe
 from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
 
 __all__ = [
@@ -29,7 +31,17 @@ __all__ = [
 
 
 def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
+    """The config's network for the dataset's inputs and classes.
+
+    ``model.name: module:Class`` builds a model class of your own, imported from the Python
+    path (name only code you trust, as for ``import``), with ``model.kwargs``; its constructor's
+    parameters named ``input_shape``, ``in_channels``, ``in_features`` and ``num_classes`` that
+    ``kwargs`` leaves out are filled from the data. Its output for one example must be
+    ``(1, num_classes)``.
+    """
     shape = dataset.input_shape
+    if ":" in cfg.model.name:
+        return _user_model(cfg, dataset)
     if cfg.model.name == "lenet5" and shape[1:] != (28, 28):
         raise ConfigError(f"model.name='lenet5' needs 1x28x28 images; dataset {dataset.name!r} has {shape}")
     try:
@@ -37,11 +49,62 @@ def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
             return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
         if cfg.model.name == "convnet":
             return ConvNet(shape, cfg.model.channels, cfg.model.hidden, dataset.num_classes)
+        if cfg.model.name in RESNETS:
+            if len(shape) != 3:
+                raise ConfigError(f"model.name={cfg.model.name!r} needs images (C, H, W); dataset has {shape}")
+            return RESNETS[cfg.model.name](shape[0], dataset.num_classes)
         return LeNet5Caffe(shape[0], dataset.num_classes)
     except (RuntimeError, MemoryError) as exc:  # e.g. model.hidden=[100000000]: more memory than there is
         raise ConfigError(
             f"model.hidden={cfg.model.hidden!r}: cannot allocate the network ({first_line(exc)})"
         ) from None
+
+
+def _user_model(cfg: Config, dataset: Dataset) -> nn.Module:
+    spec, kwargs = cfg.model.name, dict(cfg.model.kwargs)
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model.name={spec!r}: cannot import module {module_name!r} ({exc})") from None
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"model.name={spec!r}: module {module_name!r} has no {qualname!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ConfigError(f"model.name={spec!r}: {qualname} is not a torch.nn.Module class")
+    shape = tuple(dataset.input_shape)
+    from_data = {
+        "input_shape": shape,
+        "in_channels": shape[0],
+        "in_features": int(math.prod(shape)),
+        "num_classes": dataset.num_classes,
+    }
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name, value in from_data.items():
+        if name in params and name not in kwargs:
+            kwargs[name] = value
+    try:
+        model = obj(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's constructor: say which and why, in one line
+        raise ConfigError(f"model.kwargs={cfg.model.kwargs!r}: {qualname}(...) failed ({first_line(exc)})") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={spec!r}: {qualname}(...) did not return an nn.Module")
+    try:
+        with torch.no_grad():
+            out = model.eval()(dataset.train_x[:1].to(torch.get_default_dtype()))
+        model.train()
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(
+            f"model.name={spec!r}: its forward fails on one {shape} example ({first_line(exc)})"
+        ) from None
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (1, dataset.num_classes)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model.name={spec!r}: one example gives {got}, expected (1, {dataset.num_classes}) logits")
+    return model
 
 
 def nonnegative_inputs(dataset: Dataset) -> bool:
