@@ -113,6 +113,15 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"target names {names} must be unique")
+        for method in {id(t.method): t.method for t in self.targets}.values():
+            modes = type(method).modes
+            if mode not in modes:  # as a config asking for it is refused
+                how = (
+                    "it meets its budget by construction: use mode='projected'"
+                    if modes == ("projected",)
+                    else f"it runs in mode {' or '.join(modes)}"
+                )
+                raise ValueError(f"mode={mode!r}: method {method.name!r} has no such mode; {how}")
         for method in self.methods:
             method.on_targets([t for t in self.targets if t.method is method])
         self._constraints_in_order: list[cooper.Constraint] = []
@@ -217,6 +226,31 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             violation, strict = states[constraint].extract_violations()
             out[target.name] = (float(violation.max()), float(strict.max()))
         return out
+
+    def project_(self) -> tuple[dict[str, dict[str, int]], list[str]]:
+        """Meet every budget exactly, the pattern fixed: freeze each method's pattern at its
+        test-time value (L0 gates deterministic, masks no longer updated), then, for every
+        target still over its budget, let its method close what its projection rule names (L0:
+        the open gates least likely to be non-zero; CGES: the weakest groups; the per-weight
+        methods: the smallest magnitudes).
+
+        The finishing phase of a run starts with this; in your own loop, call it once training
+        is done (then fine-tune with the zeros kept, if you like). Returns what each projected
+        target closed (per layer), and the targets whose method cannot project (left as they
+        are).
+        """
+        for method in self.methods:
+            method.freeze_()
+        closed: dict[str, dict[str, int]] = {}
+        unprojected: list[str] = []
+        for target in self.targets:
+            if self.violations()[target.name][1] <= 0:
+                continue
+            if not target.method.has_projection:
+                unprojected.append(target.name)
+                continue
+            closed[target.name] = target.method.project_(target)
+        return closed, unprojected
 
     def feasible(self) -> bool:
         """Whether the current network meets every budget (strict violations <= 0)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import constrained_sparsity as cs
 from constrained_sparsity import (
     DualOptimizer,
     PrimalOptimizer,
@@ -321,3 +322,18 @@ def test_nan_and_infinite_settings_are_refused_where_they_are_given():
         attach_layer_sparsity(
             nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), weights=float("nan"), input_nonnegative=True
         )
+
+
+@pytest.mark.parametrize(
+    "attach, mode, match",
+    [
+        (lambda m: cs.attach_dns(m), "constrained", "use mode='projected'"),
+        (lambda m: cs.attach_lwc(m), "penalized", "use mode='projected'"),
+        (lambda m: cs.attach_l0(m), "projected", "runs in mode constrained or penalized"),
+        (lambda m: cs.attach_ast(m, "rw_l1"), "projected", "runs in mode constrained or penalized"),
+    ],
+)
+def test_a_problem_refuses_a_mode_its_method_does_not_have(attach, mode, match):
+    mlp = cs.MLP(8, [6], 3)
+    with pytest.raises(ValueError, match=match):
+        cs.SparsityProblem(mlp, attach(mlp), [cs.Target(epsilon=0.5, lam=0.1)], mode=mode)

@@ -586,17 +586,7 @@ class _Run:
         start = time.perf_counter()
         info: dict[str, Any] = {"test_error_before": self._error(self.model, ds.test_x, ds.test_y, bs)}
         before = self.problem.violations()
-        for method in self.methods:
-            method.freeze_()
-        closed: dict[str, dict[str, int]] = {}
-        unprojected = []
-        for target in self.problem.targets:
-            if self.problem.violations()[target.name][1] <= 0:
-                continue
-            if not target.method.has_projection:
-                unprojected.append(target.name)
-                continue
-            closed[target.name] = target.method.project_(target)
+        closed, unprojected = self.problem.project_()
         if unprojected:
             warnings.warn(
                 f"finishing: the methods of {unprojected} cannot close units (no project_); "
