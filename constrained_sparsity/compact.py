@@ -50,6 +50,7 @@ from torch import nn
 
 from .graph import ChainError, bake, layer_output_shapes, parse_chain, plain_layer_like
 from .methods.base import SparsityMethod
+from .units import GATES
 
 __all__ = [
     "CompactModel",
@@ -68,18 +69,28 @@ __all__ = [
 
 @dataclass
 class CompactModel:
-    """The compact network and what was removed."""
+    """The compact network and what was removed.
 
-    module: nn.Sequential
-    removed: dict[str, int] = field(default_factory=dict)  # layer -> units removed from its output
+    ``module`` is an ``nn.Sequential`` for a chain; for a network compacted through its unit
+    graph (``l0_units``) it is the model's own class with smaller layers, and ``rebuild``
+    (``{"name", "kwargs", "input_shape", "num_classes"}``: a ``model.name`` and its
+    arguments) says how :func:`~constrained_sparsity.export.load_compact` builds it again.
+    """
+
+    module: nn.Module
+    removed: dict[str, int] = field(default_factory=dict)  # layer or unit group -> units removed
     sparse_weights: list[str] = field(default_factory=list)  # layers with per-weight zeros left
+    rebuild: dict[str, Any] | None = None
 
 
 # -- counting ----------------------------------------------------------------------------------
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
-    """Parameters of ``model`` (or only the non-zero ones)."""
+    """Parameters of ``model`` (or only the non-zero ones); the gates a unit method keeps on the
+    model (``unit_gates``) are not the network's."""
     total = 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
+        if name.startswith(f"{GATES}."):
+            continue
         total += int((p != 0).sum()) if nonzero else p.numel()
     return total
 
@@ -101,8 +112,15 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     return flops
 
 
-def describe(model: nn.Sequential, input_shape: Sequence[int]) -> str:
-    """Widths of the network, e.g. ``784-300-100-10`` or ``conv 20-50 | fc 800-500-10``."""
+def describe(model: nn.Module, input_shape: Sequence[int]) -> str:
+    """Widths of the network, e.g. ``784-300-100-10`` or ``conv 20-50 | fc 800-500-10``; for a
+    network that is not a chain, its class and its convolutions' channels in all."""
+    if not isinstance(model, nn.Sequential):
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        parts = [f"{len(convs)} conv, {sum(m.out_channels for m in convs)} channels"] if convs else []
+        parts += [f"{len(linears)} linear, {sum(m.out_features for m in linears)} units"] if linears else []
+        return f"{type(model).__name__} ({'; '.join(parts)})"
     convs = [m.out_channels for m in model if isinstance(m, nn.Conv2d)]
     linears = [m for m in model if isinstance(m, nn.Linear)]
     fc = "-".join(str(w) for w in [linears[0].in_features, *(m.out_features for m in linears)]) if linears else ""
@@ -163,7 +181,23 @@ def compact(
             layer-sparsity method merges the mergeable layers); see :func:`fold`.
     """
     folded = fold(model, methods)
-    items, positions = _chain(folded)
+    unit_methods = [m for m in methods or () if hasattr(m, "prune_units_")]
+    if unit_methods:  # any traced network: closed units removed through its dependency graph
+        removed: dict[str, int] = {}
+        for method in unit_methods:
+            removed.update(method.prune_units_(folded))  # type: ignore[attr-defined]
+        module = folded.eval()
+        return CompactModel(module, removed, _sparse_layers(module))
+    try:
+        items, positions = _chain(folded)
+    except TypeError as exc:  # any other network: no unit removed, its per-weight zeros stored sparse
+        warnings.warn(
+            f"compaction removes no unit of this network ({exc}); it is kept whole, its zero weights stored "
+            "sparse. Units of any traced network are removed with the l0_units method.",
+            stacklevel=2,
+        )
+        module = folded.eval()
+        return CompactModel(module, {}, _sparse_layers(module))
     removed: dict[str, int] = {}
     changed = True
     while changed:  # removing a layer's units can leave units of the layers before it unread
@@ -173,14 +207,18 @@ def compact(
     if select_inputs:
         items = _select_inputs(items)
     module = fast_pooling(nn.Sequential(OrderedDict(items))).eval()
-    sparse = [
+    return CompactModel(module, removed, _sparse_layers(module))
+
+
+def _sparse_layers(module: nn.Module) -> list[str]:
+    """Layers left with per-weight zeros (more than half): stored sparse where that is smaller."""
+    return [
         n
-        for n, m in module.named_children()
+        for n, m in module.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv2d))
         and bool(m.weight.any())  # not an empty layer, nor one a blank channel feeds
         and float((m.weight == 0).float().mean()) > 0.5
     ]
-    return CompactModel(module, removed, sparse)
 
 
 def _remove_dead_units(items: list[tuple[str, nn.Module]], i: int, j: int, removed: dict[str, int]) -> bool:
@@ -332,11 +370,14 @@ def active_inputs(module: nn.Module, input_shape: Sequence[int]) -> list[int]:
     they count single features (LeNet-5's fc1 reads 45 of 800 in the paper's table), which
     can be fewer than the kept channels' positions that the compact layer holds.
     """
-    small = compact(module, input_shape, select_inputs=True).module
+    try:
+        small = compact(module, input_shape, select_inputs=True).module
+    except TypeError:  # not a chain: the paper's widths are those of chains
+        return []
     return [int((m.weight != 0).any(dim=0).sum()) for m in small.modules() if isinstance(m, nn.Linear)]
 
 
-def size_summary(dense: nn.Sequential, small: nn.Sequential, input_shape: Sequence[int]) -> dict[str, Any]:
+def size_summary(dense: nn.Module, small: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     """Architecture, parameters and FLOPs per example of a network and its compact version."""
     return {
         "architecture_before": describe(dense, input_shape),

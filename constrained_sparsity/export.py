@@ -5,6 +5,13 @@
 (plain tensors; weights of layers with per-weight zeros as CSR where that is smaller) and is
 read with ``torch.load(weights_only=True)``. ``model.pt2`` is ``torch.export.save`` of the
 network, exported on the CPU in float32. ``architecture.json`` repeats the description.
+
+A network that is not a chain (compacted through its unit graph, ``l0_units``) is saved as
+``{"format": "units", "rebuild", "widths", "input_shape", "meta", "state_dict"}``: ``rebuild``
+names its model (a ``model.name`` of the project, or the user's ``module:Class`` with its
+``kwargs``, imported from the Python path as a config's would be), ``widths`` the sizes of
+every Conv2d / Linear / BatchNorm; loading builds that model, gives its layers the saved
+sizes and loads the weights -- no code is pickled.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ __all__ = [
     "build_architecture",
     "check_architecture",
     "load_compact",
+    "load_units",
     "save_compact",
     "save_sequential",
 ]
@@ -204,12 +212,35 @@ def save_compact(
     out.mkdir(parents=True, exist_ok=True)
     # float32 on the CPU on disk, whatever the caller's device; the caller's module untouched
     module = copy.deepcopy(compacted.module).float().cpu().eval()
+    if not _describable(module):
+        return _save_units(compacted, module, out, input_shape, meta)
     arch = architecture(module)
+    state, stored_sparse = _sparse_state(module, compacted.sparse_weights)
+    info = {"architecture": arch, "input_shape": list(input_shape), "sparse": stored_sparse, "meta": meta or {}}
+    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
+    tmp = paths["model"].with_suffix(".tmp")
+    torch.save({**info, "state_dict": state}, tmp)
+    tmp.replace(paths["model"])
+    paths["architecture"].write_text(json.dumps(info, indent=2))
+    _export(module, paths["program"], input_shape)
+    return paths
+
+
+_DESCRIBED = (nn.Linear, nn.Conv2d, nn.MaxPool2d, nn.Flatten, SelectInputs, nn.ReLU, nn.Dropout, nn.Identity)
+
+
+def _describable(module: nn.Module) -> bool:
+    """Whether :func:`architecture` describes ``module`` whole (a chain of the layers it knows)."""
+    return isinstance(module, nn.Sequential) and all(isinstance(m, _DESCRIBED) for m in module.children())
+
+
+def _sparse_state(module: nn.Module, sparse_layers: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """``module``'s state_dict, the weights of ``sparse_layers`` as CSR where that is smaller."""
     state: dict[str, torch.Tensor] = {}
     stored_sparse = []
     for key, value in module.state_dict().items():
         value = value.detach().clone()
-        if key.endswith("weight") and key.split(".")[0] in compacted.sparse_weights:
+        if key.endswith(".weight") and key.rsplit(".", 1)[0] in sparse_layers:
             flat = value.reshape(value.shape[0], -1)
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
@@ -220,20 +251,128 @@ def save_compact(
                 stored_sparse.append({"key": key, "shape": list(value.shape)})
                 continue
         state[key] = value
-    info = {"architecture": arch, "input_shape": list(input_shape), "sparse": stored_sparse, "meta": meta or {}}
+    return state, stored_sparse
+
+
+def _export(module: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
+    example = torch.zeros(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+
+
+def _widths(module: nn.Module) -> dict[str, dict[str, int]]:
+    """The sizes of every layer units change: what turns a freshly built model into the compact one."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            out[name] = {"in": m.in_features, "out": m.out_features}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out[name] = {"out": m.num_features}
+    return out
+
+
+def _save_units(
+    compacted: CompactModel, module: nn.Module, out: Path, input_shape: Sequence[int], meta: dict[str, Any] | None
+) -> dict[str, Path]:
+    """A network compacted through its unit graph: how to build its model (``rebuild``), every
+    layer's sizes and the state_dict; no code is pickled."""
+    if compacted.rebuild is None:
+        raise ValueError(
+            f"a {type(module).__name__} (not an nn.Sequential) is saved with how to build it again: "
+            "CompactModel.rebuild = {'name': model.name, 'kwargs': {...}, 'input_shape': [...], 'num_classes': n}"
+        )
+    state, stored_sparse = _sparse_state(module, compacted.sparse_weights)
+    info = {
+        "format": "units",
+        "rebuild": compacted.rebuild,
+        "widths": _widths(module),
+        "input_shape": list(input_shape),
+        "sparse": stored_sparse,
+        "meta": meta or {},
+    }
     paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
     tmp = paths["model"].with_suffix(".tmp")
     torch.save({**info, "state_dict": state}, tmp)
     tmp.replace(paths["model"])
     paths["architecture"].write_text(json.dumps(info, indent=2))
-    example = torch.zeros(2, *input_shape)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, paths["program"])
+    _export(module, paths["program"], input_shape)
     return paths
 
 
-def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
+def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
+    """Give ``module``'s layers the saved sizes (uninitialised weights, to be loaded)."""
+    layers = dict(module.named_modules())
+    unknown = sorted(set(widths) - set(layers))
+    if unknown:
+        raise ValueError(f"the saved layers {unknown[:3]} are not in the rebuilt model")
+    for name, w in widths.items():
+        m = layers[name]
+        if not (
+            isinstance(w, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in w.values())
+        ):
+            raise ValueError(f"layer {name}: sizes {w} should be positive integers")
+        if w.get("out", 1) * w.get("in", 1) * math.prod(getattr(m, "kernel_size", (1,))) > MAX_LAYER_ELEMENTS:
+            raise ValueError(f"layer {name}: sizes {w} are larger than any network this tool writes")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = w["in"], w["out"], w.get("groups", 1)
+            m.weight = nn.Parameter(torch.empty(w["out"], w["in"] // m.groups, *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(w["out"]))
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = w["in"], w["out"]
+            m.weight = nn.Parameter(torch.empty(w["out"], w["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(w["out"]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = w["out"]
+            if m.affine:
+                m.weight, m.bias = nn.Parameter(torch.empty(w["out"])), nn.Parameter(torch.empty(w["out"]))
+            if m.track_running_stats:
+                m.running_mean, m.running_var = torch.zeros(w["out"]), torch.ones(w["out"])
+        else:
+            raise ValueError(f"layer {name} ({type(m).__name__}) is not a layer units resize")
+
+
+def load_units(data: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The network a ``format: units`` description and its ``state_dict`` give (``ValueError`` if they do not fit)."""
+    from .models import RESNETS, user_model
+
+    spec = data.get("rebuild")
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(data.get("widths"), dict)):
+        raise ValueError("its description (rebuild, widths) is malformed")
+    name, shape, classes = spec["name"], tuple(spec.get("input_shape", ())), spec.get("num_classes")
+    if not (shape and all(isinstance(v, int) and v > 0 for v in shape) and isinstance(classes, int) and classes > 0):
+        raise ValueError("its rebuild entry lacks input_shape / num_classes")
+    if name in RESNETS:
+        module = RESNETS[name](shape[0], classes)
+    elif ":" in name:  # a model class of the user's: imported as the config's model.name would be
+        module = user_model(name, dict(spec.get("kwargs") or {}), shape, classes)
+    else:
+        raise ValueError(f"model {name!r} is not one it can build")
+    _resize_(module, data["widths"])
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    sparse = {s.get("key"): s.get("shape") for s in data.get("sparse", []) if isinstance(s, dict)}
+    state = {}
+    for key, value in data["state_dict"].items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{key} is not a tensor")
+        if key in sparse:
+            if not (value.layout == torch.sparse_csr and list(expected.get(key, ())) == sparse[key]):
+                raise ValueError(f"sparse weight {key}: shape {sparse[key]} does not match {expected.get(key)}")
+            value = value.to_dense().reshape(sparse[key])
+        state[key] = value
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"its weights do not fit the saved sizes ({str(exc).splitlines()[0]})") from None
+    info = {k: v for k, v in data.items() if k != "state_dict"}
+    return module.eval(), info
+
+
+def load_compact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``model.pt`` written by :func:`save_compact`: the module and its description.
 
     Read with ``weights_only=True``; the description is checked and every stored tensor
@@ -243,6 +382,11 @@ def load_compact(path: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
         CheckpointError: the file is not such a network (one line naming it).
     """
     data = load_torch_file(path, "saved network")
+    if isinstance(data, dict) and data.get("format") == "units" and isinstance(data.get("state_dict"), dict):
+        try:
+            return load_units(data)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict) or "architecture" not in data:
         raise CheckpointError(f"{path}: not a network saved by csparse (no architecture and state_dict)")
     try:

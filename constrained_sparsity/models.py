@@ -3,13 +3,17 @@ ResNets with BatchNorm and residual adds that structured pruning is measured on.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP", "RESNETS", "BasicBlock", "ConvNet", "LeNet5Caffe", "ResNet"]
+__all__ = ["ACTIVATIONS", "MLP", "RESNETS", "BasicBlock", "ConvNet", "LeNet5Caffe", "ResNet", "user_model"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -166,3 +170,49 @@ RESNETS = {
     "resnet56": lambda c, k: ResNet.cifar(56, c, k),
     "wrn16_4": lambda c, k: ResNet.wide(16, 4, c, k),
 }
+
+
+def user_model(spec: str, kwargs: dict[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """``module:Class`` imported from the Python path (name only code you trust, as for
+    ``import``) and built with ``kwargs``; the constructor's parameters named ``input_shape``,
+    ``in_channels``, ``in_features`` and ``num_classes`` that ``kwargs`` leaves out are filled
+    from the data's sizes.
+
+    Raises:
+        ValueError: a module that does not import, a name that is not an ``nn.Module`` class,
+            or a constructor that fails (one line each).
+    """
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} ({exc})") from None
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no {qualname!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"{qualname} is not a torch.nn.Module class")
+    shape = tuple(input_shape)
+    from_data = {
+        "input_shape": shape,
+        "in_channels": shape[0],
+        "in_features": int(math.prod(shape)),
+        "num_classes": num_classes,
+    }
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    full = dict(kwargs)
+    for name, value in from_data.items():
+        if name in params and name not in full:
+            full[name] = value
+    try:
+        model = obj(**full)
+    except Exception as exc:  # noqa: BLE001 - the user's constructor: say which and why, in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{qualname}(...) failed ({first})") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{qualname}(...) did not return an nn.Module")
+    return model

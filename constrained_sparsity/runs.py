@@ -31,7 +31,7 @@ from .config import Config, config_from_dict, read_config_dict
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, ConfigError
 from .evaluation import error_rate, max_output_difference, measure_latency
-from .export import build_architecture, check_architecture, load_compact, save_compact
+from .export import build_architecture, check_architecture, load_compact, load_units, save_compact
 from .files import first_line, read_json, read_pt2_weights
 from .graph import bake
 from .methods import SparsityMethod
@@ -117,13 +117,23 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module, Dataset]:
 
 
 def compact_trained(trained: TrainedRun, model: nn.Module | None = None, select_inputs: bool = True) -> CompactModel:
-    """:func:`~constrained_sparsity.compact.compact` of a run's network (or ``model``) with the run's methods."""
-    return compact(
+    """:func:`~constrained_sparsity.compact.compact` of a run's network (or ``model``) with the run's
+    methods; a network that is not a chain carries how to build its model again (``rebuild``)."""
+    compacted = compact(
         trained.model if model is None else model,
         tuple(trained.dataset.input_shape),
         select_inputs=select_inputs,
         methods=trained.methods,
     )
+    if not isinstance(compacted.module, nn.Sequential):
+        m = trained.cfg.model
+        compacted.rebuild = {
+            "name": m.name,
+            "kwargs": dict(m.kwargs),
+            "input_shape": list(trained.dataset.input_shape),
+            "num_classes": trained.dataset.num_classes,
+        }
+    return compacted
 
 
 def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_inputs: bool = True) -> dict[str, Any]:
@@ -270,7 +280,7 @@ def format_eval(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _program_network(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
+def _program_network(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The network a ``torch.export`` archive holds, rebuilt without running the archive:
     the layers of ``architecture.json`` beside it, the weights read as raw tensors."""
     description = path.with_name("architecture.json")
@@ -279,6 +289,11 @@ def _program_network(path: Path) -> tuple[nn.Sequential, dict[str, Any]]:
     info = read_json(description, "network description")
     if not isinstance(info, dict):
         raise CheckpointError(f"{description}: not a network description of csparse")
+    if info.get("format") == "units":  # a network compacted through its unit graph: its model, resized
+        try:
+            return load_units({**info, "state_dict": read_pt2_weights(path)})
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     try:
         check_architecture(info.get("architecture"))
         with torch.device("meta"):  # shapes only

@@ -16,6 +16,7 @@ from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, Spars
 from .cges import CGES, CGESOptions, attach_cges
 from .dns import DNS, DNSOptions, attach_dns
 from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
+from .l0_units import L0Units, L0UnitsOptions, attach_l0_units
 from .layers import LayersOptions, LayerSparsity, LayerTarget, attach_layer_sparsity, merge_layers
 from .lwc import LWC, LWCOptions, attach_lwc
 from .reweighted import FOCUSS, ASTOptions, ReweightedL1, ReweightedL2, attach_ast
@@ -38,6 +39,8 @@ __all__ = [
     "HardConcreteGate",
     "L0Gates",
     "L0Options",
+    "L0Units",
+    "L0UnitsOptions",
     "LayerReport",
     "LayerSparsity",
     "LayerTarget",
@@ -50,6 +53,7 @@ __all__ = [
     "attach_cges",
     "attach_dns",
     "attach_l0",
+    "attach_l0_units",
     "attach_layer_sparsity",
     "attach_lwc",
     "fold_l0",
@@ -85,6 +89,7 @@ def register_method(cls: type[SparsityMethod]) -> type[SparsityMethod]:
 
 
 register_method(L0Gates)
+register_method(L0Units)
 register_method(LayerSparsity)
 register_method(CGES)
 register_method(ReweightedL1)

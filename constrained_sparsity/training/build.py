@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +15,7 @@ from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..files import first_line, load_torch_file
 from ..methods import BuildContext, SparsityMethod, Target
-from ..models import MLP, RESNETS, ConvNet, LeNet5Caffe
+from ..models import MLP, RESNETS, ConvNet, LeNet5Caffe, user_model
 from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
 
 __all__ = [
@@ -61,38 +59,13 @@ def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
 
 
 def _user_model(cfg: Config, dataset: Dataset) -> nn.Module:
-    spec, kwargs = cfg.model.name, dict(cfg.model.kwargs)
-    module_name, _, qualname = spec.partition(":")
+    spec, shape = cfg.model.name, tuple(dataset.input_shape)
     try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model.name={spec!r}: cannot import module {module_name!r} ({exc})") from None
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"model.name={spec!r}: module {module_name!r} has no {qualname!r}")
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ConfigError(f"model.name={spec!r}: {qualname} is not a torch.nn.Module class")
-    shape = tuple(dataset.input_shape)
-    from_data = {
-        "input_shape": shape,
-        "in_channels": shape[0],
-        "in_features": int(math.prod(shape)),
-        "num_classes": dataset.num_classes,
-    }
-    try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        params = {}
-    for name, value in from_data.items():
-        if name in params and name not in kwargs:
-            kwargs[name] = value
-    try:
-        model = obj(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - the user's constructor: say which and why, in one line
-        raise ConfigError(f"model.kwargs={cfg.model.kwargs!r}: {qualname}(...) failed ({first_line(exc)})") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name={spec!r}: {qualname}(...) did not return an nn.Module")
+        model = user_model(spec, cfg.model.kwargs, shape, dataset.num_classes)
+    except ValueError as exc:
+        key = "model.kwargs" if "(...) failed" in str(exc) else "model.name"
+        value = cfg.model.kwargs if key == "model.kwargs" else spec
+        raise ConfigError(f"{key}={value!r}: {exc}") from None
     try:
         with torch.no_grad():
             out = model.eval()(dataset.train_x[:1].to(torch.get_default_dtype()))

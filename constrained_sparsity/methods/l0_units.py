@@ -1,0 +1,354 @@
+"""L0 gates on the units of a network's dependency graph: the ``l0_units`` method.
+
+The hard-concrete gates of Louizos et al. (2018) -- the same :class:`HardConcreteGate` as the
+``l0`` method, one sample per forward pass -- with one gate per *unit*: a channel or a neuron
+coupled across every layer it lives in (:mod:`constrained_sparsity.units`, traced by
+Torch-Pruning's ``DependencyGraph``). On a ResNet a unit of a residual stream is one channel
+of the stem, of every block's last convolution and shortcut, of their BatchNorms and of the
+inputs that read the stream; gated once, closed everywhere.
+
+A gate scales the outputs of the layers that write its unit, *after* their BatchNorm (or
+after the layer where none follows), so a closed unit is exactly zero downstream, in training
+and at test time (a gate before a BatchNorm would leave its shift beta - gamma mu / sigma).
+
+The measure counts the network that compaction leaves (Gallego-Posada et al. 2022's
+"feasible is a property of the deployed network"): model-wise, the parameters -- or, with
+``weighting: flops``, the FLOPs per example -- of the compact network over those of the
+dense one, every weight counted when both its output and its input unit are open, BatchNorm
+parameters and biases with their unit; the expected measure is the same count under the gates'
+probabilities P(z != 0) (a product of two independent gates' probabilities for a weight).
+Per-layer targets name a unit group (its root layer): the share of its units open. A group
+whose units are all closed keeps one all-zero channel in the compact network (PyTorch's layers
+need one); the exact count counts it, so that it equals what compaction leaves.
+
+Compaction (:meth:`L0Units.prune_units_`) folds each deterministic gate into the BatchNorm
+affine (or the layer's weight and bias) it scales, then removes the closed units physically
+through the same graph; the result is an ordinary module of the model's class.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import OptionError
+from ..units import GATES, UnitError, UnitGraph, prune, trace_units
+from .base import BudgetSpec, BuildContext, SparsityMethod, Target
+from .l0 import HardConcreteGate
+
+__all__ = ["L0Units", "L0UnitsOptions", "attach_l0_units"]
+
+
+
+@dataclass
+class L0UnitsOptions:
+    """``weighting``: what the model-wise density counts, ``params`` or ``flops`` (per
+    example) of the compact network; ``output_layers``: layers whose outputs are not units
+    (default: the one that gives the network's output); hard-concrete ``droprate_init``,
+    ``beta``, ``gamma``, ``zeta`` as for ``l0``."""
+
+    weighting: str = "params"
+    output_layers: list[str] | None = None
+    droprate_init: float = 0.5
+    beta: float = 2.0 / 3.0
+    gamma: float = -0.1
+    zeta: float = 1.1
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("params", "flops"):
+            raise OptionError("weighting", self.weighting, "should be params or flops")
+        for key in ("droprate_init", "beta", "gamma", "zeta"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                raise OptionError(key, value, "should be a finite number")
+        if not 0 < self.droprate_init < 1:
+            raise OptionError("droprate_init", self.droprate_init, "should be in (0, 1)")
+        if not (self.beta > 0 and self.gamma < 0 < 1 < self.zeta):
+            raise OptionError("gamma", self.gamma, "needs beta > 0, gamma < 0 and zeta > 1")
+
+
+def _key(group: str) -> str:
+    return group.replace(".", "-")  # a ModuleDict key holds no "."
+
+
+class _ScaleOutput:
+    """Forward hook: the layer's output times its unit gate, per channel (dim 1) or feature (last)."""
+
+    def __init__(self, gate: HardConcreteGate) -> None:
+        self.gate = gate
+
+    def __call__(self, module: nn.Module, inputs: object, out: torch.Tensor) -> torch.Tensor:
+        z = self.gate()
+        if isinstance(module, nn.Linear) or out.dim() == 2:
+            return out * z
+        return out * z.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+class _Resample:
+    """Forward pre-hook of the model: one new gate sample per forward pass (training mode)."""
+
+    def __init__(self, gates: list[HardConcreteGate]) -> None:
+        self.gates = gates
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        for gate in self.gates:
+            if gate.sampling:
+                gate.resample()
+
+
+class L0Units(SparsityMethod):
+    """L0 gates on dependency-graph units (see the module docstring). Built by :func:`attach_l0_units`."""
+
+    name = "l0_units"
+    options = L0UnitsOptions
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, options: L0UnitsOptions | None = None) -> None:
+        o = options or L0UnitsOptions()
+        if hasattr(model, GATES):
+            raise ValueError(f"the model already has {GATES!r}: l0_units is attached once")
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine:
+                raise UnitError(f"layer {name!r}: a BatchNorm without affine parameters cannot fold a gate")
+        self.example = example[:1].detach().clone()
+        self.graph: UnitGraph = trace_units(model, self.example, o.output_layers)
+        if not self.graph.groups:
+            raise UnitError("the network has no prunable unit (every channel feeds the output)")
+        self.weighting = o.weighting
+        self.output_layers = o.output_layers
+        device = self.example.device
+        self.graph.to(device)
+        gates = nn.ModuleDict(
+            {
+                _key(g.name): HardConcreteGate(g.size, o.droprate_init, o.beta, o.gamma, o.zeta).to(device)
+                for g in self.graph.groups
+            }
+        )
+        model.add_module(GATES, gates)
+        self.gates = gates
+        modules = dict(model.named_modules())
+        self._handles = [
+            modules[site].register_forward_hook(_ScaleOutput(gates[_key(group)]))
+            for site, group in self.graph.gate_sites.items()
+        ]
+        self._handles.append(model.register_forward_pre_hook(_Resample(list(gates.values()))))
+        self.dense = float(self.graph.count(torch.ones(self.graph.num_units, device=device), self.weighting))
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model: nn.Module, options: Any, spec: BudgetSpec, context: BuildContext):  # type: ignore[no-untyped-def]
+        from ..errors import ConfigError
+
+        device = next(model.parameters()).device
+        example = torch.zeros(1, *context.input_shape, device=device)
+        try:
+            method = cls(model, example, options)
+        except UnitError as exc:
+            raise ConfigError(f"{context.prefix}method=l0_units: {exc}") from None
+        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+
+    def layer_names(self) -> list[str]:
+        return [g.name for g in self.graph.groups]
+
+    def parameters(self):  # type: ignore[no-untyped-def]
+        return (g.log_alpha for g in self.gates.values())
+
+    # -- the measure ---------------------------------------------------------------------------
+    def _open(self, exact: bool) -> torch.Tensor:
+        """Each unit's P(z != 0), or whether it is open at test time (``exact``). A group with
+        every unit closed keeps one all-zero channel in the compact network (PyTorch's layers
+        need one), so the exact count keeps its first unit."""
+        if not exact:
+            return torch.cat([g.prob_nonzero() for g in self.gates.values()])
+        parts = []
+        for g in self.gates.values():
+            active = g.active().to(g.log_alpha.dtype)
+            if not bool(active.any()):
+                active[0] = 1.0
+            parts.append(active)
+        return torch.cat(parts)
+
+    def densities(self, layers: tuple[str, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expected, exact)``: model-wise, the compact network's parameters (or FLOPs) over
+        the dense network's; for groups, the share of their units open."""
+        if layers is None:
+            expected = self.graph.count(self._open(False), self.weighting) / self.dense
+            with torch.no_grad():
+                exact = self.graph.count(self._open(True), self.weighting) / self.dense
+            return expected, exact
+        gates = [self.gates[_key(n)] for n in layers]
+        size = sum(g.num_gates for g in gates)
+        expected = sum(g.prob_nonzero().sum() for g in gates) / size
+        exact = sum(g.active().sum() for g in gates).to(expected.dtype) / size
+        return expected, exact  # type: ignore[return-value]
+
+    def measure(self, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        expected, exact = self.densities(target.layers)
+        return expected, exact.detach()
+
+    def count(self) -> int:
+        """The compact network's parameters (or FLOPs per example) now: what compaction reports."""
+        with torch.no_grad():
+            return round(float(self.graph.count(self._open(True), self.weighting)))
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for g in self.graph.groups:
+                gate = self.gates[_key(g.name)]
+                out[f"density/{g.name}"] = float(gate.active().float().mean())
+            expected, exact = self.densities()
+            out["density/model"] = float(exact)
+            out["density_expected/model"] = float(expected)
+            out[f"{self.weighting}/compact"] = float(self.count())
+        return out
+
+    def measure_key(self, target: Target) -> str | None:
+        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        with torch.no_grad():
+            for g in self.graph.groups:
+                gate = self.gates[_key(g.name)]
+                rows.append(
+                    {
+                        "name": g.name,
+                        "gates": g.size,
+                        "active_gates": int(gate.active().sum()),
+                        "expected_density": float(gate.prob_nonzero().mean()),
+                        "layers": g.layers,
+                    }
+                )
+        return rows
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        if not rows:
+            return []
+        lines = [f"{'unit group':<28}{'units':>7}{'open':>7}{'density':>9}{'expected':>10}  layers"]
+        for r in rows:
+            density = r["active_gates"] / r["gates"]
+            lines.append(
+                f"{r['name']:<28}{r['gates']:>7}{r['active_gates']:>7}{density:>9.3f}{r['expected_density']:>10.3f}"
+                f"  {len(r['layers'])}"
+            )
+        weighting = next((k.split("/")[0] for k in measures if k.endswith("/compact")), "params")
+        compact = measures.get(f"{weighting}/compact")
+        if compact is not None:
+            lines.append(
+                f"{'model':<28}{'':>7}{'':>7}{measures.get('density/model', float('nan')):>9.3f}"
+                f"{measures.get('density_expected/model', float('nan')):>10.3f}  ({weighting} of the compact "
+                f"network: {compact:,.0f})"
+            )
+        return lines
+
+    # -- finishing -----------------------------------------------------------------------------
+    def freeze_(self) -> None:
+        for gate in self.gates.values():
+            gate.frozen = True
+            gate.log_alpha.requires_grad_(False)
+            gate._sample = None
+            gate._pending = None
+
+    @torch.no_grad()
+    def project_(self, target: Target) -> dict[str, int]:
+        """Close the open units with the lowest P(z != 0), the fewest that meet ``target``
+        (the measure never grows when a unit closes: a binary search on how many)."""
+
+        def value() -> float:
+            expected, exact = self.densities(target.layers)
+            return float(expected if target.measure == "expected" else exact)
+
+        if value() <= target.epsilon:
+            return {}
+        names = list(target.layers) if target.layers is not None else [g.name for g in self.graph.groups]
+        gates = [self.gates[_key(n)] for n in names]
+        probs, owner, index = [], [], []
+        for i, gate in enumerate(gates):
+            open_units = gate.active().nonzero().squeeze(1)
+            probs.append(gate.prob_nonzero()[open_units].double().cpu())
+            owner.append(torch.full((len(open_units),), i, dtype=torch.long))
+            index.append(open_units.cpu())
+        order = torch.sort(torch.cat(probs), stable=True).indices
+        owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
+        original = [g.log_alpha.clone() for g in gates]
+
+        def close(k: int) -> None:
+            for i, (gate, la) in enumerate(zip(gates, original)):
+                gate.log_alpha.copy_(la)
+                shut = index_sorted[:k][owner_sorted[:k] == i].to(la.device)
+                gate.log_alpha[shut] = gate.closed_value()
+
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            close(mid)
+            lo, hi = (lo, mid) if value() <= target.epsilon else (mid + 1, hi)
+        close(lo)
+        counts = torch.bincount(owner_sorted[:lo], minlength=len(gates)).tolist()
+        return {n: c for n, c in zip(names, counts) if c}
+
+    # -- compaction ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with every test-time gate folded into the BatchNorm affine (or the
+        layer's weight and bias) it scales, and no gate left: the same outputs in eval mode, a
+        closed unit an all-zero channel."""
+        folded = copy.deepcopy(model)
+        gates = getattr(folded, GATES)
+        modules = dict(folded.named_modules())
+        for site, group in self.graph.gate_sites.items():
+            z = gates[_key(group)].deterministic()
+            layer = modules[site]
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.weight.mul_(z)
+                layer.bias.mul_(z)
+            else:
+                layer.weight.mul_(z.view(-1, *([1] * (layer.weight.dim() - 1))))
+                if layer.bias is not None:
+                    layer.bias.mul_(z)
+        for module in folded.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, h in hooks.items() if isinstance(h, (_ScaleOutput, _Resample))]:
+                    del hooks[key]
+        delattr(folded, GATES)
+        return folded
+
+    def closed_units(self) -> dict[str, list[int]]:
+        """Group name -> the indices of its closed units (test-time gate 0)."""
+        with torch.no_grad():
+            return {
+                g.name: (~self.gates[_key(g.name)].active()).nonzero().squeeze(1).tolist() for g in self.graph.groups
+            }
+
+    def prune_units_(self, folded: nn.Module) -> dict[str, int]:
+        """Remove the closed units from ``folded`` (a :meth:`fold` of the model), in place.
+        Returns how many units each group lost."""
+        closed = self.closed_units()
+        prune(folded, self.example.to(next(folded.parameters()).device), closed)
+        return {name: len(idxs) for name, idxs in closed.items() if idxs}
+
+    def detach(self) -> None:
+        """Remove the gates' hooks from the model (its ``unit_gates`` stay, for their state)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def attach_l0_units(
+    model: nn.Module,
+    example: torch.Tensor,
+    weighting: str = "params",
+    output_layers: list[str] | None = None,
+    **gate: Any,
+) -> L0Units:
+    """L0 gates on the units of ``model``'s dependency graph, traced with ``example`` (one batch of
+    inputs); ``gate``: ``droprate_init``, ``beta``, ``gamma``, ``zeta`` (see :class:`L0UnitsOptions`)."""
+    return L0Units(model, example, L0UnitsOptions(weighting, output_layers, **gate))

@@ -1,0 +1,314 @@
+"""Prunable units of any traced network, from its dependency graph (Torch-Pruning's ``DependencyGraph``).
+
+A *unit* is what closes as a whole: a channel or a neuron, with every layer it lives in. On a
+network with BatchNorm and residual adds one channel is written by several layers (every
+convolution that adds into a residual stream, their BatchNorms) and read by others; Torch-
+Pruning (Fang et al. 2023, "DepGraph: Towards Any Structural Pruning") traces the network once
+and returns these *coupled groups*. A group of ``n`` channels holds ``n`` units; unit ``j``
+is channel ``j`` of the group in every layer of it.
+
+From the graph this module derives, for every layer with parameters, which unit each of its
+output and input indices belongs to (or none: an index no unit can remove, such as the
+input image's channels or the classifier's outputs). That is enough to count exactly what
+compaction leaves -- parameters, or FLOPs per example -- for any set of open units, and the
+same count under gate probabilities (:meth:`UnitGraph.count`). :meth:`UnitGraph.gate_sites`
+says where a unit's gate must act so that a closed unit is exactly zero downstream: after a
+layer's BatchNorm, or after the layer itself where no BatchNorm follows it. :func:`prune`
+removes closed units physically, through the same graph.
+
+Supported layers: ``nn.Conv2d`` (plain or depthwise), ``nn.Linear``, ``nn.BatchNorm1d`` /
+``nn.BatchNorm2d``. Another layer with parameters in a group, or a network that cannot be
+traced, is refused in one line naming the module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["GATES", "LayerDims", "UnitError", "UnitGraph", "UnitGroup", "prune", "trace_units"]
+
+GATES = "unit_gates"  # where a method keeps the gates of its units on the model (not the network's own)
+
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class UnitError(TypeError):
+    """The network cannot be traced, or holds a layer whose units are not supported."""
+
+
+@dataclass
+class UnitGroup:
+    """One coupled group: ``size`` units, named after the layer that roots it."""
+
+    name: str
+    size: int
+    offset: int  # the group's first unit in the graph's numbering
+    layers: list[str] = field(default_factory=list)  # every layer the group's channels live in
+
+
+@dataclass
+class LayerDims:
+    """A layer with parameters: the unit of each output / input index (-1: none)."""
+
+    name: str
+    kind: str  # "conv", "depthwise", "linear", "norm"
+    out_units: torch.Tensor  # long, one per output channel / feature
+    in_units: torch.Tensor  # long, one per input channel / feature (empty for a norm)
+    weight_per_pair: int  # parameters of one (output, input) pair: kh * kw, 1 for linear
+    bias_per_out: int  # bias (1) and norm affine (2) parameters per output
+    positions: int  # output positions per example (H * W of a conv's output): its FLOPs multiply
+
+
+@dataclass
+class UnitGraph:
+    """The units of a network (see the module docstring)."""
+
+    groups: list[UnitGroup]
+    layers: list[LayerDims]
+    constant_params: int  # parameters no unit touches
+    gate_sites: dict[str, str]  # layer name -> group name: the layers whose outputs a group's gate scales
+    num_units: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_units = sum(g.size for g in self.groups)
+
+    def to(self, device: torch.device | str) -> UnitGraph:
+        """The index maps on ``device`` (where the gates live), in place."""
+        for layer in self.layers:
+            layer.out_units = layer.out_units.to(device)
+            layer.in_units = layer.in_units.to(device)
+        return self
+
+    def group(self, name: str) -> UnitGroup:
+        return next(g for g in self.groups if g.name == name)
+
+    def count(self, open_units: torch.Tensor, weighting: str = "params") -> torch.Tensor:
+        """Parameters (or FLOPs per example, ``weighting="flops"``) of the network with the units
+        open as ``open_units`` says: one value per unit, 1 open, 0 closed, or a probability --
+        then the count is the expected one (a weight needs its output and its input unit open;
+        the gates of two units are independent). Differentiable in ``open_units``."""
+        ext = torch.cat([open_units, open_units.new_ones(1)])  # index -1: an index no unit removes
+        total = open_units.new_zeros(()) + (self.constant_params if weighting == "params" else 0)
+        for layer in self.layers:
+            n_out = ext[layer.out_units].sum()
+            if layer.kind == "norm":
+                if weighting == "params":
+                    total = total + layer.bias_per_out * n_out
+                continue
+            if layer.kind == "depthwise":
+                pairs = ext[layer.out_units] @ ext[layer.in_units]  # in and out are one coupled unit
+            else:
+                pairs = n_out * ext[layer.in_units].sum()
+            if weighting == "params":
+                total = total + layer.weight_per_pair * pairs + layer.bias_per_out * n_out
+            else:
+                total = total + 2 * layer.weight_per_pair * layer.positions * pairs
+        return total
+
+
+def _leaf_output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """The leaf module whose output is the network's output (its outputs are not units)."""
+    produced: dict[int, nn.Module] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, out: produced.__setitem__(id(out), mod))
+        for m in model.modules()
+        if not list(m.children())
+    ]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return produced.get(id(out)) if isinstance(out, torch.Tensor) else None
+
+
+def _normalised(model: nn.Module, example: torch.Tensor) -> set[nn.Module]:
+    """The convolutions / linear layers whose output goes straight into a BatchNorm."""
+    outputs: dict[int, nn.Module] = {}
+    kept: list[torch.Tensor] = []  # alive until the pass ends, so that no id is reused
+    found: set[nn.Module] = set()
+
+    def produced(mod: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        outputs[id(out)] = mod
+        kept.append(out)
+
+    def normalises(_mod: nn.Module, inputs: tuple) -> None:
+        if inputs and id(inputs[0]) in outputs:
+            found.add(outputs[id(inputs[0])])
+
+    hooks = [m.register_forward_hook(produced) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks += [
+        m.register_forward_pre_hook(normalises)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _output_positions(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
+    positions: dict[nn.Module, int] = {}
+
+    def hook(mod: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        positions[mod] = math.prod(out.shape[2:]) if isinstance(mod, nn.Conv2d) else math.prod(out.shape[1:-1])
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return positions
+
+
+def _dependency_graph(model: nn.Module, example: torch.Tensor):  # type: ignore[no-untyped-def]
+    """The traced graph. No layer is ignored here: a layer whose outputs are not units (the
+    classifier) still loses the inputs of the units it reads; only the groups rooted at it
+    are left out (``get_all_groups(ignored_layers=...)``)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # the tracer follows autograd's graph (compaction runs under no_grad)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - torch's tracer: say so in one line
+        raise UnitError(f"the network cannot be traced for its units ({type(exc).__name__}: {exc})") from None
+    finally:
+        model.train(was_training)
+
+
+def trace_units(model: nn.Module, example: torch.Tensor, output_layers: Sequence[str] | None = None) -> UnitGraph:
+    """The units of ``model`` (see the module docstring), traced with one ``example`` batch.
+
+    ``output_layers``: layers whose outputs are not units (default: the layer that gives the
+    network's output, found by running the example).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not isinstance(module, _SUPPORTED):
+            raise UnitError(
+                f"layer {name!r} ({type(module).__name__}) has parameters of a kind units do not support "
+                "(Conv2d, Linear, BatchNorm1d / 2d)"
+            )
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.groups != 1
+            and not (module.groups == module.in_channels == module.out_channels)
+        ):
+            raise UnitError(f"layer {name!r}: grouped convolutions other than depthwise are not supported")
+    if output_layers is None:
+        last = _leaf_output_layer(model, example)
+        if last is None:
+            raise UnitError("cannot tell which layer gives the network's output: name it (output_layers=[...])")
+        ignored = [last]
+    else:
+        modules = dict(model.named_modules())
+        missing = [n for n in output_layers if n not in modules]
+        if missing:
+            raise UnitError(f"output_layers={missing}: no such layer in the model")
+        ignored = [modules[n] for n in output_layers]
+    graph = _dependency_graph(model, example)
+    normalised = _normalised(model, example)
+    layers = [m for m in model.modules() if isinstance(m, _SUPPORTED)]
+    out_units = {m: torch.full((_width(m, "out"),), -1, dtype=torch.long) for m in layers}
+    in_units = {m: torch.full((_width(m, "in"),), -1, dtype=torch.long) for m in layers}
+    groups: list[UnitGroup] = []
+    sites: dict[str, str] = {}
+    offset = 0
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        root_dep = group[0].dep
+        root, fn = root_dep.target.module, root_dep.handler
+        size = _width(root, "out")
+        name = names[root]
+        members: set[str] = set()
+        writers: list[nn.Module] = []
+        for j in range(size):
+            for dep, idxs in graph.get_pruning_group(root, fn, [j]):
+                module = dep.target.module
+                if module not in out_units:
+                    continue
+                out = graph.is_out_channel_pruning_fn(dep.handler)
+                table = (
+                    out_units[module]
+                    if out or isinstance(module, nn.modules.batchnorm._BatchNorm)
+                    else in_units[module]
+                )
+                for i in (int(k) for k in idxs):
+                    if table[i] not in (-1, offset + j):
+                        side = "output" if table is out_units[module] else "input"
+                        raise UnitError(
+                            f"layer {names[module]!r}: {side} channel {i} is coupled to units {int(table[i])} and "
+                            f"{offset + j} ({dep})"
+                        )
+                    table[i] = offset + j
+                members.add(names[module])
+                if j == 0 and (out or isinstance(module, nn.modules.batchnorm._BatchNorm)):
+                    writers.append(module)
+        for module in dict.fromkeys(writers):
+            if module not in normalised:
+                sites[names[module]] = name
+        groups.append(UnitGroup(name, size, offset, sorted(members)))
+        offset += size
+    positions = _output_positions(model, example)
+    dims, touched = [], 0
+    for m in layers:
+        kind = _kind(m)
+        per_pair = math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
+        per_out = (2 if m.affine else 0) if kind == "norm" else int(m.bias is not None)
+        dims.append(
+            LayerDims(
+                names[m], kind, out_units[m], in_units[m] if kind != "norm" else in_units[m][:0], per_pair, per_out,
+                positions.get(m, 1),
+            )
+        )  # fmt: skip
+        touched += sum(p.numel() for p in m.parameters(recurse=False))
+    constant = sum(p.numel() for p in model.parameters()) - touched
+    return UnitGraph(groups, dims, constant, sites)
+
+
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "norm"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return "depthwise" if m.groups != 1 else "conv"
+
+
+def _width(m: nn.Module, side: str) -> int:
+    if isinstance(m, nn.Linear):
+        return m.out_features if side == "out" else m.in_features
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels if side == "out" else m.in_channels
+    return m.num_features  # a norm: one side
+
+
+def prune(model: nn.Module, example: torch.Tensor, closed: dict[str, list[int]]) -> nn.Module:
+    """Remove the ``closed`` units (group name -> unit indices in the group) from ``model``, in
+    place, through its dependency graph: every layer each unit lives in loses that channel.
+    The units must be exactly zero in the network (gates folded in) for its outputs to stay."""
+    modules = dict(model.named_modules())
+    graph = _dependency_graph(model, example)
+    for name, idxs in closed.items():
+        if not idxs:
+            continue
+        root = modules[name]
+        fn = graph.get_pruner_of_module(root).prune_out_channels
+        if len(idxs) >= _width(root, "out"):  # a group keeps its first channel: PyTorch's layers need one
+            idxs = sorted(idxs)[1:]
+        group = graph.get_pruning_group(root, fn, sorted(idxs))
+        group.prune()
+    return model
