@@ -80,9 +80,9 @@ def test_the_results_folder_keeps_finished_runs_and_retrains_a_changed_config(be
     err = capsys.readouterr().err
     assert err.count("(kept") == len(records) and "(kept" in err
     assert {k: p.stat().st_mtime_ns for k, p in _records(tmp_path).items()} == stamps
-    assert (tmp_path / "results.md").read_text().split("command:")[1].split("\n", 2)[2] == page.split(
-        "command:"
-    )[1].split("\n", 2)[2]
+    assert (tmp_path / "results.md").read_text().split("command:")[1].split("\n", 2)[2] == page.split("command:")[
+        1
+    ].split("\n", 2)[2]
     # a changed config (3 epochs): every run is trained again
     assert bench.main(_page_args(tmp_path, "--reuse", "--epochs", "3")) == 0
     err = capsys.readouterr().err

@@ -75,7 +75,13 @@ def test_the_coupled_groups_of_two_residual_blocks_are_the_hand_checked_ones():
     assert units["b1.conv1"] == (b1, s) and units["b1.conv2"] == (s, b1) and units["b2.conv2"] == (s, b2)
     assert units["fc"] == ([-1] * 5, s)  # the logits are no units
     # the gates act after the BatchNorms, never between a conv and its BatchNorm
-    assert graph.gate_sites == {"bn": "stem", "b1.bn1": "b1.conv1", "b1.bn2": "stem", "b2.bn1": "b2.conv1", "b2.bn2": "stem"}
+    assert graph.gate_sites == {
+        "bn": "stem",
+        "b1.bn1": "b1.conv1",
+        "b1.bn2": "stem",
+        "b2.bn1": "b2.conv1",
+        "b2.bn2": "stem",
+    }
     assert graph.count(torch.ones(18)) == sum(p.numel() for p in model.parameters())
 
 
@@ -278,9 +284,14 @@ def test_csparse_trains_a_resnet_to_a_deployable_budget_and_compacts_it(tmp_path
     compaction = summary["compaction"]
     # the exact measure is the compact network's parameter count over the dense one's
     assert compaction["params_before"] == 272_186 and compaction["params_after"] < 0.4 * 272_186
-    assert summary["density"]["model"] * compaction["params_before"] == pytest.approx(compaction["params_after"], abs=0.5)
+    assert summary["density"]["model"] * compaction["params_before"] == pytest.approx(
+        compaction["params_after"], abs=0.5
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "constrained_sparsity", "compact", str(run_dir)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "constrained_sparsity", "compact", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"parameters: 272186 -> {compaction['params_after']}" in proc.stdout

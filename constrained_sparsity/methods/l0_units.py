@@ -44,7 +44,6 @@ from .l0 import HardConcreteGate
 __all__ = ["L0Units", "L0UnitsOptions", "attach_l0_units"]
 
 
-
 @dataclass
 class L0UnitsOptions:
     """``weighting``: what the model-wise density counts, ``params`` or ``flops`` (per
