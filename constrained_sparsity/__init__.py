@@ -15,7 +15,7 @@ Typical use::
         cs.train_step(problem, opt, x, y)
 """
 
-from .compact import compact
+from .compact import compact, count_flops, count_params
 from .compare import bisect_lambda, compare, compare_methods, joint_search
 from .config import Config, load_config
 from .data import Dataset, load_dataset
@@ -109,6 +109,8 @@ __all__ = [
     "joint_search",
     "build_optimizer",
     "compact",
+    "count_flops",
+    "count_params",
     "compare",
     "error_rate",
     "evaluate",
