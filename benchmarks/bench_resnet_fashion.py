@@ -1,0 +1,230 @@
+"""ResNet-20 on Fashion-MNIST: constrained L0 unit gates at deployable budgets, the penalised twin,
+and Torch-Pruning's magnitude pruning as the baseline a user would otherwise pick.
+
+Runs (``--epochs`` each, from scratch; the configs ``fashion_resnet20_l0_units_*``):
+
+* dense (``sparsity.method=none``);
+* constrained ``l0_units`` at each ``--budgets`` (shares of the deployable parameters);
+* the penalised twin at the λ that ``csparse compare --bisect`` finds for the first budget
+  (``--max-runs`` runs at most; the λ and the runs it took);
+* magnitude pruning: the trained dense network pruned with Torch-Pruning's group-norm
+  importance (``MagnitudePruner``, global) to the parameter count of the constrained run at
+  the first budget, then fine-tuned for ``--epochs`` epochs (Adam at the configs' lr).
+
+Per run: test error; the exact measure times the dense count against the compact network's
+parameters and FLOPs (goal: equal); the first epoch within the budget; feasible at the end.
+Seconds per epoch of the gated run against dense, timed interleaved on the same batches
+(``_report.interleaved_timing``, goal ≤ 1.15×); latency (batch 256, eval, median) of the compact
+network against the dense one, next to their FLOP ratio (goal: latency ratio ≤ 1.2 × FLOP
+ratio).
+
+    python benchmarks/bench_resnet_fashion.py --threads 2 --epochs 10 --reuse
+    python benchmarks/bench_resnet_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
+
+Writes ``OUT/resnet_fashion.{json,md}``; runs live in ``OUT/runs/<run>`` (``--reuse`` keeps a
+complete one of the same config, resumes a stopped one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _report
+import torch
+
+import constrained_sparsity as cs
+from constrained_sparsity.compact import count_flops, count_params
+from constrained_sparsity.compare import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSTRAINED = ROOT / "configs" / "fashion_resnet20_l0_units_constrained.yaml"
+
+
+def _config(overrides: list[str], dense: bool = False) -> cs.Config:
+    """The constrained config with ``overrides``; ``dense``: without its sparsity section."""
+    from constrained_sparsity.config import apply_overrides, config_from_dict, read_config_dict
+
+    data = read_config_dict(CONSTRAINED)
+    if dense:
+        data["sparsity"] = {"method": "none"}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def _say(msg: str) -> None:
+    print(f"[resnet] {msg}", file=sys.stderr, flush=True)
+
+
+def _latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 10) -> float:
+    x = torch.rand(256, *shape)
+    module = module.eval()
+    with torch.inference_mode():
+        for _ in range(2):
+            module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _row(name: str, result: cs.RunResult, budget: float | None) -> dict:
+    run_dir = Path(result.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    compaction = summary.get("compaction") or {}
+    main = [row for row in result.history if "train/loss" in row]
+    return {
+        "run": name,
+        "budget": budget,
+        "test_error": result.test_error,
+        "density": result.density.get("model"),
+        "measure_params": None if budget is None else result.density.get("model", 1.0) * compaction["params_before"],
+        "params": compaction.get("params_after"),
+        "flops": compaction.get("flops_after"),
+        "first_feasible_epoch": _report.first_feasible(main),
+        "feasible": result.feasible,
+        "run_dir": str(run_dir),
+    }
+
+
+def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: int) -> dict:
+    """The dense network pruned by group magnitude to at most ``params`` parameters, fine-tuned."""
+    import torch_pruning as tp
+
+    from constrained_sparsity.runs import load_trained
+
+    _, model, dataset = load_trained(dense_dir)
+    shape = tuple(dataset.input_shape)
+    example = torch.zeros(1, *shape)
+
+    def pruned(ratio: float) -> torch.nn.Module:
+        m = copy.deepcopy(model).train()
+        pruner = tp.pruner.MagnitudePruner(
+            m, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+            global_pruning=True, ignored_layers=[m.fc],
+        )  # fmt: skip
+        pruner.step()
+        return m
+
+    lo, hi = 0.0, 0.95
+    for _ in range(20):  # the smallest ratio whose network fits the count
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if count_params(pruned(mid)) <= params else (mid, hi)
+    model = pruned(hi)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.primal.lr)
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(epoch)
+        for x, y in cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+    return {
+        "run": "magnitude (Torch-Pruning, group norm) + fine-tuning",
+        "pruning_ratio": hi,
+        "test_error": cs.error_rate(model, dataset.test_x, dataset.test_y),
+        "params": count_params(model),
+        "flops": count_flops(model, shape),
+        "seconds": time.perf_counter() - t0,
+        "latency_ms": _latency_ms(model, shape),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--max-runs", type=int, default=5)
+    parser.add_argument("--data", choices=["fashion_mnist", "digits"], default="fashion_mnist")
+    parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--reuse", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    runs = out / "runs"
+    common = [*_report.run_overrides(args.epochs, args.threads, root=args.root), f"data.name={args.data}"]
+    report = {**_report.header(args.threads), "epochs": args.epochs, "data": args.data, "rows": []}
+
+    dense_cfg = _config(common, dense=True)
+    dense, how = _report.train_or_reuse(dense_cfg, runs / "resnet-dense", args.reuse, "resnet")
+    _say(f"dense: {how}, test error {100 * dense.test_error:.2f} %")
+    rows = [{"run": "dense", "test_error": dense.test_error, "run_dir": str(dense.run_dir)}]
+    constrained = {}
+    for budget in args.budgets:
+        cfg = _config([*common, f"sparsity.targets={budget}"])
+        result, how = _report.train_or_reuse(cfg, runs / f"resnet-constrained-{budget:g}", args.reuse, "resnet")
+        _say(f"constrained {budget:g}: {how}, test error {100 * result.test_error:.2f} %")
+        constrained[budget] = result
+        rows.append({**_row(f"l0_units constrained, ε = {budget:g}", result, budget)})
+    first = args.budgets[0]
+    cfg = _config(common)
+    found = compare(
+        cfg, [first], bisect=True, max_runs=args.max_runs, out_dir=out / "resnet-compare", overwrite=True,
+        progress=_say,
+    )  # fmt: skip
+    (penalised,) = [r for r in found.rows if r["method"] == "penalized"]
+    pen_result = _report.load_result(penalised["run_dir"])
+    rows.append(
+        {
+            **_row(f"l0_units penalised, λ = {penalised['lambda']:.4g} (bisected to ε = {first:g})", pen_result, first),
+            "lambda": penalised["lambda"],
+            "search_runs": penalised["runs_used"],
+            "search_s": penalised["wall_time_s"],
+        }
+    )
+    target_params = rows[1]["params"]
+    rows.append(_magnitude_baseline(Path(dense.run_dir), target_params, dense_cfg, args.epochs))
+    # speed: the gated run against dense, interleaved on the same batches
+    timing = _report.interleaved_timing(
+        {"dense": {"run_dir": dense.run_dir}, "gated": {"run_dir": constrained[first].run_dir}}, args.rounds, args.steps
+    )
+    _, _, shape, dense_net, _ = _report.dense_and_compact(dense.run_dir)
+    _, _, _, _, small = _report.dense_and_compact(constrained[first].run_dir)
+    latency = {"dense": _latency_ms(dense_net, shape), "compact": _latency_ms(small, shape)}
+    flop_ratio = count_flops(small, shape) / count_flops(dense_net, shape)
+    report.update(rows=rows, timing_s_per_epoch=timing, latency_ms=latency, flop_ratio=flop_ratio)
+    lines = [
+        f"ResNet-20, {args.data}, {args.epochs} epochs per run:",
+        "",
+        *_report.markdown_header(report),
+        "| run | test error | exact measure × dense params | compact params | compact FLOPs | first epoch ≤ ε "
+        "| feasible |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        measure = "-" if r.get("measure_params") is None else f"{r['measure_params']:,.0f}"
+        params = "-" if r.get("params") is None else f"{r['params']:,}"
+        flops = "-" if r.get("flops") is None else f"{r['flops']:,}"
+        feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
+        lines.append(
+            f"| {r['run']} | {100 * r['test_error']:.2f} % | {measure} | {params} | {flops} | "
+            f"{r.get('first_feasible_epoch') or '-'} | {feasible} |"
+        )
+    gated = timing["gated/end"] / timing["dense/end"]
+    lines += [
+        "",
+        f"Seconds per epoch (interleaved, end states): dense {timing['dense/end']:.2f}, gated "
+        f"{timing['gated/end']:.2f} (**{gated:.2f}×**; goal ≤ 1.15×).",
+        f"Latency, batch 256: dense {latency['dense']:.1f} ms, compact (ε = {first:g}) {latency['compact']:.1f} ms "
+        f"(ratio {latency['compact'] / latency['dense']:.2f}; FLOP ratio {flop_ratio:.2f}; goal: latency ratio ≤ "
+        f"{1.2 * flop_ratio:.2f}).",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    _report.write(out, "resnet_fashion", report, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
