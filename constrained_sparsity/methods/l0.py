@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import OptionError
+from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, layer_output_shapes, original_weight, parse_chain
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
 
@@ -846,9 +846,19 @@ class L0Gates(SparsityMethod):
         cls, model: nn.Module, options: Any, spec: BudgetSpec, context: BuildContext
     ) -> tuple[L0Gates, list[Target]]:
         o = options if options is not None else L0Options()
-        gates = attach_l0(
-            model, structure=o.structure, droprate_init=o.droprate_init, beta=o.beta, gamma=o.gamma, zeta=o.zeta
-        )
+        example = torch.zeros(1, *context.input_shape, device=next(model.parameters()).device)
+        try:
+            gates = attach_l0(
+                model,
+                structure=o.structure,
+                droprate_init=o.droprate_init,
+                beta=o.beta,
+                gamma=o.gamma,
+                zeta=o.zeta,
+                example=example,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{context.prefix}method=l0: {exc}") from None
         if o.weighting == "flops":
             gates.weight_by_flops(model, torch.zeros(1, *context.input_shape))
         return gates, gates.targets_from_spec(spec, f"{context.prefix}targets")
@@ -960,6 +970,7 @@ def attach_l0(
     gamma: float = -0.1,
     zeta: float = 1.1,
     fast: bool = True,
+    example: torch.Tensor | None = None,
 ) -> L0Gates:
     """Attach hard-concrete L0 gates to layers of ``model``.
 
@@ -973,6 +984,13 @@ def attach_l0(
         fast: for input-gated ``nn.Linear`` layers, compute the forward and backward pass on
             the columns whose gate is non-zero only (same values and gradients as the
             parametrized weight; training gets faster as the layer gets sparser).
+        example: one batch of inputs: a forward pass in eval mode (no gradient, no random
+            draw) checks that every chosen layer is *called* by the model, since a gate acts
+            where the layer runs. Without it only the layers of ``nn.MultiheadAttention`` (which
+            reads its ``out_proj`` weight and never calls it) are refused.
+
+    Raises:
+        ValueError: a layer the model never calls (one line naming it), an unknown layer.
 
     Returns:
         The :class:`L0Gates` handle, in the order the layers appear in the model.
@@ -984,6 +1002,7 @@ def attach_l0(
         chosen = dict(layers)
     else:
         chosen = {n: structure for n in layers}
+    _check_reached(model, chosen, example)
     gated: list[_GatedLayer] = []
     for name, module in modules.items():  # model order, whatever order the user gave
         if name not in chosen:
@@ -1013,6 +1032,43 @@ def attach_l0(
     handle = L0Gates(gated)
     handle._draw_hook = model.register_forward_pre_hook(_DrawSamples([g.gate for g in gated]))
     return handle
+
+
+def _check_reached(model: nn.Module, chosen: Mapping[str, str], example: torch.Tensor | None) -> None:
+    """Refuse a layer whose gate would never act: one its module uses without calling it
+    (``nn.MultiheadAttention``'s ``out_proj``, ``F.linear(x, layer.weight)``). A gate draws its
+    sample and scales the layer's weight when the layer is called; a weight read directly
+    keeps the first sample, and the second step's backward pass fails."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention):
+            inside = sorted(n for n in chosen if n.startswith(f"{name}.") if n)
+            if inside:
+                raise ValueError(
+                    f"layer {inside[0]!r}: nn.MultiheadAttention reads its weight without calling it, so a gate "
+                    f"there would not act; leave the attention's layers out (layers=[...])"
+                )
+    if example is None:
+        return
+    called: set[str] = set()
+    hooks = [
+        modules[n].register_forward_pre_hook(lambda _m, _a, n=n: called.add(n)) for n in chosen if n in modules
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    never = [n for n in chosen if n in modules and n not in called]
+    if never:
+        raise ValueError(
+            f"layer {never[0]!r} is not called in the model's forward pass (its weight is used directly, e.g. "
+            f"F.linear(x, layer.weight)), so a gate there would not act; leave it out (layers=[...])"
+        )
 
 
 def fold_l0(model: nn.Module) -> nn.Module:
