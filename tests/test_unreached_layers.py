@@ -51,7 +51,9 @@ def test_the_layers_a_transformer_calls_train_with_gates_that_act():
     problem = cs.SparsityProblem(model, gates, [cs.Target(epsilon=0.5)], mode="constrained")
     optimizer = cs.build_optimizer(problem, primal=cs.PrimalOptimizer("adam", lr=3e-3, gate_lr=3e-2))
     model.train()
-    for step, (x, y) in enumerate(cs.data.batches(digits.train_x, digits.train_y, 64, torch.Generator().manual_seed(0))):
+    for step, (x, y) in enumerate(
+        cs.data.batches(digits.train_x, digits.train_y, 64, torch.Generator().manual_seed(0))
+    ):
         cs.train_step(problem, optimizer, x, y)
         if step == 19:
             break

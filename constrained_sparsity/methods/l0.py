@@ -1051,9 +1051,7 @@ def _check_reached(model: nn.Module, chosen: Mapping[str, str], example: torch.T
     if example is None:
         return
     called: set[str] = set()
-    hooks = [
-        modules[n].register_forward_pre_hook(lambda _m, _a, n=n: called.add(n)) for n in chosen if n in modules
-    ]
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, _a, n=n: called.add(n)) for n in chosen if n in modules]
     was_training = model.training
     model.eval()
     try:
