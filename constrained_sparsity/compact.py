@@ -85,11 +85,11 @@ class CompactModel:
 
 # -- counting ----------------------------------------------------------------------------------
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
-    """Parameters of ``model`` (or only the non-zero ones); the gates a unit method keeps on the
+    """Parameters of ``model`` (or only the non-zero ones); the gates a unit method keeps in the
     model (``unit_gates``) are not the network's."""
     total = 0
     for name, p in model.named_parameters():
-        if name.startswith(f"{GATES}."):
+        if GATES in name.split("."):
             continue
         total += int((p != 0).sum()) if nonzero else p.numel()
     return total

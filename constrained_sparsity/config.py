@@ -66,7 +66,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
-MODELS = ("mlp", "lenet5", "convnet", "resnet20", "resnet32", "resnet56", "wrn16_4")
+MODELS = ("mlp", "lenet5", "convnet", "resnet20", "resnet32", "resnet56", "wrn16_4", "vit")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 

@@ -263,9 +263,13 @@ def _export(module: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
 
 def _widths(module: nn.Module) -> dict[str, dict[str, int]]:
     """The sizes of every layer units change: what turns a freshly built model into the compact one."""
+    from .models import Attention
+
     out = {}
     for name, m in module.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, Attention):  # its heads: the rows of q, k, v it keeps
+            out[name] = {"heads": m.heads}
+        elif isinstance(m, nn.Conv2d):
             out[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
         elif isinstance(m, nn.Linear):
             out[name] = {"in": m.in_features, "out": m.out_features}
@@ -304,6 +308,8 @@ def _save_units(
 
 def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
     """Give ``module``'s layers the saved sizes (uninitialised weights, to be loaded)."""
+    from .models import Attention
+
     layers = dict(module.named_modules())
     unknown = sorted(set(widths) - set(layers))
     if unknown:
@@ -316,7 +322,11 @@ def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
             raise ValueError(f"layer {name}: sizes {w} should be positive integers")
         if w.get("out", 1) * w.get("in", 1) * math.prod(getattr(m, "kernel_size", (1,))) > MAX_LAYER_ELEMENTS:
             raise ValueError(f"layer {name}: sizes {w} are larger than any network this tool writes")
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, Attention):
+            if "heads" not in w:
+                raise ValueError(f"layer {name}: an attention's sizes name its heads")
+            m.heads = w["heads"]
+        elif isinstance(m, nn.Conv2d):
             m.in_channels, m.out_channels, m.groups = w["in"], w["out"], w.get("groups", 1)
             m.weight = nn.Parameter(torch.empty(w["out"], w["in"] // m.groups, *m.kernel_size))
             if m.bias is not None:
@@ -338,7 +348,7 @@ def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
 
 def load_units(data: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The network a ``format: units`` description and its ``state_dict`` give (``ValueError`` if they do not fit)."""
-    from .models import RESNETS, user_model
+    from .models import RESNETS, ViT, user_model
 
     spec = data.get("rebuild")
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(data.get("widths"), dict)):
@@ -348,6 +358,8 @@ def load_units(data: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         raise ValueError("its rebuild entry lacks input_shape / num_classes")
     if name in RESNETS:
         module = RESNETS[name](shape[0], classes)
+    elif name == "vit":
+        module = ViT(shape, classes)
     elif ":" in name:  # a model class of the user's: imported as the config's model.name would be
         module = user_model(name, dict(spec.get("kwargs") or {}), shape, classes)
     else:

@@ -13,7 +13,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP", "RESNETS", "BasicBlock", "ConvNet", "LeNet5Caffe", "ResNet", "user_model"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "RESNETS",
+    "Attention",
+    "BasicBlock",
+    "ConvNet",
+    "FeedForward",
+    "LeNet5Caffe",
+    "ResNet",
+    "TransformerBlock",
+    "ViT",
+    "user_model",
+]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -216,3 +229,89 @@ def user_model(spec: str, kwargs: dict[str, Any], input_shape: Sequence[int], nu
     if not isinstance(model, nn.Module):
         raise ValueError(f"{qualname}(...) did not return an nn.Module")
     return model
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v and output projections (so that a head
+    is a block of rows of ``q``, ``k``, ``v`` and of columns of ``out``, and can be removed).
+
+    ``heads`` heads of ``head_dim`` each; ``x`` is ``(batch, tokens, width)``.
+    """
+
+    def __init__(self, width: int, heads: int, head_dim: int | None = None) -> None:
+        super().__init__()
+        if heads < 1 or (head_dim is None and width % heads):
+            raise ValueError(f"heads={heads}: should divide width={width} (or give head_dim)")
+        self.heads = heads
+        self.head_dim = head_dim or width // heads
+        inner = self.heads * self.head_dim
+        self.q, self.k, self.v = nn.Linear(width, inner), nn.Linear(width, inner), nn.Linear(width, inner)
+        self.out = nn.Linear(inner, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+        o = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """The transformer's MLP: ``fc2(GELU(fc1(x)))``; its hidden neurons are units."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, width: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width), Attention(width, heads)
+        self.norm2, self.mlp = nn.LayerNorm(width), FeedForward(width, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small vision transformer (Dosovitskiy et al. 2021): non-overlapping ``patch`` x ``patch``
+    patches embedded by a convolution, a class token and learned position embeddings, ``depth``
+    pre-norm :class:`TransformerBlock` s, the class token's final norm to the classifier.
+    ``ViT((1, 28, 28))`` is the Fashion-MNIST network of the configs: patch 4 (49 tokens),
+    width 64, 4 heads, MLP 128, depth 4."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int = 10,
+        patch: int = 4,
+        width: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        channels, height, breadth = input_shape
+        if height % patch or breadth % patch:
+            raise ValueError(f"patch={patch} should divide the image size {height}x{breadth}")
+        tokens = (height // patch) * (breadth // patch)
+        self.embed = nn.Conv2d(channels, width, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(width, heads, hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(tokens))[:, 0])

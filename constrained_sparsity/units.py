@@ -30,7 +30,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["GATES", "LayerDims", "UnitError", "UnitGraph", "UnitGroup", "prune", "trace_units"]
+__all__ = [
+    "GATES",
+    "LayerDims",
+    "UnitError",
+    "UnitGraph",
+    "UnitGroup",
+    "prune",
+    "prune_transformer",
+    "trace_units",
+    "transformer_units",
+]
 
 GATES = "unit_gates"  # where a method keeps the gates of its units on the model (not the network's own)
 
@@ -43,12 +53,14 @@ class UnitError(TypeError):
 
 @dataclass
 class UnitGroup:
-    """One coupled group: ``size`` units, named after the layer that roots it."""
+    """One coupled group: ``size`` units, named after the layer (or module) that roots it;
+    ``kind``: ``channels`` (a traced group), ``heads`` or ``neurons`` (a transformer's)."""
 
     name: str
     size: int
     offset: int  # the group's first unit in the graph's numbering
     layers: list[str] = field(default_factory=list)  # every layer the group's channels live in
+    kind: str = "channels"
 
 
 @dataclass
@@ -72,6 +84,9 @@ class UnitGraph:
     layers: list[LayerDims]
     constant_params: int  # parameters no unit touches
     gate_sites: dict[str, str]  # layer name -> group name: the layers whose outputs a group's gate scales
+    # layer name -> (group name, inputs per unit): the layers whose *inputs* a group's gate scales
+    # (a transformer's output projection per head, its MLP's second layer per neuron)
+    input_sites: dict[str, tuple[str, int]] = field(default_factory=dict)
     num_units: int = 0
 
     def __post_init__(self) -> None:
@@ -229,7 +244,9 @@ def trace_units(model: nn.Module, example: torch.Tensor, output_layers: Sequence
     groups: list[UnitGroup] = []
     sites: dict[str, str] = {}
     offset = 0
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+    order = {m: i for i, m in enumerate(model.modules())}
+    found = graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear))
+    for group in sorted(found, key=lambda g: order[g[0].dep.target.module]):  # model order
         root_dep = group[0].dep
         root, fn = root_dep.target.module, root_dep.handler
         size = _width(root, "out")
@@ -312,3 +329,101 @@ def prune(model: nn.Module, example: torch.Tensor, closed: dict[str, list[int]])
         group = graph.get_pruning_group(root, fn, sorted(idxs))
         group.prune()
     return model
+
+
+# -- transformers: heads and MLP neurons -------------------------------------------------------------
+def transformer_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
+    """The units of a transformer built from the project's :class:`~constrained_sparsity.models.Attention`
+    and :class:`~constrained_sparsity.models.FeedForward` modules: each attention's heads (a head
+    is its ``head_dim`` rows of ``q``, ``k``, ``v`` and columns of ``out``) and each MLP's hidden
+    neurons (a row of ``fc1``, a column of ``fc2``), as in CoFi (Xia, Zhong & Chen 2022). A
+    gate scales a head's output before the output projection, a neuron's activation before
+    ``fc2``. Every other Linear / Conv2d is counted whole (its FLOPs too); LayerNorms, embeddings
+    and tokens are constant parameters."""
+    from .models import Attention, FeedForward
+
+    names = {m: n for n, m in model.named_modules()}
+    units: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    groups: list[UnitGroup] = []
+    inputs: dict[str, tuple[str, int]] = {}
+    offset = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            heads = offset + torch.arange(module.heads).repeat_interleave(module.head_dim)
+            for proj in (module.q, module.k, module.v):
+                units[proj] = (heads, torch.full((proj.in_features,), -1, dtype=torch.long))
+            units[module.out] = (torch.full((module.out.out_features,), -1, dtype=torch.long), heads)
+            layers = [names[m] for m in (module.q, module.k, module.v, module.out)]
+            groups.append(UnitGroup(name, module.heads, offset, layers, "heads"))
+            inputs[names[module.out]] = (name, module.head_dim)
+            offset += module.heads
+        elif isinstance(module, FeedForward):
+            neurons = offset + torch.arange(module.fc1.out_features)
+            units[module.fc1] = (neurons, torch.full((module.fc1.in_features,), -1, dtype=torch.long))
+            units[module.fc2] = (torch.full((module.fc2.out_features,), -1, dtype=torch.long), neurons)
+            groups.append(
+                UnitGroup(name, module.fc1.out_features, offset, [names[module.fc1], names[module.fc2]], "neurons")
+            )
+            inputs[names[module.fc2]] = (name, 1)
+            offset += module.fc1.out_features
+    if not groups:
+        raise UnitError("the model has no Attention or FeedForward module of constrained_sparsity.models")
+    positions = _output_positions(model, example)
+    dims, touched = [], 0
+    for m in model.modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        out_u, in_u = units.get(m, (torch.full((_width(m, "out"),), -1), torch.full((_width(m, "in"),), -1)))
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise UnitError(f"layer {names[m]!r}: grouped convolutions are not counted in a transformer")
+        per_pair = math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
+        dims.append(
+            LayerDims(
+                names[m], _kind(m), out_u.long(), in_u.long(), per_pair, int(m.bias is not None), positions.get(m, 1)
+            )
+        )
+        touched += sum(p.numel() for p in m.parameters(recurse=False))
+    constant = sum(p.numel() for p in model.parameters()) - touched
+    return UnitGraph(groups, dims, constant, {}, inputs)
+
+
+@torch.no_grad()
+def prune_transformer(model: nn.Module, closed: dict[str, list[int]]) -> nn.Module:
+    """Remove closed heads (their ``q``/``k``/``v`` rows and ``out`` columns; ``heads`` updated)
+    and MLP neurons (``fc1`` rows, ``fc2`` columns) from ``model``, in place. A module keeps
+    at least one head / neuron (PyTorch's layers need one)."""
+    from .models import Attention, FeedForward
+
+    modules = dict(model.named_modules())
+    for name, idxs in closed.items():
+        module = modules[name]
+        size = module.heads if isinstance(module, Attention) else module.fc1.out_features
+        shut = set(idxs) if len(set(idxs)) < size else set(sorted(idxs)[1:])
+        keep = torch.tensor([i for i in range(size) if i not in shut], dtype=torch.long)
+        if isinstance(module, Attention):
+            rows = (keep.view(-1, 1) * module.head_dim + torch.arange(module.head_dim).view(1, -1)).reshape(-1)
+            for proj in ("q", "k", "v"):
+                setattr(module, proj, _rows(getattr(module, proj), rows))
+            module.out = _columns(module.out, rows)
+            module.heads = len(keep)
+        elif isinstance(module, FeedForward):
+            module.fc1, module.fc2 = _rows(module.fc1, keep), _columns(module.fc2, keep)
+    return model
+
+
+def _rows(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    keep = keep.to(layer.weight.device)
+    new = nn.Linear(layer.in_features, len(keep), bias=layer.bias is not None).to(layer.weight)
+    new.weight.copy_(layer.weight[keep])
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias[keep])
+    return new
+
+
+def _columns(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    keep = keep.to(layer.weight.device)
+    new = nn.Linear(len(keep), layer.out_features, bias=layer.bias is not None).to(layer.weight)
+    new.weight.copy_(layer.weight[:, keep])
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias)
+    return new

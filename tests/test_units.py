@@ -299,3 +299,19 @@ def test_csparse_trains_a_resnet_to_a_deployable_budget_and_compacts_it(tmp_path
     assert info["rebuild"]["name"] == "resnet20" and count_params(loaded) == compaction["params_after"]
     digits = cs.load_dataset("digits")
     assert cs.error_rate(loaded, digits.test_x, digits.test_y) == pytest.approx(result.test_error)
+
+
+def test_on_a_chain_the_units_are_its_hidden_neurons_and_the_gates_leave_its_forward_alone():
+    """An nn.Sequential runs every child: the gates are kept on its first layer, not beside it."""
+    torch.manual_seed(0)
+    mlp = cs.MLP(64, [32, 16], 10)
+    x = torch.randn(5, 64)
+    units = attach_l0_units(mlp, x)
+    assert [(g.name, g.size) for g in units.graph.groups] == [("fc1", 32), ("fc2", 16)]
+    assert units.host == "flatten" and count_params(mlp) == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+    _close_at_random(units)
+    mlp.eval()
+    small = cs.compact(mlp, (64,), methods=[units])
+    with torch.no_grad():
+        torch.testing.assert_close(small.module(x), mlp(x), rtol=0, atol=1e-6)
+    assert count_params(small.module) == units.count()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionError
-from ..units import GATES, UnitError, UnitGraph, prune, trace_units
+from ..units import GATES, UnitError, UnitGraph, prune, prune_transformer, trace_units, transformer_units
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
 from .l0 import HardConcreteGate
 
@@ -53,6 +53,8 @@ class L0UnitsOptions:
 
     weighting: str = "params"
     output_layers: list[str] | None = None
+    heads: float | None = None  # a transformer's: at most this share of its attention heads open
+    neurons: float | None = None  # ... and of its MLP neurons (budgets beside the model-wise one)
     droprate_init: float = 0.5
     beta: float = 2.0 / 3.0
     gamma: float = -0.1
@@ -65,6 +67,12 @@ class L0UnitsOptions:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
                 raise OptionError(key, value, "should be a finite number")
+        for key in ("heads", "neurons"):
+            value = getattr(self, key)
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+            ):
+                raise OptionError(key, value, "should be a share in [0, 1] (or null)")
         if not 0 < self.droprate_init < 1:
             raise OptionError("droprate_init", self.droprate_init, "should be in (0, 1)")
         if not (self.beta > 0 and self.gamma < 0 < 1 < self.zeta):
@@ -88,6 +96,20 @@ class _ScaleOutput:
         return out * z.view(1, -1, *([1] * (out.dim() - 2)))
 
 
+class _ScaleInput:
+    """Forward pre-hook: the layer's input times its units' gates (a transformer's heads before
+    the output projection, ``per_unit`` features each; its MLP neurons before ``fc2``)."""
+
+    def __init__(self, gate: HardConcreteGate, per_unit: int) -> None:
+        self.gate, self.per_unit = gate, per_unit
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        z = self.gate()
+        if self.per_unit > 1:
+            z = z.repeat_interleave(self.per_unit)
+        return (args[0] * z, *args[1:])
+
+
 class _Resample:
     """Forward pre-hook of the model: one new gate sample per forward pass (training mode)."""
 
@@ -100,6 +122,14 @@ class _Resample:
                 gate.resample()
 
 
+def _host(model: nn.Module) -> str:
+    """Where the gates are registered: the model, unless its forward runs its children in turn."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    if not isinstance(model, containers):
+        return ""
+    return next(name for name, m in model.named_modules() if name and not isinstance(m, containers))
+
+
 class L0Units(SparsityMethod):
     """L0 gates on dependency-graph units (see the module docstring). Built by :func:`attach_l0_units`."""
 
@@ -108,13 +138,18 @@ class L0Units(SparsityMethod):
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: L0UnitsOptions | None = None) -> None:
         o = options or L0UnitsOptions()
-        if hasattr(model, GATES):
+        if any(name.split(".")[-1] == GATES for name, _ in model.named_modules()):
             raise ValueError(f"the model already has {GATES!r}: l0_units is attached once")
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine:
                 raise UnitError(f"layer {name!r}: a BatchNorm without affine parameters cannot fold a gate")
         self.example = example[:1].detach().clone()
-        self.graph: UnitGraph = trace_units(model, self.example, o.output_layers)
+        from ..models import Attention, FeedForward
+
+        if any(isinstance(m, (Attention, FeedForward)) for m in model.modules()):
+            self.graph: UnitGraph = transformer_units(model, self.example)  # heads and MLP neurons
+        else:
+            self.graph = trace_units(model, self.example, o.output_layers)
         if not self.graph.groups:
             raise UnitError("the network has no prunable unit (every channel feeds the output)")
         self.weighting = o.weighting
@@ -127,14 +162,26 @@ class L0Units(SparsityMethod):
                 for g in self.graph.groups
             }
         )
-        model.add_module(GATES, gates)
+        # The gates live in the model (its state_dict and DistributedDataParallel hold them), on
+        # the model itself -- or, when it is a container whose forward runs every child (an
+        # nn.Sequential), on its first layer
+        self.host = _host(model)
+        dict(model.named_modules())[self.host].add_module(GATES, gates)
         self.gates = gates
         modules = dict(model.named_modules())
         self._handles = [
             modules[site].register_forward_hook(_ScaleOutput(gates[_key(group)]))
             for site, group in self.graph.gate_sites.items()
         ]
+        self._handles += [
+            modules[site].register_forward_pre_hook(_ScaleInput(gates[_key(group)], per_unit))
+            for site, (group, per_unit) in self.graph.input_sites.items()
+        ]
         self._handles.append(model.register_forward_pre_hook(_Resample(list(gates.values()))))
+        self.kinds = {
+            kind: tuple(g.name for g in self.graph.groups if g.kind == kind)
+            for kind in dict.fromkeys(g.kind for g in self.graph.groups)
+        }
         self.dense = float(self.graph.count(torch.ones(self.graph.num_units, device=device), self.weighting))
 
     # -- building ------------------------------------------------------------------------------
@@ -148,7 +195,26 @@ class L0Units(SparsityMethod):
             method = cls(model, example, options)
         except UnitError as exc:
             raise ConfigError(f"{context.prefix}method=l0_units: {exc}") from None
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        targets = method.targets_from_spec(spec, f"{context.prefix}targets")
+        o = options or L0UnitsOptions()
+        for kind in ("heads", "neurons"):
+            budget = getattr(o, kind)
+            if budget is None:
+                continue
+            if kind not in method.kinds:
+                raise ConfigError(
+                    f"{context.prefix}{kind}={budget}: the model has no {kind} (no Attention / FeedForward)"
+                )
+            lam = spec.lambdas[0] if spec.lambdas else None
+            targets.append(method.kind_target(kind, budget, spec.measures[0], lam, spec.restarts))
+        return method, targets
+
+    def kind_target(
+        self, kind: str, epsilon: float, measure: str = "exact", lam: float | None = None, restarts: bool = True
+    ) -> Target:
+        """``at most epsilon of the model's units of this kind open`` (``heads``, ``neurons``,
+        ``channels``), beside the model-wise budget."""
+        return Target(epsilon, self.kinds[kind], measure, lam, f"{self.name}_{kind}", self, restarts)
 
     def layer_names(self) -> list[str]:
         return [g.name for g in self.graph.groups]
@@ -200,6 +266,8 @@ class L0Units(SparsityMethod):
             for g in self.graph.groups:
                 gate = self.gates[_key(g.name)]
                 out[f"density/{g.name}"] = float(gate.active().float().mean())
+            for kind, groups in self.kinds.items():  # the share of each kind's units open
+                out[f"density/{kind}"] = float(self.densities(groups)[1])
             expected, exact = self.densities()
             out["density/model"] = float(exact)
             out["density_expected/model"] = float(expected)
@@ -207,7 +275,12 @@ class L0Units(SparsityMethod):
         return out
 
     def measure_key(self, target: Target) -> str | None:
-        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
+        if target.layers is None:
+            return "density/model"
+        if len(target.layers) == 1:
+            return f"density/{target.layers[0]}"
+        kind = next((k for k, groups in self.kinds.items() if tuple(target.layers) == groups), None)
+        return None if kind is None else f"density/{kind}"
 
     def report_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -301,7 +374,8 @@ class L0Units(SparsityMethod):
         layer's weight and bias) it scales, and no gate left: the same outputs in eval mode, a
         closed unit an all-zero channel."""
         folded = copy.deepcopy(model)
-        gates = getattr(folded, GATES)
+        host = folded.get_submodule(self.host) if self.host else folded
+        gates = getattr(host, GATES)
         modules = dict(folded.named_modules())
         for site, group in self.graph.gate_sites.items():
             z = gates[_key(group)].deterministic()
@@ -313,11 +387,14 @@ class L0Units(SparsityMethod):
                 layer.weight.mul_(z.view(-1, *([1] * (layer.weight.dim() - 1))))
                 if layer.bias is not None:
                     layer.bias.mul_(z)
+        for site, (group, per_unit) in self.graph.input_sites.items():
+            z = gates[_key(group)].deterministic().repeat_interleave(per_unit)
+            modules[site].weight.mul_(z.view(1, -1))  # column j of the next layer reads unit j's output
         for module in folded.modules():
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                for key in [k for k, h in hooks.items() if isinstance(h, (_ScaleOutput, _Resample))]:
+                for key in [k for k, h in hooks.items() if isinstance(h, (_ScaleOutput, _ScaleInput, _Resample))]:
                     del hooks[key]
-        delattr(folded, GATES)
+        delattr(host, GATES)
         return folded
 
     def closed_units(self) -> dict[str, list[int]]:
@@ -331,8 +408,12 @@ class L0Units(SparsityMethod):
         """Remove the closed units from ``folded`` (a :meth:`fold` of the model), in place.
         Returns how many units each group lost."""
         closed = self.closed_units()
-        prune(folded, self.example.to(next(folded.parameters()).device), closed)
-        return {name: len(idxs) for name, idxs in closed.items() if idxs}
+        if self.graph.input_sites:
+            prune_transformer(folded, closed)
+        else:
+            prune(folded, self.example.to(next(folded.parameters()).device), closed)
+        sizes = {g.name: g.size for g in self.graph.groups}  # a group keeps one unit at least
+        return {name: min(len(idxs), sizes[name] - 1) for name, idxs in closed.items() if idxs}
 
     def detach(self) -> None:
         """Remove the gates' hooks from the model (its ``unit_gates`` stay, for their state)."""

@@ -15,7 +15,7 @@ from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..files import first_line, load_torch_file
 from ..methods import BuildContext, SparsityMethod, Target
-from ..models import MLP, RESNETS, ConvNet, LeNet5Caffe, user_model
+from ..models import MLP, RESNETS, ConvNet, LeNet5Caffe, ViT, user_model
 from ..problem import DualOptimizer, PrimalOptimizer, SparsityProblem, build_optimizer
 
 __all__ = [
@@ -47,6 +47,10 @@ def build_model(cfg: Config, dataset: Dataset) -> nn.Module:
             return MLP(int(math.prod(shape)), cfg.model.hidden, dataset.num_classes, cfg.model.activation)
         if cfg.model.name == "convnet":
             return ConvNet(shape, cfg.model.channels, cfg.model.hidden, dataset.num_classes)
+        if cfg.model.name == "vit":
+            if len(shape) != 3:
+                raise ConfigError(f"model.name='vit' needs images (C, H, W); dataset has {shape}")
+            return ViT(shape, dataset.num_classes)
         if cfg.model.name in RESNETS:
             if len(shape) != 3:
                 raise ConfigError(f"model.name={cfg.model.name!r} needs images (C, H, W); dataset has {shape}")
