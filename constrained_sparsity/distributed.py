@@ -256,6 +256,34 @@ def state_tensors(model: nn.Module, optimizers: Any) -> list[torch.Tensor]:
     return tensors
 
 
+@torch.no_grad()
+def average_norm_statistics(ctx: Context, model: nn.Module) -> None:
+    """BatchNorm running statistics averaged over the ranks, in place.
+
+    Each rank's come from its slice of the global batch (``nn.SyncBatchNorm`` works on GPUs
+    only), so without this the ranks would hold different networks at an epoch's end. Called
+    before the ranks' states are compared; a network without BatchNorm is left alone.
+    """
+    if not ctx.active:
+        return
+    buffers = [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in (m.running_mean, m.running_var)
+        if b is not None
+    ]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    start = 0
+    for b in buffers:
+        b.copy_(flat[start : start + b.numel()].view_as(b))
+        start += b.numel()
+
+
 def check_agreement(ctx: Context, tensors: Sequence[torch.Tensor], device: torch.device) -> float:
     """The largest difference between ranks over ``tensors`` (0.0 when they agree; NaN counts as
     a difference). Two all-reduces (max and min) of their concatenation; every rank gets the

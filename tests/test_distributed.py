@@ -267,3 +267,21 @@ def test_a_nan_on_one_rank_stops_every_rank_with_exit_code_1_and_the_checkpoint_
     assert ckpt["epoch"] == 1
     for key, value in before.items():
         assert torch.equal(ckpt["model"][key], value)
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_resnet_with_batchnorm_and_unit_gates(tmp_path):
+    """BatchNorm's running statistics come from each rank's slice: they are averaged over the
+    ranks at every epoch's end (SyncBatchNorm is GPU-only), so the ranks hold one network."""
+    argv = [
+        "train", "fashion_resnet20_l0_units_constrained", "data.name=digits", "data.batch_size=64", "train.epochs=2",
+        "train.threads=1", *QUIET, "--run-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    procs = _spawn(_cli_worker, 2, argv, -1, str(tmp_path))
+    assert _join(procs) == [0, 0], (tmp_path / "stderr-0.txt").read_text()[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["distributed"]["ranks_agree"] is True and summary["feasible"] is True
+    compaction = summary["compaction"]
+    assert summary["density"]["model"] * compaction["params_before"] == pytest.approx(
+        compaction["params_after"], abs=0.5
+    )

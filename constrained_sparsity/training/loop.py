@@ -180,6 +180,7 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                     sig = signal.Signals(signum).name
                     raise TrainingInterrupted(plan.on_stop(pos, sig), signum)
             if ctx.active:
+                distributed.average_norm_statistics(ctx, plan.problem.model)
                 difference = distributed.check_agreement(
                     ctx, distributed.state_tensors(plan.problem.model, plan.optimizers), device
                 )
