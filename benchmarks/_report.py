@@ -90,6 +90,22 @@ def dense_and_compact(run_dir: str | Path):  # type: ignore[no-untyped-def]
     return trained.cfg, trained.dataset, shape, dense, small
 
 
+def latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 20, batch: int = 256) -> float:
+    """Median milliseconds of one eval-mode forward pass of a batch of ``batch`` random examples
+    of ``shape`` (after 3 warm-up passes)."""
+    x = torch.rand(batch, *shape)
+    module = module.eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def first_feasible(history: list[dict]) -> int | None:
     """The first epoch of a run's log at which every budget holds (None: never, or no budget)."""
     for row in history:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,20 +57,6 @@ def _config(overrides: list[str], dense: bool = False) -> cs.Config:
 
 def _say(msg: str) -> None:
     print(f"[resnet] {msg}", file=sys.stderr, flush=True)
-
-
-def _latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 10) -> float:
-    x = torch.rand(256, *shape)
-    module = module.eval()
-    with torch.inference_mode():
-        for _ in range(2):
-            module(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _row(name: str, result: cs.RunResult, budget: float | None) -> dict:
@@ -134,7 +119,7 @@ def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: in
         "params": count_params(model),
         "flops": count_flops(model, shape),
         "seconds": time.perf_counter() - t0,
-        "latency_ms": _latency_ms(model, shape),
+        "latency_ms": _report.latency_ms(model, shape),
     }
 
 
@@ -192,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _, _, shape, dense_net, _ = _report.dense_and_compact(dense.run_dir)
     _, _, _, _, small = _report.dense_and_compact(constrained[first].run_dir)
-    latency = {"dense": _latency_ms(dense_net, shape), "compact": _latency_ms(small, shape)}
+    latency = {"dense": _report.latency_ms(dense_net, shape), "compact": _report.latency_ms(small, shape)}
     flop_ratio = count_flops(small, shape) / count_flops(dense_net, shape)
     report.update(rows=rows, timing_s_per_epoch=timing, latency_ms=latency, flop_ratio=flop_ratio)
     lines = [

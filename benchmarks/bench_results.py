@@ -49,7 +49,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import _report
@@ -191,7 +190,7 @@ def _measure_run(run_dir: Path) -> dict:
         "epochs_to_budget": _epochs_to_budget(run_dir),
         "params": compaction.get("params_after"),
         "flops": compaction.get("flops_after"),
-        "latency_ms": _latency_ms(compact, shape),
+        "latency_ms": _report.latency_ms(compact, shape),
     }
 
 
@@ -234,19 +233,6 @@ def _epochs_to_budget(run_dir: Path) -> int | None:
         if "finish/epoch" not in row and violations and all(v <= 0 for v in violations):
             return int(row["epoch"])
     return None
-
-
-def _latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 20) -> float:
-    x = torch.rand(256, *shape)
-    with torch.inference_mode():
-        for _ in range(3):
-            module(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _measured(row: dict, method: str) -> dict:

@@ -10,8 +10,9 @@ with ReLUs between them; compaction and the FLOP measure refuse grouped convolut
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ __all__ = [
     "bake",
     "layer_output_shapes",
     "model_device",
+    "observe",
     "model_dtype",
     "original_weight",
     "parse_chain",
@@ -137,26 +139,39 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def layer_output_shapes(
-    model: nn.Module, layers: Sequence[nn.Module], example: torch.Tensor
-) -> list[tuple[nn.Module, torch.Size]]:
-    """``(layer, output shape)`` of every call of one of ``layers`` when ``model`` runs ``example``.
+def observe(
+    model: nn.Module,
+    example: torch.Tensor,
+    forward: dict[nn.Module, Callable[..., Any]] | None = None,
+    pre: dict[nn.Module, Callable[..., Any]] | None = None,
+) -> Any:
+    """Run ``model`` on ``example`` once with forward hooks (``module -> hook(module, inputs,
+    output)``) and forward pre-hooks (``module -> hook(module, inputs)``), and return its output.
 
-    In call order, in eval mode and without autograd; the model's mode is restored and the
-    forward hooks that record the shapes are removed whatever happens. ``example`` is moved
-    to the model's device and dtype.
+    In eval mode (no batch statistics updated, no random draw) and without autograd; the
+    model's mode is restored and the hooks removed whatever happens. ``example`` is moved to
+    the model's device and dtype.
     """
     example = example.to(device=model_device(model), dtype=model_dtype(model))
-    calls: list[tuple[nn.Module, torch.Size]] = []
-    handles = [m.register_forward_hook(lambda m, _inp, out: calls.append((m, out.shape))) for m in layers]
+    handles = [m.register_forward_hook(h) for m, h in (forward or {}).items()]
+    handles += [m.register_forward_pre_hook(h) for m, h in (pre or {}).items()]
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        return model(example)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
+
+
+def layer_output_shapes(
+    model: nn.Module, layers: Sequence[nn.Module], example: torch.Tensor
+) -> list[tuple[nn.Module, torch.Size]]:
+    """``(layer, output shape)`` of every call of one of ``layers`` when ``model`` runs ``example``
+    (in call order; see :func:`observe`)."""
+    calls: list[tuple[nn.Module, torch.Size]] = []
+    observe(model, example, forward={m: lambda m, _inp, out: calls.append((m, out.shape)) for m in layers})
     return calls
 
 

@@ -3,7 +3,6 @@ ResNets with BatchNorm and residual adds that structured pruning is measured on.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections import OrderedDict
@@ -12,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .specs import import_spec
 
 __all__ = [
     "ACTIVATIONS",
@@ -195,15 +196,8 @@ def user_model(spec: str, kwargs: dict[str, Any], input_shape: Sequence[int], nu
         ValueError: a module that does not import, a name that is not an ``nn.Module`` class,
             or a constructor that fails (one line each).
     """
-    module_name, _, qualname = spec.partition(":")
-    try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} ({exc})") from None
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no {qualname!r}")
-        obj = getattr(obj, part)
+    qualname = spec.partition(":")[2]
+    obj = import_spec(spec)
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ValueError(f"{qualname} is not a torch.nn.Module class")
     shape = tuple(input_shape)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .graph import layer_output_shapes, observe
+
 __all__ = [
     "GATES",
     "LayerDims",
@@ -129,17 +131,8 @@ class UnitGraph:
 def _leaf_output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """The leaf module whose output is the network's output (its outputs are not units)."""
     produced: dict[int, nn.Module] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, _i, out: produced.__setitem__(id(out), mod))
-        for m in model.modules()
-        if not list(m.children())
-    ]
-    try:
-        with torch.no_grad():
-            out = model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    leaves = [m for m in model.modules() if not list(m.children())]
+    out = observe(model, example, forward={m: lambda mod, _i, o: produced.__setitem__(id(o), mod) for m in leaves})
     return produced.get(id(out)) if isinstance(out, torch.Tensor) else None
 
 
@@ -157,35 +150,19 @@ def _normalised(model: nn.Module, example: torch.Tensor) -> set[nn.Module]:
         if inputs and id(inputs[0]) in outputs:
             found.add(outputs[id(inputs[0])])
 
-    hooks = [m.register_forward_hook(produced) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks += [
-        m.register_forward_pre_hook(normalises)
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    observe(model, example, forward=dict.fromkeys(layers, produced), pre=dict.fromkeys(norms, normalises))
     return found
 
 
 def _output_positions(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
-    positions: dict[nn.Module, int] = {}
-
-    def hook(mod: nn.Module, _inputs: object, out: torch.Tensor) -> None:
-        positions[mod] = math.prod(out.shape[2:]) if isinstance(mod, nn.Conv2d) else math.prod(out.shape[1:-1])
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return positions
+    """Output positions per example of every Conv2d (H x W) and Linear (the dims between batch and features)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return {
+        m: math.prod(shape[2:]) if isinstance(m, nn.Conv2d) else math.prod(shape[1:-1])
+        for m, shape in layer_output_shapes(model, layers, example)
+    }
 
 
 def _dependency_graph(model: nn.Module, example: torch.Tensor):  # type: ignore[no-untyped-def]

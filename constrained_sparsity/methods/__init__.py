@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 
+from ..specs import import_spec
 from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
 from .cges import CGES, CGESOptions, attach_cges
 from .dns import DNS, DNSOptions, attach_dns
@@ -125,15 +125,8 @@ def get_method(spec: str) -> type[SparsityMethod]:
             + (f" (declared as sections: {', '.join(sections)})" if sections else "")
             + f", {NONE}, or module:Class for a method of your own"
         )
-    module_name, _, qualname = spec.partition(":")
-    try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} ({exc})") from None
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no {qualname!r}")
-        obj = getattr(obj, part)
+    qualname = spec.partition(":")[2]
+    obj = import_spec(spec)
     if not (isinstance(obj, type) and issubclass(obj, SparsityMethod)):
         raise ValueError(f"{qualname} is not a subclass of constrained_sparsity.methods.SparsityMethod")
     if not obj.name:

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
-from ..graph import ChainError, bake, layer_output_shapes, original_weight, parse_chain
+from ..graph import ChainError, bake, layer_output_shapes, observe, original_weight, parse_chain
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
 
 __all__ = [
@@ -812,32 +812,7 @@ class L0Gates(SparsityMethod):
             expected, exact = self.densities(target.layers)
             return float(expected if target.measure == "expected" else exact)
 
-        if value() <= target.epsilon:
-            return {}
-        # the gates open at test time, by increasing P(z != 0) (ties by position, deterministically)
-        probs, owner, index = [], [], []
-        for i, layer in enumerate(selected):
-            open_gates = layer.gate.active().nonzero().squeeze(1)
-            probs.append(layer.gate.prob_nonzero()[open_gates].double().cpu())
-            owner.append(torch.full((len(open_gates),), i, dtype=torch.long))
-            index.append(open_gates.cpu())
-        order = torch.sort(torch.cat(probs), stable=True).indices
-        owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
-        original = [layer.gate.log_alpha.clone() for layer in selected]
-
-        def close(k: int) -> None:
-            for i, (layer, la) in enumerate(zip(selected, original)):
-                layer.gate.log_alpha.copy_(la)
-                shut = index_sorted[:k][owner_sorted[:k] == i].to(la.device)
-                layer.gate.log_alpha[shut] = layer.gate.closed_value()
-
-        lo, hi = 0, len(order)  # closing them all meets any budget >= 0
-        while lo < hi:
-            mid = (lo + hi) // 2
-            close(mid)
-            lo, hi = (lo, mid) if value() <= target.epsilon else (mid + 1, hi)
-        close(lo)
-        counts = torch.bincount(owner_sorted[:lo], minlength=len(selected)).tolist()
+        counts = close_least_likely_([layer.gate for layer in selected], value, target.epsilon)
         return {layer.name: n for layer, n in zip(selected, counts) if n}
 
     # -- the method interface ------------------------------------------------------------
@@ -1034,6 +1009,40 @@ def attach_l0(
     return handle
 
 
+@torch.no_grad()
+def close_least_likely_(gates: Sequence[HardConcreteGate], value: Callable[[], float], epsilon: float) -> list[int]:
+    """Close the open gates with the lowest keep-probability P(z != 0) until ``value() <= epsilon``:
+    the fewest such gates. The measure never grows when a gate closes, so a binary search over
+    how many of the sorted gates to close finds the smallest number. Returns how many gates
+    closed in each of ``gates`` (none if the budget already holds)."""
+    if value() <= epsilon:
+        return [0] * len(gates)
+    # the gates open at test time, by increasing P(z != 0) (ties by position, deterministically)
+    probs, owner, index = [], [], []
+    for i, gate in enumerate(gates):
+        open_gates = gate.active().nonzero().squeeze(1)
+        probs.append(gate.prob_nonzero()[open_gates].double().cpu())
+        owner.append(torch.full((len(open_gates),), i, dtype=torch.long))
+        index.append(open_gates.cpu())
+    order = torch.sort(torch.cat(probs), stable=True).indices
+    owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
+    original = [gate.log_alpha.clone() for gate in gates]
+
+    def close(k: int) -> None:
+        for i, (gate, la) in enumerate(zip(gates, original)):
+            gate.log_alpha.copy_(la)
+            shut = index_sorted[:k][owner_sorted[:k] == i].to(la.device)
+            gate.log_alpha[shut] = gate.closed_value()
+
+    lo, hi = 0, len(order)  # closing them all meets any budget >= 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        close(mid)
+        lo, hi = (lo, mid) if value() <= epsilon else (mid + 1, hi)
+    close(lo)
+    return torch.bincount(owner_sorted[:lo], minlength=len(gates)).tolist()
+
+
 def _check_reached(model: nn.Module, chosen: Mapping[str, str], example: torch.Tensor | None) -> None:
     """Refuse a layer whose gate would never act: one its module uses without calling it
     (``nn.MultiheadAttention``'s ``out_proj``, ``F.linear(x, layer.weight)``). A gate draws its
@@ -1051,16 +1060,7 @@ def _check_reached(model: nn.Module, chosen: Mapping[str, str], example: torch.T
     if example is None:
         return
     called: set[str] = set()
-    hooks = [modules[n].register_forward_pre_hook(lambda _m, _a, n=n: called.add(n)) for n in chosen if n in modules]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    observe(model, example, pre={modules[n]: lambda _m, _a, n=n: called.add(n) for n in chosen if n in modules})
     never = [n for n in chosen if n in modules and n not in called]
     if never:
         raise ValueError(

@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import OptionError
 from ..units import GATES, UnitError, UnitGraph, prune, prune_transformer, trace_units, transformer_units
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
-from .l0 import HardConcreteGate
+from .l0 import HardConcreteGate, close_least_likely_
 
 __all__ = ["L0Units", "L0UnitsOptions", "attach_l0_units"]
 
@@ -338,33 +338,8 @@ class L0Units(SparsityMethod):
             expected, exact = self.densities(target.layers)
             return float(expected if target.measure == "expected" else exact)
 
-        if value() <= target.epsilon:
-            return {}
         names = list(target.layers) if target.layers is not None else [g.name for g in self.graph.groups]
-        gates = [self.gates[_key(n)] for n in names]
-        probs, owner, index = [], [], []
-        for i, gate in enumerate(gates):
-            open_units = gate.active().nonzero().squeeze(1)
-            probs.append(gate.prob_nonzero()[open_units].double().cpu())
-            owner.append(torch.full((len(open_units),), i, dtype=torch.long))
-            index.append(open_units.cpu())
-        order = torch.sort(torch.cat(probs), stable=True).indices
-        owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
-        original = [g.log_alpha.clone() for g in gates]
-
-        def close(k: int) -> None:
-            for i, (gate, la) in enumerate(zip(gates, original)):
-                gate.log_alpha.copy_(la)
-                shut = index_sorted[:k][owner_sorted[:k] == i].to(la.device)
-                gate.log_alpha[shut] = gate.closed_value()
-
-        lo, hi = 0, len(order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            close(mid)
-            lo, hi = (lo, mid) if value() <= target.epsilon else (mid + 1, hi)
-        close(lo)
-        counts = torch.bincount(owner_sorted[:lo], minlength=len(gates)).tolist()
+        counts = close_least_likely_([self.gates[_key(n)] for n in names], value, target.epsilon)
         return {n: c for n, c in zip(names, counts) if c}
 
     # -- compaction ----------------------------------------------------------------------------
