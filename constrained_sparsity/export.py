@@ -217,13 +217,7 @@ def save_compact(
     arch = architecture(module)
     state, stored_sparse = _sparse_state(module, compacted.sparse_weights)
     info = {"architecture": arch, "input_shape": list(input_shape), "sparse": stored_sparse, "meta": meta or {}}
-    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
-    tmp = paths["model"].with_suffix(".tmp")
-    torch.save({**info, "state_dict": state}, tmp)
-    tmp.replace(paths["model"])
-    paths["architecture"].write_text(json.dumps(info, indent=2))
-    _export(module, paths["program"], input_shape)
-    return paths
+    return _write(out, info, state, module, input_shape)
 
 
 _DESCRIBED = (nn.Linear, nn.Conv2d, nn.MaxPool2d, nn.Flatten, SelectInputs, nn.ReLU, nn.Dropout, nn.Identity)
@@ -252,6 +246,20 @@ def _sparse_state(module: nn.Module, sparse_layers: Sequence[str]) -> tuple[dict
                 continue
         state[key] = value
     return state, stored_sparse
+
+
+def _write(
+    out: Path, info: dict[str, Any], state: dict[str, torch.Tensor], module: nn.Module, input_shape: Sequence[int]
+) -> dict[str, Path]:
+    """``model.pt`` (description + state_dict, written atomically), ``architecture.json`` (the
+    description) and ``model.pt2`` (the ``torch.export`` program)."""
+    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
+    tmp = paths["model"].with_suffix(".tmp")
+    torch.save({**info, "state_dict": state}, tmp)
+    tmp.replace(paths["model"])
+    paths["architecture"].write_text(json.dumps(info, indent=2))
+    _export(module, paths["program"], input_shape)
+    return paths
 
 
 def _export(module: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
@@ -297,13 +305,7 @@ def _save_units(
         "sparse": stored_sparse,
         "meta": meta or {},
     }
-    paths = {"model": out / "model.pt", "program": out / "model.pt2", "architecture": out / "architecture.json"}
-    tmp = paths["model"].with_suffix(".tmp")
-    torch.save({**info, "state_dict": state}, tmp)
-    tmp.replace(paths["model"])
-    paths["architecture"].write_text(json.dumps(info, indent=2))
-    _export(module, paths["program"], input_shape)
-    return paths
+    return _write(out, info, state, module, input_shape)
 
 
 def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
