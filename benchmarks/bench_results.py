@@ -117,13 +117,21 @@ def _planned_runs(setup: str, methods: list[str], args: argparse.Namespace) -> t
 # -- the results folder ----------------------------------------------------------------------
 def config_key(cfg: cs.Config) -> str:
     """What makes two runs the same run: the resolved config but for its name, where it logs
-    to, its thread count and where its data files lie."""
+    to, its thread count and where its data files lie. Empty sections (``model.kwargs: {}``)
+    are left out, so that a config field added later with an empty default keeps the keys of
+    the runs recorded before it."""
+
+    def pruned(value):  # type: ignore[no-untyped-def]
+        if isinstance(value, dict):
+            return {k: pruned(v) for k, v in value.items() if v != {}}
+        return value
+
     data = cfg.to_dict()
     data.pop("name", None)
     data.pop("tracking", None)
     data["train"].pop("threads", None)
     data["data"].pop("root", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(pruned(data), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _commit() -> str:
@@ -181,13 +189,12 @@ def _load(kept: Path) -> cs.RunResult:
 
 
 def _measure_run(run_dir: Path) -> dict:
-    """What the page reports of a run besides its summary: epochs to the budget, the compact
-    network's parameters, FLOPs per example and latency (batch 256, eval, median)."""
+    """What the page reports of a run besides its summary and log: the compact network's
+    parameters, FLOPs per example and latency (batch 256, eval, median)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     _, _, shape, _, compact = _report.dense_and_compact(run_dir)
     compaction = summary.get("compaction") or {}
     return {
-        "epochs_to_budget": _epochs_to_budget(run_dir),
         "params": compaction.get("params_after"),
         "flops": compaction.get("flops_after"),
         "latency_ms": _report.latency_ms(compact, shape),
@@ -225,22 +232,30 @@ def _say(msg: str) -> None:
 
 
 # -- what each row's run measured ----------------------------------------------------------------
-def _epochs_to_budget(run_dir: Path) -> int | None:
-    """The first epoch whose every exact measure was within its budget (``None``: never)."""
+def _epochs_to(run_dir: Path, budget: float) -> int | None:
+    """The first epoch whose exact measure was within ``budget`` (``None``: never). A joint λ
+    search's run serves several budgets, so the row's own budget is read against the log,
+    not the run's constraint (which holds the search's first budget)."""
+    from constrained_sparsity.lambda_search import within
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    key = summary["targets"][0].get("metric") if summary.get("targets") else None
+    if not key:
+        return None
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        violations = [v for k, v in row.items() if k.endswith("/strict_violation")]
-        if "finish/epoch" not in row and violations and all(v <= 0 for v in violations):
-            return int(row["epoch"])
+        entry = json.loads(line)
+        if "finish/epoch" not in entry and key in entry and within(entry[key], budget):
+            return int(entry["epoch"])
     return None
 
 
 def _measured(row: dict, method: str) -> dict:
     record = json.loads((Path(row["run_dir"]) / "record.json").read_text())
+    budget = float(row["target"])
     return {
         "method": method,
         "mode": row["method"] if row["method"] != "penalized" else f"penalized ({row['search'].split()[0]})",
-        "budget": float(row["target"]),
+        "budget": budget,
         "lambda": row["lambda"],
         "achieved": float(row["achieved"]),
         "test_error": float(row["test_error"]),
@@ -248,6 +263,7 @@ def _measured(row: dict, method: str) -> dict:
         "runs": int(row["runs_used"]),
         "wall_time_s": float(row["wall_time_s"]),
         **record["measured"],
+        "epochs_to_budget": _epochs_to(Path(row["run_dir"]), budget),
         "commit": record["commit"],
         "run_dir": str(Path(row["run_dir"]).relative_to(ROOT))
         if Path(row["run_dir"]).is_relative_to(ROOT)

@@ -70,7 +70,7 @@ def test_the_results_folder_keeps_finished_runs_and_retrains_a_changed_config(be
             "config.yaml", "metrics.jsonl", "record.json", "summary.json"
         ]  # fmt: skip
         saved = json.loads(record.read_text())
-        assert saved["commit"] and set(saved["measured"]) == {"epochs_to_budget", "params", "flops", "latency_ms"}
+        assert saved["commit"] and set(saved["measured"]) == {"params", "flops", "latency_ms"}
     stamps = {k: p.stat().st_mtime_ns for k, p in records.items()}
     page = (tmp_path / "results.md").read_text()
     assert "| l0 | constrained | 1 |" in page and "| lwc | projected | 1 |" in page and "Still missing" not in page
@@ -98,3 +98,15 @@ def test_without_training_the_page_says_which_rows_are_missing(bench, tmp_path):
     assert "**Still missing**" in page and "* digits seed 0: l0 (from digits/seed0/l0/" in page
     assert "| lwc | projected | 1 |" in page and "| l0 |" not in page
     assert not (tmp_path / "results" / "digits" / "seed0" / "l0").exists()
+
+
+def test_epochs_to_a_budget_are_read_against_the_rows_budget_not_the_runs(bench, tmp_path):
+    """A joint λ search's run serves every budget: its log is read against the row's budget."""
+    (tmp_path / "summary.json").write_text(json.dumps({"targets": [{"metric": "density/model"}]}))
+    rows = [{"epoch": 1, "density/model": 0.6}, {"epoch": 2, "density/model": 0.33}, {"epoch": 3, "density/model": 0.2}]
+    rows.append({"epoch": 4, "finish/epoch": 4, "density/model": 0.05})  # the finishing phase does not count
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench._epochs_to(tmp_path, 0.5) == 2
+    assert bench._epochs_to(tmp_path, 0.33) == 2  # as the training step decides it, in float32
+    assert bench._epochs_to(tmp_path, 0.2) == 3
+    assert bench._epochs_to(tmp_path, 0.1) is None
