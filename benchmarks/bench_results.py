@@ -408,7 +408,10 @@ def _page(report: dict, args: argparse.Namespace, plots: dict[str, Path], page: 
         *_report.markdown_header(report),
     ]
     if report.get("missing"):
-        lines += ["**Still missing** (not yet trained; the command above with `--reuse` goes on from here):", ""]
+        lines += [
+            "**Still missing** (not yet trained, or failed; the command above with `--reuse` goes on from here):",
+            "",
+        ]
         lines += [f"* {m}" for m in report["missing"]] + [""]
     for setup, data in report["setups"].items():
         dense = data["dense"]
@@ -471,12 +474,22 @@ class _ReadOnly(ResultsFolder):
         return kept
 
 
+class Failed(Exception):
+    """A run of the page that failed (diverged, or a bad config): its comparison is left out,
+    the page says why, and the other runs go on."""
+
+
 def _or_missing(task):  # type: ignore[no-untyped-def]
     def wrapped():  # type: ignore[no-untyped-def]
         try:
             return task()
         except Missing as exc:
             return exc
+        except cs.TrainingInterrupted:
+            raise
+        except cs.CSparseError as exc:  # the page goes on without it
+            _say(f"failed: {exc}")
+            return Failed(str(exc).splitlines()[0])
 
     return wrapped
 
@@ -583,15 +596,19 @@ def main(argv: list[str] | None = None) -> int:
         for s, seed, dense_index, spans in work:
             if s != setup:
                 continue
-            if isinstance(made[dense_index], Missing):
-                report["missing"].append(f"{setup} seed {seed}: dense")
+            if isinstance(made[dense_index], (Missing, Failed)):
+                how = "failed: " if isinstance(made[dense_index], Failed) else ""
+                report["missing"].append(
+                    f"{setup} seed {seed}: dense{' (' + how + str(made[dense_index]) + ')' if how else ''}"
+                )
             else:
                 dense.append(made[dense_index])
             for plan, indices in spans:
                 outputs = [made[i] for i in indices]
-                gone = [o for o in outputs if isinstance(o, Missing)]
+                gone = [o for o in outputs if isinstance(o, (Missing, Failed))]
                 if gone:
-                    report["missing"].append(f"{setup} seed {seed}: {plan.method.spec} (from {gone[0]})")
+                    how = "failed: " if isinstance(gone[0], Failed) else "from "
+                    report["missing"].append(f"{setup} seed {seed}: {plan.method.spec} ({how}{gone[0]})")
                     continue
                 seeds.add(seed)
                 measured += [_measured(r, plan.method.spec) for r in plan.finish(outputs).rows]

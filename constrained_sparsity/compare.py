@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config, DeclaredMethod, apply_overrides, config_from_dict
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDiverged
 from .jobs import Runner
 from .lambda_search import BisectResult, JointSearchResult, bisect_lambda, joint_search
 from .lambda_search import within as _within
@@ -325,6 +325,15 @@ class _Plan:
         data["tracking"].update(group=self.group, job_type=job_type, out_dir=str(self.out / "runs"))
         return self.runner.train(config_from_dict(data), self.out / "runs" / label, label=f"{self.cfg.name} {label}")
 
+    def _try_run(self, label: str, overrides: list[str]) -> RunResult | None:
+        """A penalised run of a λ search; ``None`` when it diverged (the search takes that as a
+        penalty too strong and goes on)."""
+        try:
+            return self._run(label, "penalized", overrides)
+        except TrainingDiverged as exc:
+            self.runner.progress.say(f"[compare] {label}: diverged, counted as a penalty too strong ({exc})")
+            return None
+
     def _row(self, label: str, search: str, result: RunResult, budget: Any, lam: Any, runs: int, wall: float) -> dict:
         method = self.method
         achieved = method.measure(result, budget)
@@ -364,10 +373,12 @@ class _Plan:
         method, every_run = self.method, []
         seen: dict[tuple[float, ...], tuple[RunResult, str]] = {}
 
-        def evaluate(lam: list[float]) -> list[float]:
+        def evaluate(lam: list[float]) -> list[float] | None:
             label = f"penalized-bisect-{_slug(budget)}-{len(seen) + 1}"
-            result = self._run(label, "penalized", method.penalized(budget, lam))
+            result = self._try_run(label, method.penalized(budget, lam))
             seen[tuple(lam)] = (result, label)
+            if result is None:
+                return None
             every_run.append(({"label": label, "lambda": lam[0] if len(lam) == 1 else lam}, result, budget))
             return method.measure(result, budget)
 
@@ -376,8 +387,10 @@ class _Plan:
         self.bisections[_slug(budget)] = found
         self.runner.progress.drop(self.options.max_runs - found.runs)
         result, label = seen[tuple(found.lam)]
+        if result is None:
+            raise TrainingDiverged(f"every run of the λ bisection for {budget} diverged")
         lam_out: Any = found.lam[0] if len(found.lam) == 1 else [round(v, 6) for v in found.lam]
-        wall = sum(r.wall_time_s for r, _ in seen.values())
+        wall = sum(r.wall_time_s for r, _ in seen.values() if r is not None)
         row = self._row(label, "bisect", result, budget, lam_out, found.runs, wall)
         row["search"] = f"bisect ({found.reason})"
         self.runner.progress.say(
@@ -387,12 +400,14 @@ class _Plan:
 
     def _joint(self) -> _Made:
         method, targets, every_run = self.method, list(self.options.targets), []
-        made: list[tuple[RunResult, str]] = []
+        made: list[tuple[RunResult | None, str]] = []
 
-        def evaluate(lam: float) -> float:
+        def evaluate(lam: float) -> float | None:
             label = f"penalized-search-{len(made) + 1}"
-            result = self._run(label, "penalized", method.penalized(targets[0], [lam]))
+            result = self._try_run(label, method.penalized(targets[0], [lam]))
             made.append((result, label))
+            if result is None:
+                return None
             every_run.append(({"label": label, "lambda": lam}, result, None))
             return method.measure(result, targets[0])[0]
 
@@ -400,11 +415,13 @@ class _Plan:
         cap = self.options.max_runs * len(targets)
         found = joint_search(evaluate, [float(t) for t in targets], *bracket, tol=self.tol, max_runs=cap)
         self.runner.progress.drop(cap - found.runs)
-        wall = sum(r.wall_time_s for r, _ in made)
+        wall = sum(r.wall_time_s for r, _ in made if r is not None)
         rows = []
         for budget, i, converged in zip(targets, found.chosen, found.converged):
             self.bisections[_slug(budget)] = found
             result, label = made[i]
+            if result is None:
+                raise TrainingDiverged(f"every run of the joint λ search ({method.spec}) diverged")
             row = self._row(label, "joint", result, budget, found.history[i][0], found.runs, wall)
             how = "within tolerance" if converged else "closest miss"
             row["search"] = f"joint ({how}; {found.runs} runs for {len(targets)} budgets)"

@@ -53,7 +53,7 @@ class BisectResult:
 
 
 def bisect_lambda(
-    evaluate: Callable[[list[float]], list[float]],
+    evaluate: Callable[[list[float]], list[float] | None],
     targets: Sequence[float],
     lo: float = 1e-3,
     hi: float = 1e2,
@@ -63,7 +63,9 @@ def bisect_lambda(
     """Bisection on ``log(lambda)`` so that ``evaluate(lambda)`` is within ``tol`` of ``targets``.
 
     ``evaluate`` maps one lambda per coordinate to the achieved measure per coordinate and must
-    be non-increasing in each lambda (a larger penalty, a sparser network). Every coordinate
+    be non-increasing in each lambda (a larger penalty, a sparser network); ``None`` says the
+    run failed (diverged), taken as a penalty too strong: the next lambda is smaller, and the
+    run is never the one returned unless every run failed (its values then NaN). Every coordinate
     keeps its own bracket ``[lo, hi]`` and is evaluated at the bracket's geometric midpoint;
     all coordinates share each run. Stops when every coordinate is within ``tol`` or after
     ``budget`` runs. The returned lambda is the last one evaluated on convergence; otherwise
@@ -75,7 +77,12 @@ def bisect_lambda(
     history: list[tuple[list[float], list[float]]] = []
     for _ in range(budget):
         lam = [math.exp((a + b) / 2) for a, b in zip(lows, highs)]
-        value = list(evaluate(lam))
+        measured = evaluate(lam)
+        if measured is None:  # the run failed (diverged): taken as a penalty too strong
+            history.append((lam, [math.nan] * n))
+            highs = [math.log(v) for v in lam]
+            continue
+        value = list(measured)
         history.append((lam, value))
         if all(abs(v - t) <= tol for v, t in zip(value, targets)):
             return BisectResult(lam, value, len(history), True, "within tolerance", history)
@@ -87,10 +94,12 @@ def bisect_lambda(
             else:
                 highs[i] = math.log(lam[i])
 
-    def miss(item: tuple[list[float], list[float]]) -> tuple[bool, float]:
+    def miss(item: tuple[list[float], list[float]]) -> tuple[bool, bool, float]:
         lam, value = item
+        if any(math.isnan(v) for v in value):  # a failed run: chosen only when every run failed
+            return (True, True, math.inf)
         feasible = all(v <= t + tol for v, t in zip(value, targets))
-        return (not feasible, max(abs(v - t) for v, t in zip(value, targets)))
+        return (False, not feasible, max(abs(v - t) for v, t in zip(value, targets)))
 
     lam, value = min(history, key=miss)
     return BisectResult(lam, value, len(history), False, f"budget of {budget} runs spent", history)
@@ -173,7 +182,7 @@ def _candidate(points: list[tuple[float, float]], target: float, tol: float, lo:
 
 
 def joint_search(
-    evaluate: Callable[[float], float],
+    evaluate: Callable[[float], float | None],
     targets: Sequence[float],
     lo: float = 1e-3,
     hi: float = 1e2,
@@ -189,15 +198,19 @@ def joint_search(
     one side only, at the secant through the two nearest, at most ``75 %`` of the way to the
     range's end; with fewer, at the bracket's midpoint (bisection). Every λ lies strictly
     inside ``(lo, hi)``. Stops when every budget is within ``tol`` or after ``max_runs`` runs.
+    ``evaluate`` returns ``None`` for a run that failed (diverged): it counts as a penalty too
+    strong (an emptied network) for the brackets, its measure is NaN in ``history``, and it is
+    never chosen unless every run failed.
     """
     _check(lo, hi, tol, max_runs)
     if not targets:
         raise ValueError("joint_search needs at least one target")
     lo_x, hi_x = math.log(lo), math.log(hi)
-    points: list[tuple[float, float]] = []  # (log λ, achieved) per run
+    points: list[tuple[float, float]] = []  # (log λ, achieved) per run; a failed run counts as emptied (0)
+    failed: set[int] = set()
 
     def hit(target: float) -> bool:
-        return any(abs(d - target) <= tol for _, d in points)
+        return any(abs(d - target) <= tol for i, (_, d) in enumerate(points) if i not in failed)
 
     while len(points) < max_runs:
         open_targets = [t for t in targets if not hit(t)]
@@ -208,16 +221,22 @@ def joint_search(
         if any(abs(x - p) < 1e-9 for p, _ in points):  # run already: bisect that bracket instead
             (a, _), (b, _), _, _ = _bracket(points, aim, tol, lo_x, hi_x)
             x = (a + b) / 2
-        points.append((x, float(evaluate(math.exp(x)))))
-    history = [(math.exp(x), d) for x, d in points]
+        measured = evaluate(math.exp(x))
+        if measured is None:  # the run failed (diverged): a penalty too strong, as an emptied network
+            failed.add(len(points))
+            points.append((x, 0.0))
+        else:
+            points.append((x, float(measured)))
+    history = [(math.exp(x), math.nan if i in failed else d) for i, (x, d) in enumerate(points)]
+    good = [i for i in range(len(history)) if i not in failed] or list(range(len(history)))
     chosen, converged = [], []
     for t in targets:
-        hits = [i for i, (_, d) in enumerate(history) if abs(d - t) <= tol]
+        hits = [i for i in good if abs(history[i][1] - t) <= tol]
         if hits:
             chosen.append(min(hits, key=lambda i: abs(history[i][1] - t)))
             converged.append(True)
         else:
-            chosen.append(min(range(len(history)), key=lambda i: (history[i][1] > t + tol, abs(history[i][1] - t))))
+            chosen.append(min(good, key=lambda i: (history[i][1] > t + tol, abs(history[i][1] - t))))
             converged.append(False)
     reason = "within tolerance" if all(converged) else f"budget of {max_runs} runs spent"
     return JointSearchResult(list(targets), chosen, converged, len(history), reason, history)

@@ -110,3 +110,18 @@ def test_epochs_to_a_budget_are_read_against_the_rows_budget_not_the_runs(bench,
     assert bench._epochs_to(tmp_path, 0.33) == 2  # as the training step decides it, in float32
     assert bench._epochs_to(tmp_path, 0.2) == 3
     assert bench._epochs_to(tmp_path, 0.1) is None
+
+
+def test_a_failed_run_leaves_the_page_going_and_a_stop_signal_stops_it(bench):
+    import constrained_sparsity as cs
+
+    def diverges():
+        raise cs.TrainingDiverged("loss became nan at epoch 24, step 1\nmore")
+
+    def interrupted():
+        raise cs.TrainingInterrupted("stopped", 15)
+
+    failed = bench._or_missing(diverges)()
+    assert isinstance(failed, bench.Failed) and str(failed) == "loss became nan at epoch 24, step 1"
+    with pytest.raises(cs.TrainingInterrupted):
+        bench._or_missing(interrupted)()

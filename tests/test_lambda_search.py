@@ -103,3 +103,22 @@ def test_the_search_rejects_bad_arguments():
         joint_search(CURVES["gentle"], BUDGETS, max_runs=0)
     with pytest.raises(ValueError, match="at least one target"):
         joint_search(CURVES["gentle"], [])
+
+
+def test_failed_runs_count_as_a_penalty_too_strong_and_are_never_chosen():
+    """A run that diverges (evaluate returns None) above some λ: both searches lower λ and land."""
+    curve = CURVES["l0-like"]
+    calls = []
+
+    def fragile(lam):
+        calls.append(lam)
+        return None if lam > 1.0 else curve(lam)
+
+    found = joint_search(fragile, BUDGETS, LO, HI, TOL, max_runs=24)
+    assert found.converged == [False, True, True]  # 0.1 needs λ ~ 2.4: only failed runs reach it
+    assert all(not math.isnan(v) for v in found.value) and any(lam > 1.0 for lam in calls)
+    assert all(math.isnan(d) for lam, d in found.history if lam > 1.0)
+    bisected = bisect_lambda(lambda lam: None if lam[0] > 1.0 else [curve(lam[0])], [0.33], LO, HI, TOL, 12)
+    assert bisected.converged and abs(bisected.value[0] - 0.33) <= TOL
+    everything_fails = bisect_lambda(lambda lam: None, [0.33], LO, HI, TOL, 3)
+    assert not everything_fails.converged and math.isnan(everything_fails.value[0])
