@@ -32,6 +32,7 @@ from torch import nn
 from .compact import CompactModel, SelectInputs, fast_pooling
 from .errors import CheckpointError
 from .files import load_torch_file
+from .models import RESNETS, Attention, ViT, user_model
 
 __all__ = [
     "architecture",
@@ -271,8 +272,6 @@ def _export(module: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
 
 def _widths(module: nn.Module) -> dict[str, dict[str, int]]:
     """The sizes of every layer units change: what turns a freshly built model into the compact one."""
-    from .models import Attention
-
     out = {}
     for name, m in module.named_modules():
         if isinstance(m, Attention):  # its heads: the rows of q, k, v it keeps
@@ -310,8 +309,6 @@ def _save_units(
 
 def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
     """Give ``module``'s layers the saved sizes (uninitialised weights, to be loaded)."""
-    from .models import Attention
-
     layers = dict(module.named_modules())
     unknown = sorted(set(widths) - set(layers))
     if unknown:
@@ -350,8 +347,6 @@ def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
 
 def load_units(data: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The network a ``format: units`` description and its ``state_dict`` give (``ValueError`` if they do not fit)."""
-    from .models import RESNETS, ViT, user_model
-
     spec = data.get("rebuild")
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(data.get("widths"), dict)):
         raise ValueError("its description (rebuild, widths) is malformed")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .graph import layer_output_shapes, observe
+from .models import Attention, FeedForward
 
 __all__ = [
     "GATES",
@@ -317,8 +318,6 @@ def transformer_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     gate scales a head's output before the output projection, a neuron's activation before
     ``fc2``. Every other Linear / Conv2d is counted whole (its FLOPs too); LayerNorms, embeddings
     and tokens are constant parameters."""
-    from .models import Attention, FeedForward
-
     names = {m: n for n, m in model.named_modules()}
     units: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     groups: list[UnitGroup] = []
@@ -369,8 +368,6 @@ def prune_transformer(model: nn.Module, closed: dict[str, list[int]]) -> nn.Modu
     """Remove closed heads (their ``q``/``k``/``v`` rows and ``out`` columns; ``heads`` updated)
     and MLP neurons (``fc1`` rows, ``fc2`` columns) from ``model``, in place. A module keeps
     at least one head / neuron (PyTorch's layers need one)."""
-    from .models import Attention, FeedForward
-
     modules = dict(model.named_modules())
     for name, idxs in closed.items():
         module = modules[name]

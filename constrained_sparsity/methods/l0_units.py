@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import ConfigError, OptionError
+from ..models import Attention, FeedForward
 from ..units import GATES, UnitError, UnitGraph, prune, prune_transformer, trace_units, transformer_units
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
 from .l0 import HardConcreteGate, close_least_likely_
@@ -143,9 +144,8 @@ class L0Units(SparsityMethod):
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine:
                 raise UnitError(f"layer {name!r}: a BatchNorm without affine parameters cannot fold a gate")
-        self.example = example[:1].detach().clone()
-        from ..models import Attention, FeedForward
-
+        device = next(model.parameters()).device  # where the gates live: with the model
+        self.example = example[:1].detach().to(device).clone()
         if any(isinstance(m, (Attention, FeedForward)) for m in model.modules()):
             self.graph: UnitGraph = transformer_units(model, self.example)  # heads and MLP neurons
         else:
@@ -153,8 +153,6 @@ class L0Units(SparsityMethod):
         if not self.graph.groups:
             raise UnitError("the network has no prunable unit (every channel feeds the output)")
         self.weighting = o.weighting
-        self.output_layers = o.output_layers
-        device = self.example.device
         self.graph.to(device)
         gates = nn.ModuleDict(
             {
@@ -187,10 +185,7 @@ class L0Units(SparsityMethod):
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, model: nn.Module, options: Any, spec: BudgetSpec, context: BuildContext):  # type: ignore[no-untyped-def]
-        from ..errors import ConfigError
-
-        device = next(model.parameters()).device
-        example = torch.zeros(1, *context.input_shape, device=device)
+        example = torch.zeros(1, *context.input_shape, device=next(model.parameters()).device)
         try:
             method = cls(model, example, options)
         except UnitError as exc:
