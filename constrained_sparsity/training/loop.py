@@ -56,7 +56,7 @@ class Plan:
     the last good state is.
     """
 
-    name: str
+    name: str  # the progress bar's label
     problem: SparsityProblem
     optimizers: Any
     x: torch.Tensor
@@ -79,6 +79,7 @@ class Plan:
     # More than one process: this rank trains on its slice of every global batch through
     # ``problem.forward_module`` (DDP); stops and divergence are agreed after every step.
     dist: distributed.Context = distributed.SINGLE
+    phase: str | None = None  # a phase after the main training (its name in messages), or None
 
 
 @contextmanager
@@ -154,7 +155,7 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                     value = float(loss) if ctx.rank in bad else "not finite"
                     raise TrainingDiverged(
                         f"loss became {value}{where} at epoch {pos.epoch + 1}, step {pos.step_in_epoch + 1}"
-                        f"{'' if plan.name == 'main' else f' of the {plan.name} phase'}; training stopped; "
+                        f"{'' if plan.phase is None else f' of the {plan.phase} phase'}; training stopped; "
                         f"last good checkpoint: {plan.diverged(pos)}"
                     )
                 if plan.after_step is not None:

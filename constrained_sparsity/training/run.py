@@ -714,6 +714,7 @@ class _Run:
 
         plan = Plan(
             name=f"{cfg.name} {phase.name}",
+            phase=phase.name,
             problem=problem,
             optimizers=optimizers,
             x=ds.train_x,
