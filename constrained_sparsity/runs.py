@@ -118,14 +118,15 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module, Dataset]:
 
 def compact_trained(trained: TrainedRun, model: nn.Module | None = None, select_inputs: bool = True) -> CompactModel:
     """:func:`~constrained_sparsity.compact.compact` of a run's network (or ``model``) with the run's
-    methods; a network that is not a chain carries how to build its model again (``rebuild``)."""
+    methods; a network that is not a chain, or a model class of the user's, carries how to build
+    its model again (``rebuild``)."""
     compacted = compact(
         trained.model if model is None else model,
         tuple(trained.dataset.input_shape),
         select_inputs=select_inputs,
         methods=trained.methods,
     )
-    if not isinstance(compacted.module, nn.Sequential):
+    if not isinstance(compacted.module, nn.Sequential) or ":" in trained.cfg.model.name:
         m = trained.cfg.model
         compacted.rebuild = {
             "name": m.name,

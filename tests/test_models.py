@@ -149,3 +149,9 @@ def test_csparse_trains_compacts_and_evaluates_a_user_model(user_module):
     assert "max |output difference|" in out and (run_dir / "compact" / "model.pt2").is_file()
     out = csparse("eval", str(run_dir), "--repeats", "2")
     assert "| compact |" in out
+
+
+def test_l0_on_a_network_that_is_not_a_chain_says_its_budget_is_not_the_deployable_one():
+    cfg = cs.load_config("digits_mlp_l0", ["model.name=resnet20", *QUIET])
+    with pytest.warns(UserWarning, match="its density is not the deployable network's.*l0_units"):
+        cs.training.build_trainer(cfg, cs.load_dataset("digits"))

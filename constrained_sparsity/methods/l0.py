@@ -834,6 +834,15 @@ class L0Gates(SparsityMethod):
             )
         except ValueError as exc:
             raise ConfigError(f"{context.prefix}method=l0: {exc}") from None
+        try:
+            parse_chain(model)
+        except ChainError:
+            warnings.warn(
+                "l0 gates one layer's channels or neurons: on a network that is not a chain (BatchNorm, residual "
+                "adds) its density is not the deployable network's and compaction removes no unit; l0_units gates "
+                "the units of the dependency graph and counts the compact network",
+                stacklevel=2,
+            )
         if o.weighting == "flops":
             gates.weight_by_flops(model, torch.zeros(1, *context.input_shape))
         return gates, gates.targets_from_spec(spec, f"{context.prefix}targets")
