@@ -4,7 +4,8 @@ and Torch-Pruning's magnitude pruning as the baseline a user would otherwise pic
 Runs (``--epochs`` each, from scratch; the configs ``fashion_resnet20_l0_units_*``):
 
 * dense (``sparsity.method=none``);
-* constrained ``l0_units`` at each ``--budgets`` (shares of the deployable parameters);
+* constrained ``l0_units`` at each ``--budgets`` (shares of the deployable parameters; the
+  first budget's run is that of ``csparse compare``);
 * the penalised twin at the λ that ``csparse compare --bisect`` finds for the first budget
   (``--max-runs`` runs at most; the λ and the runs it took);
 * magnitude pruning: the trained dense network pruned with Torch-Pruning's group-norm
@@ -146,20 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     dense, how = _report.train_or_reuse(dense_cfg, runs / "resnet-dense", args.reuse, "resnet")
     _say(f"dense: {how}, test error {100 * dense.test_error:.2f} %")
     rows = [{"run": "dense", "test_error": dense.test_error, "run_dir": str(dense.run_dir)}]
-    constrained = {}
-    for budget in args.budgets:
+    # the first budget: its constrained run and the penalised twin's λ search, as csparse compare runs them
+    first = args.budgets[0]
+    found = compare(
+        _config(common), [first], bisect=True, max_runs=args.max_runs, out_dir=out / "resnet-compare",
+        overwrite=True, progress=_say,
+    )  # fmt: skip
+    (own,) = [r for r in found.rows if r["method"] == "constrained"]
+    (penalised,) = [r for r in found.rows if r["method"] == "penalized"]
+    constrained = {first: _report.load_result(own["run_dir"])}
+    for budget in args.budgets[1:]:
         cfg = _config([*common, f"sparsity.targets={budget}"])
         result, how = _report.train_or_reuse(cfg, runs / f"resnet-constrained-{budget:g}", args.reuse, "resnet")
         _say(f"constrained {budget:g}: {how}, test error {100 * result.test_error:.2f} %")
         constrained[budget] = result
-        rows.append({**_row(f"l0_units constrained, ε = {budget:g}", result, budget)})
-    first = args.budgets[0]
-    cfg = _config(common)
-    found = compare(
-        cfg, [first], bisect=True, max_runs=args.max_runs, out_dir=out / "resnet-compare", overwrite=True,
-        progress=_say,
-    )  # fmt: skip
-    (penalised,) = [r for r in found.rows if r["method"] == "penalized"]
+    for budget, result in constrained.items():
+        rows.append(_row(f"l0_units constrained, ε = {budget:g}", result, budget))
     pen_result = _report.load_result(penalised["run_dir"])
     rows.append(
         {
