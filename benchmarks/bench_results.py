@@ -166,10 +166,21 @@ class ResultsFolder:
         record = self.record_dir(run_dir) / "record.json"
         if not (self.reuse and record.is_file()):
             return None
-        if json.loads(record.read_text())["key"] != config_key(cfg):
+        saved = json.loads(record.read_text())
+        if saved["key"] != config_key(cfg):
             _say(f"{record.parent.relative_to(self.results)}: config changed, training again")
             return None
+        if "failed" in saved:  # a run that diverged: it would again
+            raise cs.TrainingDiverged(saved["failed"])
         return _load(record.parent)
+
+    def fail(self, cfg: cs.Config, run_dir: Path, message: str) -> None:
+        """Record a run that diverged (its key, commit and message): ``--reuse`` does not train it again."""
+        kept = self.record_dir(run_dir)
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+        record = {"key": config_key(cfg), "commit": self.commit, "failed": message.splitlines()[0]}
+        (kept / "record.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def put(self, cfg: cs.Config, run_dir: Path, result: cs.RunResult) -> cs.RunResult:
         kept = self.record_dir(run_dir)

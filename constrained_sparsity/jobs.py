@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .config import Config, config_from_dict
+from .errors import TrainingDiverged
 from .training import RunResult, run
 
 __all__ = ["Progress", "RunStore", "Runner", "cores", "default_threads"]
@@ -49,7 +50,9 @@ def default_threads(jobs: int) -> int:
 
 class RunStore(Protocol):
     """Finished runs kept somewhere (a results folder): ``get`` returns a kept run of the same
-    config, or ``None``; ``put`` records a run just trained and returns its result as kept."""
+    config, or ``None`` (or raises ``TrainingDiverged`` for a kept failure); ``put`` records a run
+    just trained and returns its result as kept; an optional ``fail(cfg, run_dir, message)``
+    records a run that diverged."""
 
     def get(self, cfg: Config, run_dir: Path) -> RunResult | None: ...
 
@@ -198,10 +201,16 @@ class Runner:
             self.progress.finished(label, kept, True, kept.wall_time_s)
             return kept
         t0 = time.perf_counter()
-        if self.jobs == 1:
-            result = run(cfg, run_dir=run_dir)
-        else:
-            result = self._workers().submit(_train_in_worker, cfg.to_dict(), str(run_dir), cfg.train.threads).result()
+        try:
+            if self.jobs == 1:
+                result = run(cfg, run_dir=run_dir)
+            else:
+                job = self._workers().submit(_train_in_worker, cfg.to_dict(), str(run_dir), cfg.train.threads)
+                result = job.result()
+        except TrainingDiverged as exc:  # kept too: the same config diverges again
+            if self.store is not None and hasattr(self.store, "fail"):
+                self.store.fail(cfg, Path(run_dir), str(exc))
+            raise
         if self.store is not None:
             result = self.store.put(cfg, Path(run_dir), result)
         self.progress.finished(label, result, False, time.perf_counter() - t0)

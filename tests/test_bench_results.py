@@ -125,3 +125,24 @@ def test_a_failed_run_leaves_the_page_going_and_a_stop_signal_stops_it(bench):
     assert isinstance(failed, bench.Failed) and str(failed) == "loss became nan at epoch 24, step 1"
     with pytest.raises(cs.TrainingInterrupted):
         bench._or_missing(interrupted)()
+
+
+def test_a_diverged_run_is_kept_as_failed_and_not_trained_again(bench, tmp_path):
+    import constrained_sparsity as cs
+    from constrained_sparsity.jobs import Runner
+
+    cfg = cs.load_config(
+        "digits_mlp_l0",
+        ["optim.primal.name=sgd", "optim.primal.lr=1e30", "sparsity.method=none", "train.epochs=1",
+         "tracking.wandb=disabled", "tracking.progress=false"],
+    )  # fmt: skip
+    folder = bench.ResultsFolder(tmp_path / "out", tmp_path / "results", reuse=True)
+    run_dir = tmp_path / "out" / "digits" / "seed0" / "dense"
+    with pytest.raises(cs.TrainingDiverged, match="loss became"):
+        Runner(1, 1, store=folder).train(cfg, run_dir)
+    record = json.loads((tmp_path / "results" / "digits" / "seed0" / "dense" / "record.json").read_text())
+    assert record["failed"].startswith("loss became") and record["key"] == bench.config_key(cfg)
+    stamp = (tmp_path / "results" / "digits" / "seed0" / "dense" / "record.json").stat().st_mtime_ns
+    with pytest.raises(cs.TrainingDiverged, match="loss became"):  # kept: not trained again
+        Runner(1, 1, store=folder).train(cfg, run_dir)
+    assert (tmp_path / "results" / "digits" / "seed0" / "dense" / "record.json").stat().st_mtime_ns == stamp
