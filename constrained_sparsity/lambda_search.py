@@ -39,6 +39,16 @@ def _check(lo: float, hi: float, tol: float, max_runs: int) -> None:
         raise ValueError(f"tol={tol} should be >= 0")
 
 
+def _miss(value: Sequence[float], targets: Sequence[float], tol: float) -> tuple[bool, bool, float]:
+    """How a search ranks its runs for a budget (the smallest first): a run that met every
+    budget within ``tol`` above it before one that did not, then by the largest miss; a failed
+    run (NaN) last, chosen only when every run failed."""
+    if any(math.isnan(v) for v in value):
+        return (True, True, math.inf)
+    feasible = all(v <= t + tol for v, t in zip(value, targets))
+    return (False, not feasible, max(abs(v - t) for v, t in zip(value, targets)))
+
+
 # -- one budget at a time -------------------------------------------------------------------------
 @dataclass
 class BisectResult:
@@ -94,14 +104,7 @@ def bisect_lambda(
             else:
                 highs[i] = math.log(lam[i])
 
-    def miss(item: tuple[list[float], list[float]]) -> tuple[bool, bool, float]:
-        lam, value = item
-        if any(math.isnan(v) for v in value):  # a failed run: chosen only when every run failed
-            return (True, True, math.inf)
-        feasible = all(v <= t + tol for v, t in zip(value, targets))
-        return (False, not feasible, max(abs(v - t) for v, t in zip(value, targets)))
-
-    lam, value = min(history, key=miss)
+    lam, value = min(history, key=lambda item: _miss(item[1], targets, tol))
     return BisectResult(lam, value, len(history), False, f"budget of {budget} runs spent", history)
 
 
@@ -228,15 +231,8 @@ def joint_search(
         else:
             points.append((x, float(measured)))
     history = [(math.exp(x), math.nan if i in failed else d) for i, (x, d) in enumerate(points)]
-    good = [i for i in range(len(history)) if i not in failed] or list(range(len(history)))
-    chosen, converged = [], []
-    for t in targets:
-        hits = [i for i in good if abs(history[i][1] - t) <= tol]
-        if hits:
-            chosen.append(min(hits, key=lambda i: abs(history[i][1] - t)))
-            converged.append(True)
-        else:
-            chosen.append(min(good, key=lambda i: (history[i][1] > t + tol, abs(history[i][1] - t))))
-            converged.append(False)
+    # per budget: a run within tol of it ranks before any other (its miss is the smallest)
+    chosen = [min(range(len(history)), key=lambda i: _miss([history[i][1]], [t], tol)) for t in targets]
+    converged = [abs(history[i][1] - t) <= tol for i, t in zip(chosen, targets)]
     reason = "within tolerance" if all(converged) else f"budget of {max_runs} runs spent"
     return JointSearchResult(list(targets), chosen, converged, len(history), reason, history)
