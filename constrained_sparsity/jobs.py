@@ -51,12 +51,13 @@ def default_threads(jobs: int) -> int:
 class RunStore(Protocol):
     """Finished runs kept somewhere (a results folder): ``get`` returns a kept run of the same
     config, or ``None`` (or raises ``TrainingDiverged`` for a kept failure); ``put`` records a run
-    just trained and returns its result as kept; an optional ``fail(cfg, run_dir, message)``
-    records a run that diverged."""
+    just trained and returns its result as kept; ``fail`` records a run that diverged."""
 
     def get(self, cfg: Config, run_dir: Path) -> RunResult | None: ...
 
     def put(self, cfg: Config, run_dir: Path, result: RunResult) -> RunResult: ...
+
+    def fail(self, cfg: Config, run_dir: Path, message: str) -> None: ...
 
 
 class Progress:
@@ -208,7 +209,7 @@ class Runner:
                 job = self._workers().submit(_train_in_worker, cfg.to_dict(), str(run_dir), cfg.train.threads)
                 result = job.result()
         except TrainingDiverged as exc:  # kept too: the same config diverges again
-            if self.store is not None and hasattr(self.store, "fail"):
+            if self.store is not None:
                 self.store.fail(cfg, Path(run_dir), str(exc))
             raise
         if self.store is not None:
