@@ -306,14 +306,8 @@ class _Plan:
     its files from what the tasks made."""
 
     def __init__(self, cfg: Config, method: _Method, options: _Options, out: Path, group: str, runner: Runner):
-        self.cfg, self.method, self.options, self.out, self.group, self.runner = (
-            cfg,
-            method,
-            options,
-            out,
-            group,
-            runner,
-        )
+        self.cfg, self.method, self.options = cfg, method, options
+        self.out, self.group, self.runner = out, group, runner
         self.base = cfg.to_dict()
         self.tol = method.tol if options.tol is None else options.tol
         self.bisections: dict[str, BisectResult | JointSearchResult] = {}
@@ -445,23 +439,20 @@ class _Plan:
         """Searches first (the longest tasks), then the budget runs, then the λ grid."""
         o = self.options
         searches: list[Callable[[], _Made]] = []
-        if o.bisect and self.joint():
-            searches = [self._joint]
-            self.runner.progress.plan(o.max_runs * len(o.targets))
-        elif o.bisect:
-            searches = [lambda b=b: self._bisection(b) for b in o.targets]
+        if o.bisect:  # at most max_runs runs per budget either way
+            searches = [self._joint] if self.joint() else [lambda b=b: self._bisection(b) for b in o.targets]
             self.runner.progress.plan(o.max_runs * len(o.targets))
         self.runner.progress.plan(len(o.targets) + len(o.lambdas))
         budget_runs = [lambda b=b: self._budget_run(b) for b in o.targets]
         grid = [lambda lam=lam: self._grid_run(lam) for lam in o.lambdas]
-        self._order = ["search"] * len(searches) + ["budget"] * len(budget_runs) + ["grid"] * len(grid)
+        self.kinds = ["search"] * len(searches) + ["budget"] * len(budget_runs) + ["grid"] * len(grid)
         return [*searches, *budget_runs, *grid]
 
     # -- the files
     def finish(self, made: list[_Made]) -> Comparison:
         """The table (budget runs, grid, searches: as a reader scans it), plots and W&B table."""
         kinds = ("budget", "grid", "search")
-        ordered = [m for kind in kinds for m, k in zip(made, self._order) if k == kind]
+        ordered = [m for kind in kinds for m, k in zip(made, self.kinds) if k == kind]
         results = [entry for rows, _ in ordered for entry in rows]
         every_run = [entry for _, runs in ordered for entry in runs]
         rows = [row for row, _, _ in results]
@@ -722,7 +713,7 @@ class PreparedComparison:
         rows: list[dict[str, Any]] = []
         start = 0
         for label, cfg, plan in zip(self.labels, self.cfgs, plans):
-            n = len(plan._order)
+            n = len(plan.kinds)  # the tasks this plan gave
             comparisons[label] = comparison = plan.finish(made[start : start + n])
             start += n
             rows += [{**r, "label": label, "config": cfg.name} for r in comparison.rows]
