@@ -258,21 +258,30 @@ def trace_units(model: nn.Module, example: torch.Tensor, output_layers: Sequence
                 sites[names[module]] = name
         groups.append(UnitGroup(name, size, offset, sorted(members)))
         offset += size
+    dims, constant = _layer_dims(model, example, layers, {m: (out_units[m], in_units[m]) for m in layers})
+    return UnitGraph(groups, dims, constant, sites)
+
+
+def _layer_dims(
+    model: nn.Module,
+    example: torch.Tensor,
+    layers: list[nn.Module],
+    units: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[LayerDims], int]:
+    """The :class:`LayerDims` of ``layers`` (the units of their outputs and inputs from
+    ``units``; -1, no unit, for a layer it leaves out) and the parameters no such layer holds."""
+    names = {m: n for n, m in model.named_modules()}
     positions = _output_positions(model, example)
     dims, touched = [], 0
     for m in layers:
         kind = _kind(m)
+        out_u, in_u = units.get(m, (torch.full((_width(m, "out"),), -1), torch.full((_width(m, "in"),), -1)))
         per_pair = math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
         per_out = (2 if m.affine else 0) if kind == "norm" else int(m.bias is not None)
-        dims.append(
-            LayerDims(
-                names[m], kind, out_units[m], in_units[m] if kind != "norm" else in_units[m][:0], per_pair, per_out,
-                positions.get(m, 1),
-            )
-        )  # fmt: skip
+        in_u = in_u[:0] if kind == "norm" else in_u  # a norm has one side
+        dims.append(LayerDims(names[m], kind, out_u.long(), in_u.long(), per_pair, per_out, positions.get(m, 1)))
         touched += sum(p.numel() for p in m.parameters(recurse=False))
-    constant = sum(p.numel() for p in model.parameters()) - touched
-    return UnitGraph(groups, dims, constant, sites)
+    return dims, sum(p.numel() for p in model.parameters()) - touched
 
 
 def _kind(m: nn.Module) -> str:
@@ -344,22 +353,11 @@ def transformer_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             offset += module.fc1.out_features
     if not groups:
         raise UnitError("the model has no Attention or FeedForward module of constrained_sparsity.models")
-    positions = _output_positions(model, example)
-    dims, touched = [], 0
-    for m in model.modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            continue
-        out_u, in_u = units.get(m, (torch.full((_width(m, "out"),), -1), torch.full((_width(m, "in"),), -1)))
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise UnitError(f"layer {names[m]!r}: grouped convolutions are not counted in a transformer")
-        per_pair = math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
-        dims.append(
-            LayerDims(
-                names[m], _kind(m), out_u.long(), in_u.long(), per_pair, int(m.bias is not None), positions.get(m, 1)
-            )
-        )
-        touched += sum(p.numel() for p in m.parameters(recurse=False))
-    constant = sum(p.numel() for p in model.parameters()) - touched
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    grouped = [names[m] for m in layers if isinstance(m, nn.Conv2d) and m.groups != 1]
+    if grouped:
+        raise UnitError(f"layer {grouped[0]!r}: grouped convolutions are not counted in a transformer")
+    dims, constant = _layer_dims(model, example, layers, units)
     return UnitGraph(groups, dims, constant, {}, inputs)
 
 
