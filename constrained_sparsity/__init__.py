@@ -32,6 +32,7 @@ from .evaluation import error_rate
 from .export import load_compact, save_compact
 from .methods import (
     CGES,
+    CGESUnits,
     HardConcreteGate,
     L0Gates,
     L0Units,
@@ -44,6 +45,7 @@ from .methods import (
     Target,
     attach_ast,
     attach_cges,
+    attach_cges_units,
     attach_dns,
     attach_l0,
     attach_l0_units,
@@ -70,6 +72,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CGES",
+    "CGESUnits",
     "CSparseError",
     "CheckpointError",
     "Config",
@@ -99,6 +102,7 @@ __all__ = [
     "TrainingInterrupted",
     "attach_ast",
     "attach_cges",
+    "attach_cges_units",
     "attach_dns",
     "attach_l0",
     "attach_l0_units",

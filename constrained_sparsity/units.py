@@ -40,9 +40,12 @@ __all__ = [
     "UnitGraph",
     "UnitGroup",
     "prune",
+    "prune_closed",
     "prune_transformer",
     "trace_units",
     "transformer_units",
+    "units_of",
+    "format_unit_rows",
 ]
 
 GATES = "unit_gates"  # where a method keeps the gates of its units on the model (not the network's own)
@@ -316,6 +319,47 @@ def prune(model: nn.Module, example: torch.Tensor, closed: dict[str, list[int]])
         group = graph.get_pruning_group(root, fn, sorted(idxs))
         group.prune()
     return model
+
+
+def units_of(model: nn.Module, example: torch.Tensor, output_layers: Sequence[str] | None = None) -> UnitGraph:
+    """The units of ``model``: a transformer's heads and MLP neurons when it is built from the
+    project's ``Attention`` / ``FeedForward`` modules (:func:`transformer_units`), else the
+    coupled channels and neurons of its dependency graph (:func:`trace_units`)."""
+    if any(isinstance(m, (Attention, FeedForward)) for m in model.modules()):
+        return transformer_units(model, example)
+    return trace_units(model, example, output_layers)
+
+
+def prune_closed(model: nn.Module, graph: UnitGraph, example: torch.Tensor, closed: dict[str, list[int]]) -> nn.Module:
+    """Remove the ``closed`` units of ``graph`` (a :func:`units_of` of a network like ``model``)
+    from ``model``, in place: :func:`prune_transformer` for a transformer's units, else
+    :func:`prune` through the dependency graph."""
+    if graph.input_sites:
+        return prune_transformer(model, closed)
+    return prune(model, example.to(next(model.parameters()).device), closed)
+
+
+def format_unit_rows(
+    rows: list[tuple[str, int, int, float | None, int]], measures: dict, expected: bool = False
+) -> list[str]:
+    """Report lines of a unit method: per group ``(name, units, open, expected density or None,
+    layers)``, then the model's density (and expected density) and the compact network's count."""
+    if not rows:
+        return []
+    head = f"{'expected':>10}" if expected else ""
+    lines = [f"{'unit group':<28}{'units':>7}{'open':>7}{'density':>9}{head}  layers"]
+    for name, units, open_, exp, layers in rows:
+        extra = f"{exp:>10.3f}" if expected else ""
+        lines.append(f"{name:<28}{units:>7}{open_:>7}{open_ / units:>9.3f}{extra}  {layers}")
+    weighting = next((k.split("/")[0] for k in measures if k.endswith("/compact")), "params")
+    compact = measures.get(f"{weighting}/compact")
+    if compact is not None:
+        extra = f"{measures.get('density_expected/model', float('nan')):>10.3f}" if expected else ""
+        lines.append(
+            f"{'model':<28}{'':>7}{'':>7}{measures.get('density/model', float('nan')):>9.3f}{extra}"
+            f"  ({weighting} of the compact network: {compact:,.0f})"
+        )
+    return lines
 
 
 # -- transformers: heads and MLP neurons -------------------------------------------------------------

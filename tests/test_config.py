@@ -48,7 +48,10 @@ BAD = [
     ({"optim": {"dual": {"lr": -0.5}}}, r"optim.dual.lr=-0.5: should be a number > 0"),
     ({"sparsity": {"mode": "penalized", "lambdas": -1}}, r"sparsity.lambdas=-1: lambda -1.0 should be >= 0"),
     ({"sparsity": {"mode": "penalized"}}, r"sparsity.lambdas=None: penalized mode needs a lambda"),
-    ({"sparsity": {"method": "magic"}}, r"sparsity.method='magic': unknown method; methods: cges, dns, .* \(declared"),
+    (
+        {"sparsity": {"method": "magic"}},
+        r"sparsity.method='magic': unknown method; methods: cges, cges_units, dns, .* \(declared",
+    ),
     ({"sparsity": {"method": "l1"}}, r"sparsity.method='l1': unknown method; did you mean rw_l1\?"),
     ({"sparsity": {"method": "layers"}}, r"sparsity.method='layers': is declared as a section: sparsity.layers"),
     ({"sparsity": {"method": "nomodule_xyz:Cls"}}, r"sparsity.method='nomodule_xyz:Cls': cannot import module"),

@@ -14,6 +14,7 @@ import difflib
 from ..specs import import_spec
 from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
 from .cges import CGES, CGESOptions, attach_cges
+from .cges_units import CGESUnits, CGESUnitsOptions, attach_cges_units
 from .dns import DNS, DNSOptions, attach_dns
 from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
 from .l0_units import L0Units, L0UnitsOptions, attach_l0_units
@@ -36,6 +37,8 @@ __all__ = [
     "BuildContext",
     "CGES",
     "CGESOptions",
+    "CGESUnits",
+    "CGESUnitsOptions",
     "HardConcreteGate",
     "L0Gates",
     "L0Options",
@@ -51,6 +54,7 @@ __all__ = [
     "Target",
     "attach_ast",
     "attach_cges",
+    "attach_cges_units",
     "attach_dns",
     "attach_l0",
     "attach_l0_units",
@@ -92,6 +96,7 @@ register_method(L0Gates)
 register_method(L0Units)
 register_method(LayerSparsity)
 register_method(CGES)
+register_method(CGESUnits)
 register_method(ReweightedL1)
 register_method(ReweightedL2)
 register_method(FOCUSS)

@@ -37,8 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OptionError
-from ..models import Attention, FeedForward
-from ..units import GATES, UnitError, UnitGraph, prune, prune_transformer, trace_units, transformer_units
+from ..units import GATES, UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
 from .l0 import HardConcreteGate, close_least_likely_
 
@@ -146,10 +145,7 @@ class L0Units(SparsityMethod):
                 raise UnitError(f"layer {name!r}: a BatchNorm without affine parameters cannot fold a gate")
         device = next(model.parameters()).device  # where the gates live: with the model
         self.example = example[:1].detach().to(device).clone()
-        if any(isinstance(m, (Attention, FeedForward)) for m in model.modules()):
-            self.graph: UnitGraph = transformer_units(model, self.example)  # heads and MLP neurons
-        else:
-            self.graph = trace_units(model, self.example, o.output_layers)
+        self.graph: UnitGraph = units_of(model, self.example, o.output_layers)
         if not self.graph.groups:
             raise UnitError("the network has no prunable unit (every channel feeds the output)")
         self.weighting = o.weighting
@@ -297,24 +293,8 @@ class L0Units(SparsityMethod):
     def format_rows(
         cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
     ) -> list[str]:
-        if not rows:
-            return []
-        lines = [f"{'unit group':<28}{'units':>7}{'open':>7}{'density':>9}{'expected':>10}  layers"]
-        for r in rows:
-            density = r["active_gates"] / r["gates"]
-            lines.append(
-                f"{r['name']:<28}{r['gates']:>7}{r['active_gates']:>7}{density:>9.3f}{r['expected_density']:>10.3f}"
-                f"  {len(r['layers'])}"
-            )
-        weighting = next((k.split("/")[0] for k in measures if k.endswith("/compact")), "params")
-        compact = measures.get(f"{weighting}/compact")
-        if compact is not None:
-            lines.append(
-                f"{'model':<28}{'':>7}{'':>7}{measures.get('density/model', float('nan')):>9.3f}"
-                f"{measures.get('density_expected/model', float('nan')):>10.3f}  ({weighting} of the compact "
-                f"network: {compact:,.0f})"
-            )
-        return lines
+        table = [(r["name"], r["gates"], r["active_gates"], r["expected_density"], len(r["layers"])) for r in rows]
+        return format_unit_rows(table, measures, expected=True)
 
     # -- finishing -----------------------------------------------------------------------------
     def freeze_(self) -> None:
@@ -378,10 +358,7 @@ class L0Units(SparsityMethod):
         """Remove the closed units from ``folded`` (a :meth:`fold` of the model), in place.
         Returns how many units each group lost."""
         closed = self.closed_units()
-        if self.graph.input_sites:
-            prune_transformer(folded, closed)
-        else:
-            prune(folded, self.example.to(next(folded.parameters()).device), closed)
+        prune_closed(folded, self.graph, self.example, closed)
         sizes = {g.name: g.size for g in self.graph.groups}  # a group keeps one unit at least
         return {name: min(len(idxs), sizes[name] - 1) for name, idxs in closed.items() if idxs}
 
