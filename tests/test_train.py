@@ -161,6 +161,65 @@ def test_nan_loss_stops_with_clear_error(quiet):
         _run([*quiet, "optim.primal.name=sgd", "optim.primal.lr=1e30", "sparsity.method=none"])
 
 
+class _CountedReads(torch.Tensor):
+    """A loss that counts how often its value is read back to the host (each a device
+    synchronisation on an accelerator); the tensors computed from it count too."""
+
+    reads = 0
+
+    def _count(self, name):
+        type(self).reads += 1
+        return getattr(torch.Tensor, name)(self.as_subclass(torch.Tensor))
+
+    def __float__(self):
+        return self._count("__float__")
+
+    def __bool__(self):
+        return self._count("__bool__")
+
+    def item(self):
+        return self._count("item")
+
+    def tolist(self):
+        return self._count("tolist")
+
+
+def test_the_loop_reads_the_loss_back_once_per_check_not_once_per_step(monkeypatch, quiet):
+    from constrained_sparsity.training import loop
+
+    real, calls = loop.train_step, []
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        return {**result, "loss": result["loss"].detach().as_subclass(_CountedReads)}
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    _CountedReads.reads = 0
+    result = _run([*quiet, "train.epochs=2", "train.select=last"])
+    steps = len(calls)
+    assert len(result.history) == 2 and steps > 2 * loop.CHECK_EVERY
+    # per epoch played (2, and 1 of the finishing phase): a finiteness read per CHECK_EVERY
+    # steps and one at its end, and its mean loss
+    assert 0 < _CountedReads.reads <= steps // loop.CHECK_EVERY + 2 * 3 < steps
+
+
+def test_a_nan_loss_names_the_step_it_first_happened_at(monkeypatch, quiet):
+    """The check reads the losses back in batches: the step named is still the first bad one."""
+    from constrained_sparsity.training import loop
+
+    real, calls = loop.train_step, []
+
+    def nan_at_third(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        return {**result, "loss": torch.full_like(result["loss"], math.nan)} if len(calls) == 3 else result
+
+    monkeypatch.setattr(loop, "train_step", nan_at_third)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 3; training stopped"):
+        _run([*quiet, "train.epochs=1"])
+
+
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, quiet):
     _run([*quiet, "train.epochs=1"], run_dir=tmp_path / "r")
     ckpt_path = tmp_path / "r" / "checkpoint.pt"

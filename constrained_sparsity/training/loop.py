@@ -26,7 +26,9 @@ from ..errors import TrainingDiverged, TrainingInterrupted
 from ..problem import SparsityProblem, train_step
 from ..tracking import Tracker
 
-__all__ = ["Plan", "Position", "play", "stop_on_signals"]
+__all__ = ["CHECK_EVERY", "Plan", "Position", "play", "stop_on_signals"]
+
+CHECK_EVERY = 16  # steps between read-backs of the loss's finiteness (one process)
 
 
 @dataclass
@@ -139,6 +141,7 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                 restarts = {}
                 steps = 0
                 t0 = time.perf_counter()
+            watch = _LossWatch(pos.step_in_epoch)
             for xb, yb in batches(plan.x, plan.y, plan.batch_size, plan.generator, start=pos.step_in_epoch):
                 if plan.lr is not None:
                     weights_group["lr"] = plan.lr(pos.global_step)
@@ -149,15 +152,16 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                     xb, yb, plan.problem.batch_weight = distributed.shard(xb, yb, ctx)
                 result = train_step(plan.problem, plan.optimizers, xb, yb, plan.dual_restarts)
                 loss = result["loss"]
-                bad, signum = distributed.agree(ctx, device, not math.isfinite(float(loss)), stop["signum"])
-                if bad:  # every rank stops here, whichever diverged
-                    where = f" on rank {', '.join(map(str, bad))} of {ctx.world}" if ctx.active else ""
-                    value = float(loss) if ctx.rank in bad else "not finite"
-                    raise TrainingDiverged(
-                        f"loss became {value}{where} at epoch {pos.epoch + 1}, step {pos.step_in_epoch + 1}"
-                        f"{'' if plan.phase is None else f' of the {plan.phase} phase'}; training stopped; "
-                        f"last good checkpoint: {plan.diverged(pos)}"
-                    )
+                watch.record(loss)
+                if ctx.active:  # one collective per step agrees on divergence and stop signals
+                    found = watch.read()
+                    bad, signum = distributed.agree(ctx, device, found is not None, stop["signum"])
+                    if bad:  # every rank stops here, whichever diverged
+                        _diverged(plan, pos, found, f" on rank {', '.join(map(str, bad))} of {ctx.world}")
+                else:
+                    signum = stop["signum"]
+                    if signum is not None or watch.due():
+                        _check(plan, pos, watch)
                 if plan.after_step is not None:
                     plan.after_step(pos)
                 loss_sum += loss
@@ -180,6 +184,7 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
                     }
                     sig = signal.Signals(signum).name
                     raise TrainingInterrupted(plan.on_stop(pos, sig), signum)
+            _check(plan, pos, watch)  # nothing not finite reaches the log or a checkpoint
             if ctx.active:
                 distributed.average_norm_statistics(ctx, plan.problem.model)
                 difference = distributed.check_agreement(
@@ -212,6 +217,53 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
         if progress is not None:
             progress.close()
     return pos
+
+
+class _LossWatch:
+    """The steps' losses, kept where they are (on the device) until read: checking them adds no
+    synchronisation to a step. They are read back every ``CHECK_EVERY`` steps, at the end of an
+    epoch and before a stop (:func:`_check`); a read names the first step whose loss was not
+    finite."""
+
+    def __init__(self, step_in_epoch: int) -> None:
+        self.start = step_in_epoch  # the index in the epoch of the first pending loss
+        self.pending: list[torch.Tensor] = []
+
+    def record(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss.detach())
+
+    def due(self) -> bool:
+        return len(self.pending) >= CHECK_EVERY
+
+    def read(self) -> tuple[int, float] | None:
+        """``(step index in the epoch, loss)`` of the first pending step whose loss was not
+        finite, or None; one read-back for all of them."""
+        if not self.pending:
+            return None
+        losses = torch.stack(self.pending)
+        self.start, count = self.start + len(self.pending), len(self.pending)
+        self.pending = []
+        bad = ~torch.isfinite(losses)
+        if not bool(bad.any()):
+            return None
+        first = int(bad.nonzero()[0, 0])
+        return self.start - count + first, float(losses[first])
+
+
+def _check(plan: Plan, pos: Position, watch: _LossWatch) -> None:
+    """Raise :class:`TrainingDiverged` if a step's loss was not finite (one process)."""
+    found = watch.read()
+    if found is not None:
+        _diverged(plan, pos, found, "")
+
+
+def _diverged(plan: Plan, pos: Position, found: tuple[int, float] | None, where: str) -> None:
+    step, value = found if found is not None else (pos.step_in_epoch, "not finite")
+    raise TrainingDiverged(
+        f"loss became {value}{where} at epoch {pos.epoch + 1}, step {step + 1}"
+        f"{'' if plan.phase is None else f' of the {plan.phase} phase'}; training stopped; "
+        f"last good checkpoint: {plan.diverged(pos)}"
+    )
 
 
 def _global_sums(
