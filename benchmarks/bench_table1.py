@@ -1,4 +1,4 @@
-"""The seed's Table 1 (Fedorov & Rao) on Fashion-MNIST with LeNet-5-Caffe: per-weight pruning
+"""Table 1 of Fedorov & Rao on Fashion-MNIST with LeNet-5-Caffe: per-weight pruning
 methods from one trained dense network, at a budget of non-zero weights.
 
 1. A dense LeNet-5-Caffe is trained once (``--dense-epochs``).
@@ -200,7 +200,7 @@ def _markdown(report: dict, args: argparse.Namespace) -> list[str]:
         + ", ".join(f"{label} {timing[f'{label}/end']:.2f} (**{r:.3f}×** dense)" for label, r in ratio.items())
         + ".",
         "",
-        "The seed's Table 1, **MNIST** (LeNet-5; % non-zero weights / test error %): "
+        "Table 1 of Fedorov & Rao, **MNIST** (LeNet-5; % non-zero weights / test error %): "
         + ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in SEED_MNIST.items())
         + ".",
         "",

@@ -42,6 +42,7 @@ from .jobs import Runner
 from .lambda_search import BisectResult, JointSearchResult, bisect_lambda, joint_search
 from .lambda_search import within as _within
 from .methods import method_spec
+from .numbers import within
 from .training import RunResult, build_trainer, dataset_for
 from .training.rundir import new_run_dir, prepare_run_dir
 
@@ -81,7 +82,7 @@ def parse_lambda(text: str) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"--lambdas {text!r}: expected a number") from None
-    if not (math.isfinite(value) and value >= 0):
+    if not within(value, 0):
         raise ConfigError(f"--lambdas {text!r}: every λ should be a finite number >= 0")
     return value
 
@@ -257,9 +258,9 @@ def _check_options(
 ) -> None:
     if not targets:
         raise ConfigError("compare: give at least one target (--targets)")
-    if not all(isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0 for lam in lambdas):
+    if not all(within(lam, 0) for lam in lambdas):
         raise ConfigError(f"--lambdas {list(lambdas)}: every λ should be a finite number >= 0")
-    if tol is not None and not (math.isfinite(tol) and tol >= 0):
+    if tol is not None and not within(tol, 0):
         raise ConfigError(f"--tol {tol}: should be a finite number >= 0")
     if max_runs < 1:
         raise ConfigError(f"--max-runs {max_runs}: should be >= 1")
@@ -272,7 +273,7 @@ def _check_options(
     if lambda_range is None:  # each method's own
         return
     lo, hi = lambda_range
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+    if not (within(lo, above=0) and within(hi, above=lo)):
         raise ConfigError(f"--lambda-range {lo} {hi}: should satisfy 0 < LO < HI (finite)")
 
 

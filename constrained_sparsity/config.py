@@ -29,6 +29,7 @@ from .data import DATASETS
 from .errors import ConfigError, OptionError
 from .files import config_text
 from .methods import MEASURES, NONE, BudgetSpec, SparsityMethod, get_method, method_names
+from .numbers import finite
 from .problem import MODES, SCHEMES
 
 __all__ = [
@@ -79,17 +80,13 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise _fail(key, value, f"should be one of {', '.join(map(str, choices))}")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_positive(key: str, value: Any) -> None:
-    if not (_finite(value) and value > 0):
+    if not (finite(value) and value > 0):
         raise _fail(key, value, "should be a number > 0")
 
 
 def _check_nonnegative(key: str, value: Any) -> None:
-    if not (_finite(value) and value >= 0):
+    if not (finite(value) and value >= 0):
         raise _fail(key, value, "should be a finite number >= 0")
 
 
@@ -117,7 +114,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.name", self.name, DATASETS)
-        if not (_finite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):
+        if not (finite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):
             raise _fail("data.val_fraction", self.val_fraction, "should be in [0, 1)")
         _check_positive("data.batch_size", self.batch_size)
         _check_positive("data.eval_batch_size", self.eval_batch_size)
@@ -183,11 +180,11 @@ class SparsityConfig:
             self.options = cls.options()
         _check_choice("sparsity.mode", self.mode, MODES)
         for eps in self.target_list():
-            if not (_finite(eps) and 0.0 <= eps <= 1.0):
+            if not (finite(eps) and 0.0 <= eps <= 1.0):
                 raise _fail("sparsity.targets", self.targets, f"epsilon {eps} is outside [0, 1]")
         lambdas = self.lambda_list()
         for lam in lambdas or []:
-            if not (_finite(lam) and lam >= 0):
+            if not (finite(lam) and lam >= 0):
                 raise _fail("sparsity.lambdas", self.lambdas, f"lambda {lam} should be >= 0")
         if cls is not None and self.mode == "penalized":
             if lambdas is None:
@@ -206,7 +203,7 @@ class SparsityConfig:
             _check_choice("sparsity.measure", m, MEASURES)
         if isinstance(self.measure, list) and len(self.measure) != len(self.target_list()):
             raise _fail("sparsity.measure", self.measure, f"needs one entry per target ({len(self.target_list())})")
-        if not (_finite(self.lambda_init) and self.lambda_init >= 0):
+        if not (finite(self.lambda_init) and self.lambda_init >= 0):
             raise _fail("sparsity.lambda_init", self.lambda_init, "should be a finite number >= 0")
 
     def method_class(self) -> type[SparsityMethod] | None:
@@ -357,7 +354,7 @@ class DualConfig:
         _check_nonnegative("optim.dual.kp", self.kp)
         _check_nonnegative("optim.dual.ki", self.ki)
         _check_nonnegative("optim.dual.warmup_epochs", self.warmup_epochs)
-        if not (_finite(self.ema_nu) and 0.0 <= self.ema_nu < 1.0):
+        if not (finite(self.ema_nu) and 0.0 <= self.ema_nu < 1.0):
             raise _fail("optim.dual.ema_nu", self.ema_nu, "should be in [0, 1)")
 
 

@@ -13,7 +13,6 @@ pickled and evaluates the program's symbolic expressions with ``sympy.sympify``.
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import re
 import zipfile
@@ -226,11 +225,6 @@ def _pt2_weights(archive: zipfile.ZipFile, path: Path) -> dict[str, torch.Tensor
             raise ValueError(f"weight {fqn}: file name {file!r}")
         state[fqn] = _tensor_from_meta(read(f"data/weights/{file}"), meta.get("tensor_meta"), f"weight {fqn}")
     return state
-
-
-def finite(value: Any) -> bool:
-    """A real number (not a bool) that is neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def config_text(path: str | Path) -> str:

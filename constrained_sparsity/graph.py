@@ -74,9 +74,6 @@ class Chain:
         where = {id(m): i for i, (_, m) in enumerate(self.items)}
         return [where[id(layer.module)] for layer in self.layers]
 
-    def by_module(self) -> dict[nn.Module, ChainLayer]:
-        return {layer.module: layer for layer in self.layers}
-
 
 def parse_chain(
     model: nn.Module,

@@ -19,7 +19,6 @@ The problem knows methods only through :class:`~constrained_sparsity.methods.Spa
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import SparsityMethod, Target
+from .numbers import within
 
 __all__ = [
     "MODES",
@@ -75,7 +75,6 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             a top-k mask: every multiplier stays 0, the constraint is still reported).
         loss_fn: ``loss_fn(outputs, labels)``; cross-entropy by default.
         lambda_init: initial multiplier in constrained mode.
-        layers: deprecated; pass the layer-sparsity method in ``methods``.
     """
 
     def __init__(
@@ -86,21 +85,13 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         mode: str = "constrained",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
         lambda_init: float = 0.0,
-        layers: SparsityMethod | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} should be one of {MODES}")
-        if not (math.isfinite(lambda_init) and lambda_init >= 0):
+        if not within(lambda_init, 0):
             raise ValueError(f"lambda_init={lambda_init} should be a finite number >= 0")
         self.methods = _as_methods(methods)
-        if layers is not None:
-            warnings.warn(
-                "SparsityProblem(..., layers=...) is deprecated; pass every method in `methods`",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            self.methods.append(layers)
         self.model = model
         # More than one process: the forward pass goes through the DistributedDataParallel
         # wrapper of ``model`` (its gradients are averaged over the ranks), and the loss of this
@@ -167,12 +158,6 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     @property
     def learns_multipliers(self) -> bool:
         return self.mode == "constrained"
-
-    @property
-    def gates(self) -> SparsityMethod | None:
-        """Deprecated: the first method (the L0 gates of the problems built before methods)."""
-        warnings.warn("SparsityProblem.gates is deprecated; use .methods", DeprecationWarning, stacklevel=2)
-        return self.methods[0] if self.methods else None
 
     def ordered_constraints(self) -> list[tuple[Target, cooper.Constraint]]:
         """(target, constraint) pairs in declaration order (checkpoint slots follow it)."""
@@ -359,7 +344,7 @@ def build_optimizer(
     for settings in (primal, dual):
         for key in ("lr", "gate_lr", "momentum", "weight_decay", "kp", "ki", "ema_nu"):
             value = getattr(settings, key, 0.0)
-            if value is not None and not (math.isfinite(value) and value >= 0):
+            if value is not None and not within(value, 0):
                 raise ValueError(f"{type(settings).__name__}.{key}={value!r} should be a finite number >= 0")
         if not settings.lr > 0:
             raise ValueError(f"{type(settings).__name__}.lr={settings.lr!r} should be > 0")

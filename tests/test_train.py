@@ -41,7 +41,7 @@ def test_constrained_digits_meets_model_wise_target(quiet, eps):
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["density"]["model"] == pytest.approx(result.density["model"])
-    compaction = summary["compaction"]  # ARCHITECTURE §5: params and FLOPs before / after compaction
+    compaction = summary["compaction"]  # params and FLOPs before / after compaction
     assert compaction["params_after"] < compaction["params_before"] == 17610
     assert compaction["flops_after"] < compaction["flops_before"] == 2 * (64 * 100 + 100 * 100 + 100 * 10)
 

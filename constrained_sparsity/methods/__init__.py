@@ -18,7 +18,7 @@ from .cges_units import CGESUnits, CGESUnitsOptions, attach_cges_units
 from .dns import DNS, DNSOptions, attach_dns
 from .l0 import HardConcreteGate, L0Gates, L0Options, LayerReport, attach_l0, fold_l0
 from .l0_units import L0Units, L0UnitsOptions, attach_l0_units
-from .layers import LayersOptions, LayerSparsity, LayerTarget, attach_layer_sparsity, merge_layers
+from .layers import LayersOptions, LayerSparsity, attach_layer_sparsity, merge_layers
 from .lwc import LWC, LWCOptions, attach_lwc
 from .reweighted import FOCUSS, ASTOptions, ReweightedL1, ReweightedL2, attach_ast
 
@@ -46,7 +46,6 @@ __all__ = [
     "L0UnitsOptions",
     "LayerReport",
     "LayerSparsity",
-    "LayerTarget",
     "LayersOptions",
     "Phase",
     "PhaseContext",

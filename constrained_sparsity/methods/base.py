@@ -31,7 +31,6 @@ The problem (:mod:`constrained_sparsity.problem`), the trainer, the report, ``co
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +41,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..graph import bake
+from ..numbers import within
 
 __all__ = [
     "MEASURES",
+    "close_fewest_",
     "keep_largest",
+    "select_layers",
     "kurtosis",
     "weight_metrics",
     "weight_rows",
@@ -67,6 +69,54 @@ def kurtosis(weights: torch.Tensor) -> float:
     w = weights.detach().double().flatten()
     std = w.std(unbiased=False)
     return float(((w - w.mean()) / std).pow(4).mean()) if std > 0 else float("nan")
+
+
+@torch.no_grad()
+def close_fewest_(
+    candidates: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    shut: Callable[[list[torch.Tensor]], None],
+    holds: Callable[[], bool],
+) -> list[int]:
+    """The projection of every method that closes units by a score: close the fewest, lowest
+    scored, until ``holds()``.
+
+    ``candidates[i]``: the indices of owner i's open units (an owner: a layer, a gate) and
+    their scores. ``shut(per_owner)`` puts the state back as it was and closes exactly the
+    units ``per_owner[i]`` of each owner. The units are sorted by score (ties by position,
+    deterministically); as closing a unit never makes ``holds`` fail, a binary search over how
+    many of them to close finds the fewest. Returns how many units each owner lost.
+    """
+    scores = torch.cat([s.detach().double().cpu() for _, s in candidates])
+    owner = torch.cat([torch.full((len(idx),), i, dtype=torch.long) for i, (idx, _) in enumerate(candidates)])
+    index = torch.cat([idx.detach().cpu().long() for idx, _ in candidates])
+    order = torch.sort(scores, stable=True).indices
+    owner_sorted, index_sorted = owner[order], index[order]
+
+    def close(k: int) -> None:
+        shut([index_sorted[:k][owner_sorted[:k] == i] for i in range(len(candidates))])
+
+    lo, hi = 0, len(order)  # closing them all meets any budget >= 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        close(mid)
+        lo, hi = (lo, mid) if holds() else (mid + 1, hi)
+    close(lo)
+    return torch.bincount(owner_sorted[:lo], minlength=len(candidates)).tolist()
+
+
+def select_layers(model: nn.Module, names: Sequence[str] | None, what: str) -> dict[str, nn.Module]:
+    """The layers a method acts on, by name, in model order: ``names``, or every ``nn.Linear`` /
+    ``nn.Conv2d`` when ``None``. ``ValueError`` naming the layers that are missing or of another
+    type (``what``: the method, for the message), or when none is left."""
+    modules = dict(model.named_modules())
+    chosen = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))] if names is None else names
+    missing = sorted(n for n in set(chosen) if n not in modules)
+    if missing:
+        raise ValueError(f"layers={missing} not found in the model")
+    wrong = [n for n in chosen if not isinstance(modules[n], (nn.Linear, nn.Conv2d))]
+    if wrong or not chosen:
+        raise ValueError(f"layers={wrong or list(chosen)}: {what} acts on nn.Linear / nn.Conv2d layers")
+    return {n: modules[n] for n in modules if n in set(chosen)}
 
 
 def keep_largest(scores: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
@@ -112,16 +162,11 @@ class Target:
 
     def __post_init__(self) -> None:
         eps = self.epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        if not within(eps, 0):
             raise ValueError(f"epsilon={eps!r} should be a finite number >= 0")
         if self.measure not in MEASURES:
             raise ValueError(f"measure={self.measure!r} should be one of {MEASURES}")
-        if self.lam is not None and (
-            isinstance(self.lam, bool)
-            or not isinstance(self.lam, (int, float))
-            or not math.isfinite(self.lam)
-            or self.lam < 0
-        ):
+        if self.lam is not None and not within(self.lam, 0):
             raise ValueError(f"lam={self.lam!r} should be a finite number >= 0")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))

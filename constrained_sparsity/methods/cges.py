@@ -26,12 +26,12 @@ less in each next layer (towards exclusive sparsity), clipped to [0, 1].
 where, with |v| sorted in decreasing order u_1 >= u_2 >= ..., k is the largest index with
 u_k > t (u_1 + ... + u_k) / (1 + t k) and S_k = u_1 + ... + u_k (the optimality condition of
 the soft-threshold: theta = t sum_i (|v_i| - theta)_+; found without sorting, by Newton's
-method on that equation, see :func:`exclusive_prox`). The seed's step is the first-order
+method on that equation, see :func:`exclusive_prox`). The step of Yoon & Hwang's notes is the first-order
 ``w_i <- (1 - t ||v||_1 / |v_i|)_+ v_i`` (``exclusive_prox: approximate``), which
 over-shrinks: it thresholds at t ||v||_1 instead of theta <= t ||v||_1.
 
 **Measures** (exact only: there is no differentiable surrogate; the multiplier acts through
-the proximal strength, ARCHITECTURE §1): the share of groups that are not all zero (``budget:
+the proximal strength): the share of groups that are not all zero (``budget:
 groups``; model-wise each group weighs its number of weights, or with ``weighting: flops``
 the FLOPs of the chain that compaction keeps) or the share of weights that are not zero
 (``budget: weights``).
@@ -48,7 +48,8 @@ from torch import nn
 
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, layer_output_shapes, parse_chain
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target
+from ..numbers import within
+from .base import BudgetSpec, BuildContext, SparsityMethod, Target, close_fewest_, select_layers
 
 __all__ = [
     "BUDGETS",
@@ -97,7 +98,7 @@ def group_prox(groups: torch.Tensor, threshold: float | torch.Tensor) -> torch.T
 
 
 def exclusive_prox(groups: torch.Tensor, t: float, exact: bool = True) -> torch.Tensor:
-    """Prox of ``t/2 ||w_g||_1^2`` for every row (the exact soft-threshold, or the seed's step).
+    """Prox of ``t/2 ||w_g||_1^2`` for every row (the exact soft-threshold, or Yoon & Hwang's first-order step).
 
     Exact: ``sign(v) (|v| - theta)_+`` with ``theta = t S_A / (1 + t |A|)``, A the weights with
     ``|v_i| > theta`` and S_A the sum of their magnitudes -- the root of the convex, decreasing,
@@ -141,7 +142,7 @@ class CGESOptions:
     channel and kernel position, the authors' code). ``mu``: the group share per sparsified
     layer, one number for all or a list (null: 0.8 for the first layer, 0.2 less per layer).
     ``group_weight``: ``sqrt`` (c_g = sqrt of the group size) or ``none``.
-    ``exclusive_prox``: ``exact`` or ``approximate`` (the seed's first-order step).
+    ``exclusive_prox``: ``exact`` or ``approximate`` (Yoon & Hwang's first-order step).
     ``weighting``: model-wise, what a group or weight weighs: ``params`` or ``flops``.
     ``layers``: the Linear / Conv2d layers to sparsify (null: all).
     """
@@ -165,7 +166,7 @@ class CGESOptions:
             if getattr(self, key) not in choices:
                 raise OptionError(key, getattr(self, key), f"should be one of {', '.join(choices)}")
         mus = self.mu if isinstance(self.mu, list) else [] if self.mu is None else [self.mu]
-        if not all(isinstance(m, (int, float)) and math.isfinite(m) and 0.0 <= m <= 1.0 for m in mus):
+        if not all(within(m, 0.0, 1.0) for m in mus):
             raise OptionError("mu", self.mu, "should be in [0, 1], one number or one per layer")
 
 
@@ -174,7 +175,6 @@ class _Layer:
     name: str
     module: nn.Module
     mu: float
-    flop_cost: float = 0.0  # FLOPs per (open input unit, open output unit) pair, per example
 
     @property
     def weight(self) -> torch.Tensor:
@@ -200,22 +200,11 @@ class CGES(SparsityMethod):
         grouping: str = "input",
         budget: str = "groups",
         group_weight: str = "sqrt",
-        exclusive: str = "exact",
+        exclusive_prox: str = "exact",
     ) -> None:
-        CGESOptions(budget, grouping, mu, group_weight, exclusive)  # the same checks as a config
-        modules = dict(model.named_modules())
-        if layers is None:
-            names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        else:
-            names = [n for n in modules if n in set(layers)]  # model order
-            missing = sorted(set(layers) - set(names))
-            if missing:
-                raise ValueError(f"layers={missing} not found in the model")
-            wrong = [n for n in names if not isinstance(modules[n], (nn.Linear, nn.Conv2d))]
-            if wrong:
-                raise ValueError(f"layers={wrong}: CGES acts on nn.Linear / nn.Conv2d layers")
-        if not names:
-            raise ValueError("the model has no nn.Linear / nn.Conv2d layer for CGES")
+        CGESOptions(budget, grouping, mu, group_weight, exclusive_prox)  # the same checks as a config
+        modules = select_layers(model, layers, "CGES")
+        names = list(modules)
         for n in names:
             if getattr(modules[n], "groups", 1) != 1:
                 raise ValueError(f"layer {n!r}: grouped convolutions are not supported")
@@ -231,7 +220,7 @@ class CGES(SparsityMethod):
         self.grouping = grouping
         self.budget = budget
         self.group_weight = group_weight
-        self.exact = exclusive == "exact"
+        self.exclusive_prox = exclusive_prox
         self._layers = [_Layer(n, modules[n], m) for n, m in zip(names, mus)]
         self._flops: list[tuple[nn.Module, float]] | None = None  # set by weight_by_flops
 
@@ -289,9 +278,6 @@ class CGES(SparsityMethod):
             return self._layers
         by_name = {layer.name: layer for layer in self._layers}
         return [by_name[n] for n in layers]
-
-    def _open_groups(self, layer: _Layer) -> torch.Tensor:
-        return to_groups(layer.weight.detach(), self.grouping).ne(0).any(dim=1)
 
     def _open_inputs(self, module: nn.Module) -> torch.Tensor:
         """Per input unit (neuron or channel) of a layer: does any of its weights survive?"""
@@ -367,7 +353,7 @@ class CGES(SparsityMethod):
             if layer.mu > 0:
                 groups = group_prox(groups, strength * layer.mu * c)
             if layer.mu < 1:
-                groups = exclusive_prox(groups, strength * (1.0 - layer.mu), self.exact)
+                groups = exclusive_prox(groups, strength * (1.0 - layer.mu), self.exclusive_prox == "exact")
             w.copy_(from_groups(groups, w, self.grouping))
 
     # -- finishing ---------------------------------------------------------------------------
@@ -378,40 +364,30 @@ class CGES(SparsityMethod):
         selected = self._select(target.layers)
         if float(self._measure(target.layers)) <= target.epsilon:
             return {}
-        scores, owner, index = [], [], []
-        for i, layer in enumerate(selected):
+        candidates = []
+        for layer in selected:
             if self.budget == "groups":
                 groups = to_groups(layer.weight.detach(), self.grouping)
-                s = groups.norm(dim=1) / math.sqrt(groups.shape[1])
+                score = groups.norm(dim=1) / math.sqrt(groups.shape[1])
             else:
-                s = layer.weight.detach().abs().flatten()
-            alive = s.ne(0).nonzero().squeeze(1)
-            scores.append(s[alive].double().cpu())
-            owner.append(torch.full((len(alive),), i, dtype=torch.long))
-            index.append(alive.cpu())
-        order = torch.sort(torch.cat(scores), stable=True).indices
-        owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
+                score = layer.weight.detach().abs().flatten()
+            alive = score.ne(0).nonzero().squeeze(1)
+            candidates.append((alive, score[alive]))
         original = [layer.weight.detach().clone() for layer in selected]
 
-        def close(k: int) -> None:
-            for i, (layer, w0) in enumerate(zip(selected, original)):
+        def shut(per_layer: list[torch.Tensor]) -> None:
+            for layer, w0, idx in zip(selected, original, per_layer):
                 w = layer.weight
                 w.copy_(w0)
-                shut = index_sorted[:k][owner_sorted[:k] == i].to(w.device)
+                idx = idx.to(w.device)
                 if self.budget == "groups":
                     groups = to_groups(w.detach(), self.grouping).clone()
-                    groups[shut] = 0.0
+                    groups[idx] = 0.0
                     w.copy_(from_groups(groups, w, self.grouping))
                 else:
-                    w.view(-1)[shut] = 0.0
+                    w.view(-1)[idx] = 0.0
 
-        lo, hi = 0, len(order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            close(mid)
-            lo, hi = (lo, mid) if float(self._measure(target.layers)) <= target.epsilon else (mid + 1, hi)
-        close(lo)
-        counts = torch.bincount(owner_sorted[:lo], minlength=len(selected)).tolist()
+        counts = close_fewest_(candidates, shut, lambda: float(self._measure(target.layers)) <= target.epsilon)
         return {layer.name: n for layer, n in zip(selected, counts) if n}
 
     # -- reporting ---------------------------------------------------------------------------
@@ -494,7 +470,7 @@ def attach_cges(
     grouping: str = "input",
     budget: str = "groups",
     group_weight: str = "sqrt",
-    exclusive: str = "exact",
+    exclusive_prox: str = "exact",
 ) -> CGES:
     """Combined group and exclusive sparsity on ``model``'s Linear / Conv2d layers (see :class:`CGES`)."""
-    return CGES(model, layers, mu, grouping, budget, group_weight, exclusive)
+    return CGES(model, layers, mu, grouping, budget, group_weight, exclusive_prox)

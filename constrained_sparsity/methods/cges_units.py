@@ -39,7 +39,6 @@ a dense deployed layer stores them.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +46,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OptionError
+from ..numbers import within
 from ..units import UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target
+from .base import BudgetSpec, BuildContext, SparsityMethod, Target, close_fewest_
 from .cges import EXCLUSIVE_PROXES, exclusive_prox, from_groups, to_groups
 
 __all__ = ["CGESUnits", "CGESUnitsOptions", "attach_cges_units"]
@@ -80,9 +80,8 @@ class CGESUnitsOptions:
         ):
             if getattr(self, key) not in choices:
                 raise OptionError(key, getattr(self, key), f"should be one of {', '.join(choices)}")
-        mu = self.mu
-        if not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu) and 0 <= mu <= 1):
-            raise OptionError("mu", mu, "should be a number in [0, 1]")
+        if not within(self.mu, 0, 1):
+            raise OptionError("mu", self.mu, "should be a number in [0, 1]")
 
 
 @dataclass
@@ -124,7 +123,7 @@ class CGESUnits(SparsityMethod):
             raise UnitError("the network has no prunable unit (every channel feeds the output)")
         self.graph.to(device)
         self.mu, self.weighting = float(o.mu), o.weighting
-        self.group_weight, self.exact = o.group_weight, o.exclusive_prox == "exact"
+        self.group_weight, self.exclusive_prox = o.group_weight, o.exclusive_prox
         n = self.graph.num_units
         modules = dict(model.named_modules())
         self.readers: list[_Reader] = []
@@ -236,9 +235,10 @@ class CGESUnits(SparsityMethod):
                 layers = self.layers
             else:
                 layers = [r.module for r in self.readers if bool(mask[r.units[r.units < len(mask)]].any())]
+            exact = self.exclusive_prox == "exact"
             for module in layers:
                 w = module.weight
-                groups = exclusive_prox(to_groups(w.detach(), "input"), strength * (1.0 - self.mu), self.exact)
+                groups = exclusive_prox(to_groups(w.detach(), "input"), strength * (1.0 - self.mu), exact)
                 w.copy_(from_groups(groups, w, "input"))
 
     # -- finishing ---------------------------------------------------------------------------------
@@ -250,23 +250,21 @@ class CGESUnits(SparsityMethod):
             return {}
         rms = (self._per_unit(torch.square) / self.sizes.clamp_min(1)).sqrt()
         candidates = (self._units_of(target.layers) & self.read & rms.gt(0)).nonzero().squeeze(1)
-        order = candidates[torch.sort(rms[candidates].cpu(), stable=True).indices.to(candidates.device)]
         original = [r.module.weight.detach().clone() for r in self.readers]
 
-        def close(k: int) -> None:
+        def shut(closing: list[torch.Tensor]) -> None:
             for r, w0 in zip(self.readers, original):
                 r.module.weight.copy_(w0)
             keep = torch.ones_like(rms)
-            keep[order[:k]] = 0.0
+            keep[closing[0].to(keep.device)] = 0.0
             self._scale_readers_(keep)
 
-        lo, hi = 0, len(order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            close(mid)
-            lo, hi = (lo, mid) if float(self._measure(target.layers)) <= target.epsilon else (mid + 1, hi)
-        close(lo)
-        per_group = torch.bincount(self._group_of[order[:lo]], minlength=len(self.graph.groups)).tolist()
+        was_open = self.open_units().bool()
+        close_fewest_(
+            [(candidates, rms[candidates])], shut, lambda: float(self._measure(target.layers)) <= target.epsilon
+        )
+        closed = was_open & ~self.open_units().bool()
+        per_group = torch.bincount(self._group_of[closed], minlength=len(self.graph.groups)).tolist()
         return {g.name: c for g, c in zip(self.graph.groups, per_group) if c}
 
     # -- what the trainer logs and reports -----------------------------------------------------------

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
+from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
@@ -38,6 +39,7 @@ from .base import (
     SparsityMethod,
     Target,
     keep_largest,
+    select_layers,
     weight_metrics,
 )
 
@@ -73,7 +75,7 @@ class DNSOptions:
             raise OptionError("thresholds", self.thresholds, "should be one of budget, statistics")
         for key in ("c", "gamma", "power"):
             value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not within(value, 0):
                 raise OptionError(key, value, "should be a finite number >= 0")
         if not (isinstance(self.margin, (int, float)) and 0.0 <= self.margin < 1.0):
             raise OptionError("margin", self.margin, "should be in [0, 1)")
@@ -99,12 +101,7 @@ class DNS(PerWeightReport, SparsityMethod):
         seed: int | None = None,
     ) -> None:
         DNSOptions(thresholds, c, margin, gamma, power)
-        modules = dict(model.named_modules())
-        names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))] if layers is None else layers
-        wrong = [n for n in names if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
-        if wrong or not names:
-            raise ValueError(f"layers={wrong or names}: DNS acts on nn.Linear / nn.Conv2d layers of the model")
-        self.layers = {n: modules[n] for n in modules if n in set(names)}
+        self.layers = select_layers(model, layers, "DNS")
         for module in self.layers.values():
             w = module.weight
             parametrize.register_parametrization(module, "weight", StraightThroughMask(w.shape, w.device, w.dtype))

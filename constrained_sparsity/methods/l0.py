@@ -57,7 +57,8 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, layer_output_shapes, observe, original_weight, parse_chain
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target
+from ..numbers import finite
+from .base import BudgetSpec, BuildContext, SparsityMethod, Target, close_fewest_
 
 __all__ = [
     "GATE_STRUCTURES",
@@ -73,10 +74,6 @@ __all__ = [
 GATE_STRUCTURES = ("auto", "input", "output", "weight")
 WEIGHTINGS = ("params", "flops")
 _GATE_ATTR = "l0_gate"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -99,13 +96,13 @@ class L0Options:
     def __post_init__(self) -> None:
         if self.structure not in GATE_STRUCTURES:
             raise OptionError("structure", self.structure, f"should be one of {', '.join(GATE_STRUCTURES)}")
-        if not (_finite(self.droprate_init) and 0.0 < self.droprate_init < 1.0):
+        if not (finite(self.droprate_init) and 0.0 < self.droprate_init < 1.0):
             raise OptionError("droprate_init", self.droprate_init, "should be in (0, 1)")
-        if not (_finite(self.beta) and self.beta > 0):
+        if not (finite(self.beta) and self.beta > 0):
             raise OptionError("beta", self.beta, "should be a number > 0")
-        if not (_finite(self.gamma) and self.gamma < 0):
+        if not (finite(self.gamma) and self.gamma < 0):
             raise OptionError("gamma", self.gamma, "should be < 0")
-        if not (_finite(self.zeta) and self.zeta > 1):
+        if not (finite(self.zeta) and self.zeta > 1):
             raise OptionError("zeta", self.zeta, "should be > 1")
         if self.weighting not in WEIGHTINGS:
             raise OptionError("weighting", self.weighting, f"should be one of {', '.join(WEIGHTINGS)}")
@@ -134,11 +131,11 @@ class HardConcreteGate(nn.Module):
         super().__init__()
         if num_gates <= 0:
             raise ValueError(f"num_gates={num_gates} should be a positive integer")
-        if not (_finite(droprate_init) and 0.0 < droprate_init < 1.0):
+        if not (finite(droprate_init) and 0.0 < droprate_init < 1.0):
             raise ValueError(f"droprate_init={droprate_init} should be in (0, 1)")
-        if not (_finite(beta) and beta > 0):
+        if not (finite(beta) and beta > 0):
             raise ValueError(f"beta={beta} should be a finite number > 0")
-        if not (_finite(gamma) and _finite(zeta) and gamma < 0.0 and zeta > 1.0):
+        if not (finite(gamma) and finite(zeta) and gamma < 0.0 and zeta > 1.0):
             raise ValueError(f"gamma={gamma}, zeta={zeta}: need finite gamma < 0 and zeta > 1")
         self.beta = float(beta)
         self.gamma = float(gamma)
@@ -1026,30 +1023,18 @@ def close_least_likely_(gates: Sequence[HardConcreteGate], value: Callable[[], f
     closed in each of ``gates`` (none if the budget already holds)."""
     if value() <= epsilon:
         return [0] * len(gates)
-    # the gates open at test time, by increasing P(z != 0) (ties by position, deterministically)
-    probs, owner, index = [], [], []
-    for i, gate in enumerate(gates):
+    candidates = []  # the gates open at test time, scored by P(z != 0)
+    for gate in gates:
         open_gates = gate.active().nonzero().squeeze(1)
-        probs.append(gate.prob_nonzero()[open_gates].double().cpu())
-        owner.append(torch.full((len(open_gates),), i, dtype=torch.long))
-        index.append(open_gates.cpu())
-    order = torch.sort(torch.cat(probs), stable=True).indices
-    owner_sorted, index_sorted = torch.cat(owner)[order], torch.cat(index)[order]
+        candidates.append((open_gates, gate.prob_nonzero()[open_gates]))
     original = [gate.log_alpha.clone() for gate in gates]
 
-    def close(k: int) -> None:
-        for i, (gate, la) in enumerate(zip(gates, original)):
+    def shut(per_gate: list[torch.Tensor]) -> None:
+        for gate, la, idx in zip(gates, original, per_gate):
             gate.log_alpha.copy_(la)
-            shut = index_sorted[:k][owner_sorted[:k] == i].to(la.device)
-            gate.log_alpha[shut] = gate.closed_value()
+            gate.log_alpha[idx.to(la.device)] = gate.closed_value()
 
-    lo, hi = 0, len(order)  # closing them all meets any budget >= 0
-    while lo < hi:
-        mid = (lo + hi) // 2
-        close(mid)
-        lo, hi = (lo, mid) if value() <= epsilon else (mid + 1, hi)
-    close(lo)
-    return torch.bincount(owner_sorted[:lo], minlength=len(gates)).tolist()
+    return close_fewest_(candidates, shut, lambda: value() <= epsilon)
 
 
 def _check_reached(model: nn.Module, chosen: Mapping[str, str], example: torch.Tensor | None) -> None:

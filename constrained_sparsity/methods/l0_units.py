@@ -29,7 +29,6 @@ through the same graph; the result is an ordinary module of the model's class.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OptionError
+from ..numbers import finite, within
 from ..units import GATES, UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
 from .base import BudgetSpec, BuildContext, SparsityMethod, Target
 from .l0 import HardConcreteGate, close_least_likely_
@@ -65,13 +65,11 @@ class L0UnitsOptions:
             raise OptionError("weighting", self.weighting, "should be params or flops")
         for key in ("droprate_init", "beta", "gamma", "zeta"):
             value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            if not finite(value):
                 raise OptionError(key, value, "should be a finite number")
         for key in ("heads", "neurons"):
             value = getattr(self, key)
-            if value is not None and not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-            ):
+            if value is not None and not within(value, 0, 1):
                 raise OptionError(key, value, "should be a share in [0, 1] (or null)")
         if not 0 < self.droprate_init < 1:
             raise OptionError("droprate_init", self.droprate_init, "should be in (0, 1)")

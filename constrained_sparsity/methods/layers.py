@@ -29,8 +29,6 @@ merges the mergeable layers and refits the shallower network
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,11 +39,11 @@ from torch import nn
 
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, model_device, original_weight, parse_chain
+from ..numbers import finite, within
 from .base import BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
 
 __all__ = [
     "LayerSparsity",
-    "LayerTarget",
     "LayersOptions",
     "attach_layer_sparsity",
     "merge_layers",
@@ -55,10 +53,6 @@ __all__ = [
 # Modules that may sit between linear layers of a mergeable chain without changing the
 # argument (they act on a layer's input or are the identity at test time).
 _PASSTHROUGH = (nn.Flatten, nn.Identity, nn.Dropout)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -83,10 +77,10 @@ class LayersOptions:
     def __post_init__(self) -> None:
         if self.max_layers is not None and self.max_layers < 0:
             raise OptionError("max_layers", self.max_layers, "should be >= 0")
-        if self.lam is not None and not (_number(self.lam) and self.lam >= 0):
+        if self.lam is not None and not (finite(self.lam) and self.lam >= 0):
             raise OptionError("lam", self.lam, "should be >= 0")
         ws = self.weights if isinstance(self.weights, list) else [self.weights]
-        if not all(_number(w) and w >= 0 for w in ws):
+        if not all(finite(w) and w >= 0 for w in ws):
             raise OptionError("weights", self.weights, "should be >= 0")
         if self.refit_epochs < 0:
             raise OptionError("refit_epochs", self.refit_epochs, "should be >= 0")
@@ -99,7 +93,7 @@ def negative_part_prox_(tensors: Sequence[torch.Tensor], threshold: float) -> fl
 
     Returns the norm of the negative part after the step (0.0 when it was zeroed).
     """
-    if not (math.isfinite(threshold) and threshold >= 0):
+    if not within(threshold, 0):
         raise ValueError(f"threshold={threshold} should be a finite number >= 0")
     with torch.no_grad():
         norm = torch.sqrt(sum((t.clamp(max=0.0) ** 2).sum() for t in tensors))  # type: ignore[arg-type]
@@ -444,7 +438,7 @@ def attach_layer_sparsity(
         r = [float(w) for w in weights]
         if len(r) != len(chosen):
             raise ValueError(f"weights has {len(r)} entries for {len(chosen)} regularised layers {chosen}")
-    if not all(math.isfinite(w) and w >= 0 for w in r):
+    if not all(within(w, 0) for w in r):
         raise ValueError(f"weights={r} should be finite numbers >= 0")
     return LayerSparsity(model, chain, chosen, r, input_nonnegative, refit_epochs)
 
@@ -513,13 +507,3 @@ def merge_layers(
             out.append((name, module))
     assert pending is None, "a merged layer must be followed by another linear layer"
     return nn.Sequential(OrderedDict(out))
-
-
-def LayerTarget(max_layers: int, lam: float | None = None, restarts: bool = False, name: str = "layers") -> Target:  # noqa: N802
-    """Deprecated: ``Target(max_layers, method="layers", restarts=False)``, a budget on depth."""
-    warnings.warn(
-        "LayerTarget(k) is deprecated; use Target(k, method='layers', restarts=False)", DeprecationWarning, stacklevel=2
-    )
-    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
-        raise ValueError(f"max_layers={max_layers!r} should be an integer >= 0")
-    return Target(max_layers, lam=lam, name=name, method="layers", restarts=restarts)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import ConfigError, OptionError
+from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
@@ -35,6 +36,7 @@ from .base import (
     SparsityMethod,
     Target,
     keep_largest,
+    select_layers,
     weight_metrics,
 )
 
@@ -66,20 +68,8 @@ class LWCOptions:
     def __post_init__(self) -> None:
         if not (0.0 <= self.start < self.end <= 1.0):
             raise OptionError("end", self.end, f"should satisfy 0 <= start ({self.start}) < end <= 1")
-        if not (isinstance(self.every, (int, float)) and math.isfinite(self.every) and self.every > 0):
+        if not within(self.every, above=0):
             raise OptionError("every", self.every, "should be a number > 0")
-
-
-def _layers(model: nn.Module, names: list[str] | None, what: str) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
-    chosen = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))] if names is None else names
-    missing = [n for n in chosen if n not in modules]
-    if missing:
-        raise ValueError(f"layers={missing} not found in the model")
-    wrong = [n for n in chosen if not isinstance(modules[n], (nn.Linear, nn.Conv2d))]
-    if wrong or not chosen:
-        raise ValueError(f"layers={wrong or chosen}: {what} acts on nn.Linear / nn.Conv2d layers")
-    return {n: modules[n] for n in modules if n in set(chosen)}  # model order
 
 
 class LWC(PerWeightReport, SparsityMethod):
@@ -98,7 +88,7 @@ class LWC(PerWeightReport, SparsityMethod):
         end_step: int = 1,
         every_steps: int = 1,
     ) -> None:
-        self.layers = _layers(model, layers, "LWC")
+        self.layers = select_layers(model, layers, "LWC")
         for module in self.layers.values():
             if not prune.is_pruned(module):
                 prune.identity(module, "weight")  # weight = weight_orig * weight_mask, mask of ones

@@ -26,7 +26,7 @@ method's majoriser of the share of non-zero weights at the last re-weighting poi
 (each term is about 1 for a weight that did not move since the re-weighting, 0 for one at
 0). With lambda fixed this is eq. 4 minimised by majorisation-minimisation (eq. 5): the
 penalised form. After training the finishing phase prunes by magnitude to exactly the budget
-and retrains with the mask fixed (the seed's final step).
+and retrains with the mask fixed (the final step of Fedorov & Rao).
 """
 
 from __future__ import annotations
@@ -40,7 +40,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
-from .base import BudgetSpec, BuildContext, PerWeightReport, SparsityMethod, Target, keep_largest, weight_metrics
+from ..numbers import within
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    PerWeightReport,
+    SparsityMethod,
+    Target,
+    keep_largest,
+    select_layers,
+    weight_metrics,
+)
 
 __all__ = ["AffineScale", "ASTOptions", "FOCUSS", "ReweightedL1", "ReweightedL2", "attach_ast"]
 
@@ -83,11 +93,11 @@ class ASTOptions:
                 raise OptionError(key, getattr(self, key), f"should be one of {', '.join(choices)}")
         for key, low in (("tau", 0.0), ("sigma", 0.0), ("threshold", 0.0), ("every", 0.0)):
             v = getattr(self, key)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low and (key in ("sigma",) or v > 0)):
+            if not (within(v, low) if key == "sigma" else within(v, above=low)):
                 raise OptionError(key, v, "should be a finite number > 0" if key != "sigma" else "should be >= 0")
-        if not (isinstance(self.tau_decay, (int, float)) and 0.0 < self.tau_decay <= 1.0):
+        if not within(self.tau_decay, above=0.0, high=1.0):
             raise OptionError("tau_decay", self.tau_decay, "should be in (0, 1]")
-        if not (isinstance(self.p, (int, float)) and 0.0 <= self.p <= 2.0):
+        if not within(self.p, 0.0, 2.0):
             raise OptionError("p", self.p, "should be in [0, 2]")
 
 
@@ -112,12 +122,7 @@ class _AST(PerWeightReport, SparsityMethod):
         threshold: float = 1e-3,
     ) -> None:
         ASTOptions(tau, tau_decay, p, 1.0, "steps", init, sigma, order, threshold)
-        modules = dict(model.named_modules())
-        names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))] if layers is None else layers
-        wrong = [n for n in names if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
-        if wrong or not names:
-            raise ValueError(f"layers={wrong or names}: {self.name} acts on nn.Linear / nn.Conv2d layers of the model")
-        self.layers = {n: modules[n] for n in modules if n in set(names)}
+        self.layers = select_layers(model, layers, self.name)
         for module in self.layers.values():
             parametrize.register_parametrization(module, "weight", AffineScale(module.weight))
         self.tau, self.tau_decay, self.p = tau, tau_decay, p
