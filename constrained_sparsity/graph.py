@@ -16,14 +16,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrize
 
 __all__ = [
     "BETWEEN",
     "Chain",
     "ChainError",
     "ChainLayer",
+    "Mask",
     "bake",
+    "keep_zeros",
+    "mask_of",
     "layer_output_shapes",
     "model_device",
     "observe",
@@ -202,14 +205,43 @@ def plain_layer_like(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
     return plain
 
 
-def _prune_hooks(module: nn.Module) -> list[prune.BasePruningMethod]:
-    return [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+class Mask(nn.Module):
+    """Parametrization ``W -> W * mask`` (``torch.ao.pruning``'s ``FakeSparsity``): a pruned weight
+    is exactly 0 whatever the optimizer does to the original, and its gradient is 0. The mask
+    is a buffer of the parametrization, so it is in the model's ``state_dict``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones_like(weight.detach()))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def mask_of(module: nn.Module) -> Mask | None:
+    """The :class:`Mask` parametrization of a layer's weight, if it has one."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
+
+
+def keep_zeros(model: nn.Module) -> Callable[..., None]:
+    """A function that sets back to 0 every ``Linear`` / ``Conv2d`` weight that is 0 now (the
+    trained weight: a parametrization's original): called after each step of a phase that must
+    keep a sparsity pattern while it trains the other weights."""
+    zeros = [(w, w == 0) for w in (original_weight(m) for m in model.modules() if isinstance(m, LAYERS))]
+    zeros = [(w, mask) for w, mask in zeros if bool(mask.any())]
+
+    @torch.no_grad()
+    def restore(*_args: Any) -> None:
+        for w, mask in zeros:
+            w.masked_fill_(mask, 0.0)
+
+    return restore
 
 
 def _is_bakeable(module: nn.Module) -> bool:
-    return isinstance(module, LAYERS) and (
-        parametrize.is_parametrized(module) or bool(_prune_hooks(module)) or "forward" in module.__dict__
-    )
+    return isinstance(module, LAYERS) and (parametrize.is_parametrized(module) or "forward" in module.__dict__)
 
 
 @torch.no_grad()
@@ -217,19 +249,16 @@ def bake(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode whose ``Linear`` / ``Conv2d`` layers are plain.
 
     Every layer that a sparsity method changed -- a parametrization on its weight or bias
-    (``torch.nn.utils.parametrize``), a forward pre-hook (``torch.nn.utils.prune``), an
-    instance ``forward`` -- is replaced by a plain layer holding its current weight and bias
-    as computed in eval mode. Forward (pre-)hooks that methods registered on other modules
-    are dropped from the copy. The original model is left untouched. (The copy does not call
-    ``remove_parametrizations``: a deep copy shares the parametrized class with the
-    original, and removing a parametrization from one would remove it from both.)
+    (``torch.nn.utils.parametrize``), an instance ``forward`` -- is replaced by a plain layer
+    holding its current weight and bias as computed in eval mode. Forward (pre-)hooks that
+    methods registered on other modules are dropped from the copy. The original model is
+    left untouched. (The copy does not call ``remove_parametrizations``: a deep copy shares
+    the parametrized class with the original, and removing a parametrization from one would
+    remove it from both.)
     """
     was_training = model.training
     model.eval()
     try:
-        for module in model.modules():  # prune's weight attribute, recomputed without autograd
-            for hook in _prune_hooks(module):  # history (deepcopy refuses non-leaf tensors)
-                hook(module, ())
         baked = copy.deepcopy(model)
         for module in baked.modules():
             for key in [k for k, h in module._forward_pre_hooks.items() if getattr(h, "sparsity_hook", False)]:
@@ -237,8 +266,6 @@ def bake(model: nn.Module) -> nn.Module:
         for name, module in list(baked.named_modules()):
             if not _is_bakeable(module):
                 continue
-            for hook in _prune_hooks(module):  # torch.nn.utils.prune: the hook computes the weight
-                hook(module, ())
             bias = module.bias.detach() if module.bias is not None else None
             plain = plain_layer_like(module, module.weight.detach(), bias)
             if not name:

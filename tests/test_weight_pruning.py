@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import constrained_sparsity as cs
+from constrained_sparsity.graph import mask_of, original_weight
 from constrained_sparsity.methods import DNS, FOCUSS, LWC, ReweightedL1, ReweightedL2, Target
 from constrained_sparsity.methods.lwc import cubic_kept
 from constrained_sparsity.models import MLP
@@ -244,19 +245,19 @@ def test_lwc_keeps_exactly_the_scheduled_count_and_pruned_weights_stay_zero_thro
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         method.after_step()
-        kept = sum(int(layer.weight_mask.sum()) for layer in method.layers.values())
+        kept = sum(int(mask_of(layer).mask.sum()) for layer in method.layers.values())
         last_event = min(step, 12) if step >= 4 else None
         if last_event is not None:
             last_event -= last_event % 2
             assert kept == math.floor(cubic_kept(last_event, 2, 12, 0.1) * n + 1e-9), step
         else:
             assert kept == n
-        if zero_before is not None:  # Adam's momentum moves weight_orig, never the pruned weights
+        if zero_before is not None:  # Adam's momentum moves the original, never the pruned weights
             for layer, zeros in zip(method.layers.values(), zero_before):
                 assert bool(layer.weight[zeros].eq(0).all())
-        zero_before = [layer.weight_mask.eq(0) for layer in method.layers.values()]
+        zero_before = [mask_of(layer).mask.eq(0) for layer in method.layers.values()]
     assert kept == math.floor(0.1 * n)
-    assert bool(any(layer.weight_orig[layer.weight_mask.eq(0)].ne(0).any() for layer in method.layers.values()))
+    assert bool(any(original_weight(layer)[mask_of(layer).mask.eq(0)].ne(0).any() for layer in method.layers.values()))
 
 
 def test_cubic_schedule_closed_form():

@@ -216,8 +216,9 @@ class Phase:
 
     The trainer saves each of ``files`` (name -> network) into the run directory, trains
     ``model`` for ``epochs`` epochs on the task loss alone (Adam, learning rate ``lr``),
-    keeping its zero weights at zero when ``keep_zeros`` (a fixed ``torch.nn.utils.prune``
-    mask), logs ``<name>/train_loss`` and ``<name>/test_error`` per epoch, and saves the
+    keeping its zero weights at zero when ``keep_zeros`` (set back to 0 after every step,
+    as in the finishing phase: :func:`~constrained_sparsity.graph.keep_zeros`), logs
+    ``<name>/train_loss`` and ``<name>/test_error`` per epoch, and saves the
     result as ``<name>_model.pt``. ``info`` is what the method measured before the phase;
     the trainer adds ``<name>_epochs`` and ``test_error_<name>``.
     """

@@ -9,9 +9,10 @@ share falling from 1 to the budget epsilon along a cubic schedule (Zhu & Gupta 2
 
 then the network retrains with the masks fixed until the end. A model-wise budget prunes
 globally (the smallest weights of all the layers), a per-layer budget each layer alone. The
-masks are ``torch.nn.utils.prune`` masks (``weight = weight_orig * weight_mask``): pruned
-weights are exactly 0 whatever the optimizer does to ``weight_orig``, and the masks are in
-the model's ``state_dict``. A pruned weight stays pruned (its magnitude is 0).
+masks are :class:`~constrained_sparsity.graph.Mask` parametrizations (``weight = original *
+mask``, ``torch.ao.pruning``'s ``FakeSparsity``): pruned weights are exactly 0 whatever the
+optimizer does to the original, and the masks are in the model's ``state_dict``. A pruned
+weight stays pruned (its magnitude is 0).
 
 The budget is met by construction (a top-k mask): the method runs in ``mode: projected``,
 its constraint reported with lambda = 0; the exact measure is the share of non-zero weights.
@@ -25,9 +26,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, OptionError
+from ..graph import Mask, mask_of
 from ..numbers import within
 from .base import (
     BudgetSpec,
@@ -90,8 +92,8 @@ class LWC(PerWeightReport, SparsityMethod):
     ) -> None:
         self.layers = select_layers(model, layers, "LWC")
         for module in self.layers.values():
-            if not prune.is_pruned(module):
-                prune.identity(module, "weight")  # weight = weight_orig * weight_mask, mask of ones
+            if mask_of(module) is None:  # weight = original * mask, a mask of ones
+                parametrize.register_parametrization(module, "weight", Mask(module.weight))
         self.start_step, self.end_step, self.every_steps = start_step, max(end_step, start_step + 1), every_steps
         self.step = 0
         self.frozen = False
@@ -122,20 +124,24 @@ class LWC(PerWeightReport, SparsityMethod):
     def _select(self, layers: tuple[str, ...] | None) -> list[nn.Module]:
         return [self.layers[n] for n in (layers or self.layers)]
 
+    @staticmethod
+    def _mask(module: nn.Module) -> torch.Tensor:
+        return mask_of(module).mask  # type: ignore[union-attr]
+
     @torch.no_grad()
     def measure(self, target: Target) -> tuple[None, torch.Tensor]:
         """No surrogate: the share of weights that are not zero (mask and weight)."""
         mods = self._select(target.layers)
-        nonzero = sum((m.weight_mask * m.weight_orig).ne(0).sum() for m in mods)
-        return None, (nonzero / sum(m.weight_mask.numel() for m in mods)).float()
+        nonzero = sum(m.weight.ne(0).sum() for m in mods)
+        return None, (nonzero / sum(m.weight.numel() for m in mods)).float()
 
     @torch.no_grad()
     def _prune_to(self, layers: tuple[str, ...] | None, kept: float) -> None:
         mods = self._select(layers)
-        total = sum(m.weight_mask.numel() for m in mods)
-        masks = keep_largest([(m.weight_orig * m.weight_mask).abs() for m in mods], math.floor(kept * total + 1e-9))
+        total = sum(m.weight.numel() for m in mods)
+        masks = keep_largest([m.weight.abs() for m in mods], math.floor(kept * total + 1e-9))
         for m, mask in zip(mods, masks):
-            m.weight_mask.copy_(mask & m.weight_mask.bool())
+            self._mask(m).copy_(mask & self._mask(m).bool())
 
     def after_step(self) -> None:
         self.step += 1
@@ -152,24 +158,23 @@ class LWC(PerWeightReport, SparsityMethod):
     @torch.no_grad()
     def project_(self, target: Target) -> dict[str, int]:
         """Prune by magnitude to exactly the budget (the last step of the schedule)."""
-        before = {n: int(m.weight_mask.sum()) for n, m in self.layers.items()}
+        before = {n: int(self._mask(m).sum()) for n, m in self.layers.items()}
         self._prune_to(target.layers, target.epsilon)
-        return {
-            n: before[n] - int(m.weight_mask.sum()) for n, m in self.layers.items() if before[n] != m.weight_mask.sum()
-        }
+        after = {n: int(self._mask(m).sum()) for n, m in self.layers.items()}
+        return {n: before[n] - after[n] for n in self.layers if before[n] != after[n]}
 
     @torch.no_grad()
     def report_rows(self) -> list[dict[str, Any]]:
         rows = []
         for name, m in self.layers.items():
-            nonzero = int((m.weight_mask * m.weight_orig).ne(0).sum())
+            nonzero = int(m.weight.ne(0).sum())
             rows.append(
                 {
                     "name": name,
-                    "params": m.weight_mask.numel(),
+                    "params": m.weight.numel(),
                     "active_params": nonzero,
-                    "exact_density": nonzero / m.weight_mask.numel(),
-                    "value": nonzero / m.weight_mask.numel(),
+                    "exact_density": nonzero / m.weight.numel(),
+                    "value": nonzero / m.weight.numel(),
                 }
             )
         return rows

@@ -22,7 +22,6 @@ import cooper
 import torch
 import yaml
 from torch import nn
-from torch.nn.utils import prune
 
 from .. import distributed
 from ..compact import compact, size_summary
@@ -32,7 +31,7 @@ from ..errors import CheckpointError, ConfigError, TrainingInterrupted
 from ..evaluation import max_output_difference
 from ..export import save_sequential
 from ..files import first_line
-from ..graph import bake, original_weight
+from ..graph import bake, keep_zeros
 from ..methods import Phase, PhaseContext, SparsityMethod, method_spec
 from ..problem import OptimizerSet, SparsityProblem, scheduled_lr
 from ..tracking import NullTracker, Tracker
@@ -315,11 +314,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _layer_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The trained weight of every ``Linear`` / ``Conv2d`` (the parametrization's original)."""
-    return [original_weight(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
 def _wandb_summary(result: RunResult) -> dict[str, Any]:
     summary: dict[str, Any] = {"final/test_error": result.test_error, "final/epochs": result.epochs}
     if result.feasible is not None:
@@ -596,18 +590,17 @@ class _Run:
         info["test_error_closed"] = self._error(self.model, ds.test_x, ds.test_y, bs)
         phase = Phase("finish", self.model, epochs, lr)
         if epochs > 0:  # the weights that are exactly 0 stay 0: a method whose pattern is its zeros
-            zeros = [(w, w == 0) for w in _layer_weights(self.model)]
-            zeros = [(w, mask) for w, mask in zeros if bool(mask.any())]
-
-            def keep_zeros(_pos: Position) -> None:
-                with torch.no_grad():
-                    for w, mask in zeros:
-                        w.masked_fill_(mask, 0.0)
-
             schedule = self.cfg.finish.schedule
             primal = self.cfg.optim.primal  # the training's kind of optimizer, from a fresh state
             self._train_phase(
-                phase, self.cfg.train.seed + 3, stop, self.methods, keep_zeros, schedule, primal.name, primal.momentum
+                phase,
+                self.cfg.train.seed + 3,
+                stop,
+                self.methods,
+                keep_zeros(self.model),
+                schedule,
+                primal.name,
+                primal.momentum,
             )
         after = self.problem.violations()
         info.update(
@@ -675,10 +668,8 @@ class _Run:
         """
         cfg, ds = self.cfg, self.dataset
         model = phase.model
-        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if phase.keep_zeros:
-            for m in layers:
-                prune.custom_from_mask(m, "weight", mask=(m.weight != 0))
+        if phase.keep_zeros:  # the same rule as the finishing phase: the zero weights stay 0
+            after_step = keep_zeros(model)
         problem = SparsityProblem(model, methods)
         problem.forward_module = distributed.wrap(model, self.ctx) if self.ctx.active else None
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -737,9 +728,6 @@ class _Run:
             play(plan, Position(0, 0, 0, generator.get_state()), stop)
         finally:
             problem.forward_module = None
-        if phase.keep_zeros:
-            for m in layers:
-                prune.remove(m, "weight")
 
     # -- after training --
     def compaction_counts(self) -> dict[str, Any] | None:
