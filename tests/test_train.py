@@ -413,8 +413,8 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path,
     _run([*quiet, "train.epochs=1"], run_dir=tmp_path / "r")
     path = tmp_path / "r" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["version"] == 2
-    ckpt["version"] = 1
+    assert ckpt["version"] == 3
+    ckpt["version"] = 2
     torch.save(ckpt, path)
     before = path.read_bytes()
     for args in (["train", "--resume", str(tmp_path / "r"), "train.epochs=2"], ["compact", str(tmp_path / "r")]):
@@ -422,7 +422,7 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path,
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err
         assert err.strip() == (
-            f"error: {path}: checkpoint format version 1, but this version of constrained_sparsity reads version 2; "
+            f"error: {path}: checkpoint format version 2, but this version of constrained_sparsity reads version 3; "
             "train the run again with this version"
         )
     assert path.read_bytes() == before
