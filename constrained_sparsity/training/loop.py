@@ -13,9 +13,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from ..errors import TrainingDiverged, TrainingInterrupted
 from ..problem import SparsityProblem, train_step
 from ..tracking import Tracker
 
-__all__ = ["CHECK_EVERY", "Plan", "Position", "play", "stop_on_signals"]
+__all__ = ["CHECK_EVERY", "Hooks", "Plan", "Position", "play", "stop_on_signals"]
 
 CHECK_EVERY = 16  # steps between read-backs of the loss's finiteness (one process)
 
@@ -46,17 +46,50 @@ class Position:
     epoch_sums: dict[str, Any] | None = None
 
 
+class Hooks:
+    """What a phase does at the loop's points; every hook does nothing by default.
+
+    ``start_epoch`` and ``after_step`` see the position before the step counts (``after_step``:
+    the step just taken is ``position.step_in_epoch + 1``); ``metrics`` makes an epoch's log
+    record and ``end_epoch`` runs after it is logged (iterate selection, checkpoint);
+    ``on_stop`` writes what it can and returns the message of the interruption; ``diverged``
+    says where the last good state is; ``lr`` / ``dual_lr`` give the learning rate of the
+    weights / of the multipliers at a global step (None: leave it); ``postfix`` what the
+    progress bar shows after an epoch (None: nothing).
+    """
+
+    def start_epoch(self, pos: Position) -> None:
+        """Before an epoch's first step."""
+
+    def after_step(self, pos: Position) -> None:
+        """After each step (primal, dual and proximal steps done)."""
+
+    def metrics(self, epoch: int, loss: float, lagrangian: float, restarts: dict[str, int], seconds: float) -> dict:
+        return {"epoch": epoch, "train/loss": loss, "time/epoch_s": seconds}
+
+    def end_epoch(self, metrics: dict[str, Any], pos: Position) -> None:
+        """After an epoch's record is logged."""
+
+    def on_stop(self, pos: Position, sig: str) -> str:
+        return f"{sig}: stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch}"
+
+    def diverged(self, pos: Position) -> str:
+        return "none"
+
+    def lr(self, step: int) -> float | None:
+        return None
+
+    def dual_lr(self, step: int) -> float | None:
+        return None
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str] | None:
+        return None
+
+
 @dataclass
 class Plan:
-    """One phase of training, for :func:`play`.
-
-    ``metrics(epoch, loss, lagrangian, restarts, seconds)`` makes an epoch's log record;
-    ``end_epoch(metrics, position)`` runs after it is logged (iterate selection,
-    checkpoint); ``start_epoch`` and ``after_step`` see the position before the step counts
-    (``after_step``: the step just taken is ``position.step_in_epoch + 1``); ``on_stop``
-    writes what it can and returns the message of the interruption; ``diverged`` says where
-    the last good state is.
-    """
+    """One phase of training, for :func:`play`: what it trains, on which data, for how many
+    epochs, and its :class:`Hooks`."""
 
     name: str  # the progress bar's label
     problem: SparsityProblem
@@ -67,16 +100,8 @@ class Plan:
     generator: torch.Generator
     epochs: int
     tracker: Tracker
-    metrics: Callable[[int, float, float, dict[str, int], float], dict[str, Any]]
-    end_epoch: Callable[[dict[str, Any], Position], None]
-    on_stop: Callable[[Position, str], str]
-    diverged: Callable[[Position], str]
-    lr: Callable[[int], float] | None = None  # learning rate of the weights at a global step
-    dual_lr: Callable[[int], float] | None = None  # learning rate of the multipliers at a global step
+    hooks: Hooks = field(default_factory=Hooks)
     dual_restarts: bool = True
-    start_epoch: Callable[[Position], None] | None = None
-    after_step: Callable[[Position], None] | None = None
-    postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None
     progress: bool = True
     # More than one process: this rank trains on its slice of every global batch through
     # ``problem.forward_module`` (DDP); stops and divergence are agreed after every step.
@@ -110,11 +135,10 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
-        TrainingInterrupted: a stop signal arrived (after ``plan.on_stop``).
+        TrainingInterrupted: a stop signal arrived (after ``plan.hooks.on_stop``).
     """
     steps_per_epoch = math.ceil(len(plan.y) / plan.batch_size)
     total = plan.epochs * steps_per_epoch
-    weights_group = plan.optimizers.cooper_optimizer.primal_optimizers[0].param_groups[0]
     progress = None
     if plan.progress and plan.dist.main:
         from tqdm import tqdm
@@ -122,101 +146,125 @@ def play(plan: Plan, pos: Position, stop: dict[str, int | None]) -> Position:
         done = min(pos.epoch * steps_per_epoch + pos.step_in_epoch, total)
         progress = tqdm(total=total, initial=done, desc=plan.name, unit="step", dynamic_ncols=True, file=sys.stderr)
     plan.problem.model.train()
-    ctx, device = plan.dist, plan.x.device
     try:
         while pos.epoch < plan.epochs:
-            if plan.start_epoch is not None:
-                plan.start_epoch(pos)
+            plan.hooks.start_epoch(pos)
             plan.generator.set_state(pos.data_state)
-            sums = pos.epoch_sums if pos.step_in_epoch > 0 and pos.epoch_sums else None
-            if sums is not None:  # resumed inside this epoch: its sums so far (the global ones)
-                loss_sum = sums["loss"].to(device)
-                lagr_sum = sums["lagrangian"].to(device)
-                restarts: dict[str, int] = dict(sums["restarts"])
-                steps = int(sums["steps"])
-                t0 = time.perf_counter() - float(sums["seconds"])
-            else:
-                loss_sum = torch.zeros((), device=device)
-                lagr_sum = torch.zeros((), device=device)
-                restarts = {}
-                steps = 0
-                t0 = time.perf_counter()
-            watch = _LossWatch(pos.step_in_epoch)
-            for xb, yb in batches(plan.x, plan.y, plan.batch_size, plan.generator, start=pos.step_in_epoch):
-                if plan.lr is not None:
-                    weights_group["lr"] = plan.lr(pos.global_step)
-                if plan.dual_lr is not None:
-                    for group in plan.optimizers.dual_optimizer.param_groups:
-                        group["lr"] = plan.dual_lr(pos.global_step)
-                if ctx.active:  # this rank's slice of the global batch, its loss weighted
-                    xb, yb, plan.problem.batch_weight = distributed.shard(xb, yb, ctx)
-                result = train_step(plan.problem, plan.optimizers, xb, yb, plan.dual_restarts)
-                loss = result["loss"]
-                watch.record(loss)
-                if ctx.active:  # one collective per step agrees on divergence and stop signals
-                    found = watch.read()
-                    bad, signum = distributed.agree(ctx, device, found is not None, stop["signum"])
-                    if bad:  # every rank stops here, whichever diverged
-                        _diverged(plan, pos, found, f" on rank {', '.join(map(str, bad))} of {ctx.world}")
-                else:
-                    signum = stop["signum"]
-                    if signum is not None or watch.due():
-                        _check(plan, pos, watch)
-                if plan.after_step is not None:
-                    plan.after_step(pos)
-                loss_sum += loss
-                lagr_sum += result["lagrangian"]
-                for name in result["restarted"]:
-                    restarts[name] = restarts.get(name, 0) + 1
-                steps += 1
-                pos.step_in_epoch += 1
-                pos.global_step += 1
-                if progress is not None:
-                    progress.update(1)
-                if signum is not None:  # a stop signal on any rank: every rank stops at this step
-                    loss_g, lagr_g = _global_sums(ctx, loss_sum, lagr_sum)
-                    pos.epoch_sums = {
-                        "loss": loss_g.detach().cpu(),
-                        "lagrangian": lagr_g.detach().cpu(),
-                        "restarts": dict(restarts),
-                        "steps": steps,
-                        "seconds": time.perf_counter() - t0,
-                    }
-                    sig = signal.Signals(signum).name
-                    raise TrainingInterrupted(plan.on_stop(pos, sig), signum)
-            _check(plan, pos, watch)  # nothing not finite reaches the log or a checkpoint
-            if ctx.active:
-                distributed.average_norm_statistics(ctx, plan.problem.model)
-                difference = distributed.check_agreement(
-                    ctx, distributed.state_tensors(plan.problem.model, plan.optimizers), device
-                )
-                if difference != 0.0:
-                    raise TrainingDiverged(
-                        f"the {ctx.world} ranks disagree after epoch {pos.epoch + 1} (largest difference "
-                        f"{difference:g} in the model, multiplier or dual optimizer state); training stopped; "
-                        f"last good checkpoint: {plan.diverged(pos)}"
-                    )
-            loss_g, lagr_g = _global_sums(ctx, loss_sum, lagr_sum)
-            pos.epoch += 1
-            pos.step_in_epoch = 0
-            pos.epoch_sums = None
-            pos.data_state = plan.generator.get_state()
-            metrics = plan.metrics(
-                pos.epoch,
-                float(loss_g) / max(steps, 1),
-                float(lagr_g) / max(steps, 1),
-                restarts,
-                time.perf_counter() - t0,
-            )
-            plan.tracker.log(metrics)
-            plan.end_epoch(metrics, pos)
-            if progress is not None and plan.postfix is not None:
-                progress.set_postfix(plan.postfix(metrics), refresh=False)
+            sums = _EpochSums(pos, plan.x.device)
+            _play_epoch(plan, pos, stop, sums, progress)
+            _end_epoch(plan, pos, sums, progress)
     finally:
         plan.problem.batch_weight = None
         if progress is not None:
             progress.close()
     return pos
+
+
+class _EpochSums:
+    """The running sums of an epoch in progress: from zero, or -- resumed inside the epoch --
+    from the global sums its checkpoint kept."""
+
+    def __init__(self, pos: Position, device: torch.device) -> None:
+        sums = pos.epoch_sums if pos.step_in_epoch > 0 and pos.epoch_sums else None
+        if sums is not None:
+            self.loss = sums["loss"].to(device)
+            self.lagrangian = sums["lagrangian"].to(device)
+            self.restarts: dict[str, int] = dict(sums["restarts"])
+            self.steps = int(sums["steps"])
+            self.t0 = time.perf_counter() - float(sums["seconds"])
+        else:
+            self.loss = torch.zeros((), device=device)
+            self.lagrangian = torch.zeros((), device=device)
+            self.restarts = {}
+            self.steps = 0
+            self.t0 = time.perf_counter()
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.loss += result["loss"]
+        self.lagrangian += result["lagrangian"]
+        for name in result["restarted"]:
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.steps += 1
+
+    def kept(self, ctx: distributed.Context) -> dict[str, Any]:
+        """What a checkpoint inside the epoch keeps (the global sums)."""
+        loss_g, lagr_g = _global_sums(ctx, self.loss, self.lagrangian)
+        return {
+            "loss": loss_g.detach().cpu(),
+            "lagrangian": lagr_g.detach().cpu(),
+            "restarts": dict(self.restarts),
+            "steps": self.steps,
+            "seconds": time.perf_counter() - self.t0,
+        }
+
+
+def _play_epoch(plan: Plan, pos: Position, stop: dict[str, int | None], sums: _EpochSums, progress: Any) -> None:
+    """The steps of one epoch from ``pos``: learning rates, the step, the checks, the sums."""
+    ctx, device, hooks = plan.dist, plan.x.device, plan.hooks
+    weights_group = plan.optimizers.cooper_optimizer.primal_optimizers[0].param_groups[0]
+    watch = _LossWatch(pos.step_in_epoch)
+    for xb, yb in batches(plan.x, plan.y, plan.batch_size, plan.generator, start=pos.step_in_epoch):
+        if (lr := hooks.lr(pos.global_step)) is not None:
+            weights_group["lr"] = lr
+        if (dual_lr := hooks.dual_lr(pos.global_step)) is not None:
+            for group in plan.optimizers.dual_optimizer.param_groups:
+                group["lr"] = dual_lr
+        if ctx.active:  # this rank's slice of the global batch, its loss weighted
+            xb, yb, plan.problem.batch_weight = distributed.shard(xb, yb, ctx)
+        result = train_step(plan.problem, plan.optimizers, xb, yb, plan.dual_restarts)
+        watch.record(result["loss"])
+        if ctx.active:  # one collective per step agrees on divergence and stop signals
+            found = watch.read()
+            bad, signum = distributed.agree(ctx, device, found is not None, stop["signum"])
+            if bad:  # every rank stops here, whichever diverged
+                _diverged(plan, pos, found, f" on rank {', '.join(map(str, bad))} of {ctx.world}")
+        else:
+            signum = stop["signum"]
+            if signum is not None or watch.due():
+                _check(plan, pos, watch)
+        hooks.after_step(pos)
+        sums.add(result)
+        pos.step_in_epoch += 1
+        pos.global_step += 1
+        if progress is not None:
+            progress.update(1)
+        if signum is not None:  # a stop signal on any rank: every rank stops at this step
+            pos.epoch_sums = sums.kept(ctx)
+            raise TrainingInterrupted(hooks.on_stop(pos, signal.Signals(signum).name), signum)
+    _check(plan, pos, watch)  # nothing not finite reaches the log or a checkpoint
+
+
+def _end_epoch(plan: Plan, pos: Position, sums: _EpochSums, progress: Any) -> None:
+    """After an epoch's steps: the ranks checked, its record made, logged and handed on."""
+    ctx = plan.dist
+    if ctx.active:
+        distributed.average_norm_statistics(ctx, plan.problem.model)
+        difference = distributed.check_agreement(
+            ctx, distributed.state_tensors(plan.problem.model, plan.optimizers), plan.x.device
+        )
+        if difference != 0.0:
+            raise TrainingDiverged(
+                f"the {ctx.world} ranks disagree after epoch {pos.epoch + 1} (largest difference "
+                f"{difference:g} in the model, multiplier or dual optimizer state); training stopped; "
+                f"last good checkpoint: {plan.hooks.diverged(pos)}"
+            )
+    loss_g, lagr_g = _global_sums(ctx, sums.loss, sums.lagrangian)
+    pos.epoch += 1
+    pos.step_in_epoch = 0
+    pos.epoch_sums = None
+    pos.data_state = plan.generator.get_state()
+    metrics = plan.hooks.metrics(
+        pos.epoch,
+        float(loss_g) / max(sums.steps, 1),
+        float(lagr_g) / max(sums.steps, 1),
+        sums.restarts,
+        time.perf_counter() - sums.t0,
+    )
+    plan.tracker.log(metrics)
+    plan.hooks.end_epoch(metrics, pos)
+    postfix = plan.hooks.postfix(metrics)
+    if progress is not None and postfix is not None:
+        progress.set_postfix(postfix, refresh=False)
 
 
 class _LossWatch:
@@ -262,7 +310,7 @@ def _diverged(plan: Plan, pos: Position, found: tuple[int, float] | None, where:
     raise TrainingDiverged(
         f"loss became {value}{where} at epoch {pos.epoch + 1}, step {step + 1}"
         f"{'' if plan.phase is None else f' of the {plan.phase} phase'}; training stopped; "
-        f"last good checkpoint: {plan.diverged(pos)}"
+        f"last good checkpoint: {plan.hooks.diverged(pos)}"
     )
 
 

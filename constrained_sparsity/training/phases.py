@@ -20,7 +20,7 @@ from ..graph import keep_zeros
 from ..methods import Phase, PhaseContext, SparsityMethod, method_spec
 from ..problem import OptimizerSet, SparsityProblem, scheduled_lr
 from .checkpoint import CHECKPOINT, FINISHED, save_checkpoint
-from .loop import Plan, Position, play
+from .loop import Hooks, Plan, Position, play
 from .state import RunState
 
 __all__ = ["run_finish", "run_phases", "train_phase"]
@@ -134,30 +134,9 @@ def train_phase(
     else:
         step = torch.optim.Adam(trained, lr=phase.lr)
     optimizers = OptimizerSet(cooper.optim.UnconstrainedOptimizer(problem, step), None, "alternating")
-    first = run.logged_epochs  # phase rows continue the run's epoch count
-    run.logged_epochs += phase.epochs
-
-    def metrics(epoch: int, loss: float, lagrangian: float, restarts: dict[str, int], seconds: float) -> dict:
-        return {
-            "epoch": first + epoch,
-            f"{phase.name}/epoch": epoch,
-            f"{phase.name}/train_loss": loss,
-            f"{phase.name}/test_error": run.error(model),
-            "time/epoch_s": seconds,
-        }
-
-    def on_stop(p: Position, sig: str) -> str:
-        return (
-            f"{sig}: stopped in epoch {p.epoch + 1} of the {phase.name} phase after training; the trained "
-            f"network's checkpoint is kept. Run the phase again with: csparse train --resume {run.out}"
-        )
-
+    hooks = _PhaseHooks(run, phase, run.logged_epochs, schedule, after_step)
+    run.logged_epochs += phase.epochs  # phase rows continue the run's epoch count
     generator = torch.Generator().manual_seed(seed)
-    total = phase.epochs * math.ceil(len(ds.train_y) / cfg.data.batch_size)
-
-    def lr(step: int) -> float:
-        return scheduled_lr(phase.lr, step, total, schedule)
-
     plan = Plan(
         name=f"{cfg.name} {phase.name}",
         phase=phase.name,
@@ -169,13 +148,8 @@ def train_phase(
         generator=generator,
         epochs=phase.epochs,
         tracker=run.tracker,
-        metrics=metrics,
-        end_epoch=lambda _metrics, _pos: None,
-        on_stop=on_stop,
-        diverged=lambda _pos: f"{run.out / CHECKPOINT} (the trained network; the {phase.name} phase diverged)",
+        hooks=hooks,
         dual_restarts=False,
-        after_step=after_step,
-        lr=lr if schedule != "constant" else None,
         progress=cfg.tracking.progress,
         dist=run.ctx,
     )
@@ -183,3 +157,46 @@ def train_phase(
         play(plan, Position(0, 0, 0, generator.get_state()), stop)
     finally:
         problem.forward_module = None
+
+
+class _PhaseHooks(Hooks):
+    """A phase after the game: its rows continue the run's epoch count (``first``), its
+    learning rate follows ``schedule``, ``after_step`` (if any) runs after each step."""
+
+    def __init__(
+        self,
+        run: RunState,
+        phase: Phase,
+        first: int,
+        schedule: str,
+        after_step: Callable[[Position], None] | None,
+    ) -> None:
+        self.run, self.phase, self.first, self.schedule = run, phase, first, schedule
+        self.total = phase.epochs * math.ceil(len(run.dataset.train_y) / run.cfg.data.batch_size)
+        self._after_step = after_step
+
+    def lr(self, step: int) -> float | None:
+        return None if self.schedule == "constant" else scheduled_lr(self.phase.lr, step, self.total, self.schedule)
+
+    def after_step(self, pos: Position) -> None:
+        if self._after_step is not None:
+            self._after_step(pos)
+
+    def metrics(self, epoch: int, loss: float, lagrangian: float, restarts: dict[str, int], seconds: float) -> dict:
+        name = self.phase.name
+        return {
+            "epoch": self.first + epoch,
+            f"{name}/epoch": epoch,
+            f"{name}/train_loss": loss,
+            f"{name}/test_error": self.run.error(self.phase.model),
+            "time/epoch_s": seconds,
+        }
+
+    def on_stop(self, pos: Position, sig: str) -> str:
+        return (
+            f"{sig}: stopped in epoch {pos.epoch + 1} of the {self.phase.name} phase after training; the trained "
+            f"network's checkpoint is kept. Run the phase again with: csparse train --resume {self.run.out}"
+        )
+
+    def diverged(self, pos: Position) -> str:
+        return f"{self.run.out / CHECKPOINT} (the trained network; the {self.phase.name} phase diverged)"

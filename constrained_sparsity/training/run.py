@@ -30,7 +30,7 @@ from ..problem import scheduled_lr
 from ..tracking import NullTracker, Tracker
 from .build import build_trainer, dataset_for
 from .checkpoint import CHECKPOINT, RUN_KEYS, load_checkpoint, restore_run, run_checkpoint, save_checkpoint
-from .loop import Plan, Position, play, stop_on_signals
+from .loop import Hooks, Plan, Position, play, stop_on_signals
 from .phases import run_finish, run_phases
 from .plots import write_dynamics
 from .result import RunResult, build_result, wandb_summary
@@ -240,14 +240,17 @@ def _compaction_counts(run: RunState) -> dict[str, Any] | None:
     return size_summary(bake(run.model), small.module, shape)  # type: ignore[arg-type]
 
 
-class _Game:
-    """The main phase, the game: its plan for the epoch loop, the epoch's log row, the
-    checkpoint after every epoch and the iterate selection (``train.select``)."""
+class _Game(Hooks):
+    """The main phase, the game, as the epoch loop's hooks: the learning rates, the epoch's log
+    row, the checkpoint after every epoch and the iterate selection (``train.select``)."""
 
     def __init__(self, run: RunState, data_gen: torch.Generator, selected: dict[str, Any] | None) -> None:
         self.run = run
         self.data_gen = data_gen
         self.selection = IterateSelection(run, selected)
+        cfg = run.cfg
+        self.steps_per_epoch = math.ceil(len(run.dataset.train_y) / cfg.data.batch_size)
+        self.warmup_steps = cfg.optim.dual.warmup_epochs * self.steps_per_epoch
 
     def save(self, pos: Position) -> None:
         if self.run.ctx.main:
@@ -255,34 +258,7 @@ class _Game:
 
     def play(self, pos: Position, stop: dict[str, int | None]) -> None:
         run, cfg = self.run, self.run.cfg
-        primal, dual = cfg.optim.primal, cfg.optim.dual
-        steps_per_epoch = math.ceil(len(run.dataset.train_y) / cfg.data.batch_size)
-        total_steps = cfg.train.epochs * steps_per_epoch
-        warmup_steps = dual.warmup_epochs * steps_per_epoch
         run.epoch = run.logged_epochs = pos.epoch
-
-        def lr(step: int) -> float:  # the weights' group; the methods' own parameters keep gate_lr
-            return scheduled_lr(primal.lr, step, total_steps, primal.schedule, primal.final_lr_factor)
-
-        def dual_lr(step: int) -> float:  # a linear warm-up of the multipliers' steps
-            return dual.lr * min(1.0, (step + 1) / warmup_steps)
-
-        def end_epoch(metrics: dict[str, Any], p: Position) -> None:
-            run.epoch = run.logged_epochs = p.epoch
-            run.history.append(metrics)
-            self.selection.end_epoch(metrics)
-            self.save(p)
-
-        def on_stop(p: Position, sig: str) -> str:
-            self.save(p)
-            return (
-                f"{sig}: stopped at epoch {p.epoch + 1}, step {p.step_in_epoch}; checkpoint written. "
-                f"Continue with: csparse train --resume {run.out}"
-            )
-
-        def diverged(p: Position) -> str:
-            return f"{run.out / CHECKPOINT} (epoch {p.epoch})" if (run.out / CHECKPOINT).exists() else "none"
-
         plan = Plan(
             name=cfg.name,
             problem=run.problem,
@@ -293,22 +269,50 @@ class _Game:
             generator=self.data_gen,
             epochs=cfg.train.epochs,
             tracker=run.tracker,
-            metrics=self.epoch_metrics,
-            end_epoch=end_epoch,
-            on_stop=on_stop,
-            diverged=diverged,
-            lr=lr if primal.schedule != "constant" else None,
-            dual_lr=dual_lr if warmup_steps > 0 and run.optimizers.dual_optimizer is not None else None,
+            hooks=self,
             dual_restarts=cfg.sparsity.dual_restarts,
-            start_epoch=lambda p: self.selection.start_epoch(p.epoch),
-            after_step=lambda p: self.selection.after_step(p.step_in_epoch),
-            postfix=self.postfix,
             progress=cfg.tracking.progress,
             dist=run.ctx,
         )
         play(plan, pos, stop)
 
-    def epoch_metrics(
+    # -- the hooks ---------------------------------------------------------------------------
+    def lr(self, step: int) -> float | None:  # the weights' group; the methods' own parameters keep gate_lr
+        primal = self.run.cfg.optim.primal
+        if primal.schedule == "constant":
+            return None
+        total = self.run.cfg.train.epochs * self.steps_per_epoch
+        return scheduled_lr(primal.lr, step, total, primal.schedule, primal.final_lr_factor)
+
+    def dual_lr(self, step: int) -> float | None:  # a linear warm-up of the multipliers' steps
+        if self.warmup_steps <= 0 or self.run.optimizers.dual_optimizer is None:
+            return None
+        return self.run.cfg.optim.dual.lr * min(1.0, (step + 1) / self.warmup_steps)
+
+    def start_epoch(self, pos: Position) -> None:
+        self.selection.start_epoch(pos.epoch)
+
+    def after_step(self, pos: Position) -> None:
+        self.selection.after_step(pos.step_in_epoch)
+
+    def end_epoch(self, metrics: dict[str, Any], pos: Position) -> None:
+        self.run.epoch = self.run.logged_epochs = pos.epoch
+        self.run.history.append(metrics)
+        self.selection.end_epoch(metrics)
+        self.save(pos)
+
+    def on_stop(self, pos: Position, sig: str) -> str:
+        self.save(pos)
+        return (
+            f"{sig}: stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch}; checkpoint written. "
+            f"Continue with: csparse train --resume {self.run.out}"
+        )
+
+    def diverged(self, pos: Position) -> str:
+        path = self.run.out / CHECKPOINT
+        return f"{path} (epoch {pos.epoch})" if path.exists() else "none"
+
+    def metrics(
         self, epoch: int, loss: float, lagrangian: float, restarts: dict[str, int], seconds: float
     ) -> dict[str, Any]:
         run = self.run
