@@ -48,7 +48,7 @@ def _saved_rows(cmp_dir: Path, budgets: list) -> list[dict] | None:
     feasibility read again by the training step's rule (float32)."""
     import csv
 
-    from constrained_sparsity.compare import _within
+    from constrained_sparsity.lambda_search import within as _within
 
     path = cmp_dir / "results.csv"
     if not path.is_file():

@@ -211,7 +211,7 @@ def test_compare_refuses_bad_budgets_before_running(tmp_path):
 
 
 def test_a_density_of_exactly_the_budget_is_feasible_as_the_training_step_decides():
-    from constrained_sparsity.compare import _within
+    from constrained_sparsity.lambda_search import within as _within
 
     exact = float(torch.tensor(348 / 1740, dtype=torch.float32))  # 0.2 in float32: 0.20000000298...
     assert exact > 0.2 and _within(exact, 0.2)
@@ -339,3 +339,26 @@ def test_jobs_and_threads_are_checked_before_anything_runs(tmp_path):
         with pytest.raises(ConfigError, match=match):
             compare(cfg, [0.3], out_dir=tmp_path / "x", progress=None, **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_every_kind_of_row_has_one_mode_and_a_place_on_both_plots():
+    """One rule names a row's mode for the tables and both plots; a joint search's rows are
+    plotted too, and a per-layer budget sits at its mean on both plots."""
+    from constrained_sparsity.compare.outputs import MARKERS, mode_label, row_kind, x_value
+
+    rows = [
+        {"method": "constrained", "search": "-"},
+        {"method": "projected", "search": "-"},
+        {"method": "penalized", "search": "grid"},
+        {"method": "penalized", "search": "bisect (within tolerance)"},
+        {"method": "penalized", "search": "joint (within tolerance; 5 runs for 3 budgets)"},
+    ]
+    assert [mode_label(r) for r in rows] == [
+        "constrained",
+        "projected",
+        "penalized (grid)",
+        "penalized (bisect)",
+        "penalized (joint)",
+    ]
+    assert all(row_kind(r) in MARKERS for r in rows)
+    assert x_value({"achieved": [0.2, 0.4]}) == pytest.approx(0.3) and x_value({"achieved": 0.25}) == 0.25
