@@ -108,7 +108,7 @@ def _planned_runs(setup: str, methods: list[str], args: argparse.Namespace) -> t
     budgets = len(SETUPS[setup]["budgets"])
     least = most = 1
     for method in methods:
-        penalised = cs.methods.get_method(method).has_penalty()
+        penalised = cs.methods.get_method(method).spec.has_penalty
         least += budgets * (1 + penalised)
         most += budgets * (1 + (args.max_runs if penalised else 0))
     return least, most
@@ -215,7 +215,7 @@ def _measure_run(run_dir: Path) -> dict:
 def _prepared(setup: str, seed: int, methods: list[str], args: argparse.Namespace, out: Path):
     """The comparison of every method of a setup and seed (checked; nothing trained)."""
     cfgs = [_config(setup, m, seed, args, f"results-{setup}-seed{seed}") for m in methods]
-    penalised = any(cs.methods.get_method(m).has_penalty() for m in methods)
+    penalised = any(cs.methods.get_method(m).spec.has_penalty for m in methods)
     return prepare_methods(
         cfgs,
         SETUPS[setup]["budgets"],

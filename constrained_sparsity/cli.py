@@ -165,7 +165,7 @@ def _method_overrides(spec: str) -> list[str]:
         cls = get_method(spec)
     except ValueError as exc:
         raise CSparseError(f"--methods {spec}: {exc}") from None
-    return [f"sparsity.method={spec}", f"sparsity.mode={cls.budget_mode()}"]
+    return [f"sparsity.method={spec}", f"sparsity.mode={cls.spec.budget_mode}"]
 
 
 def _compare(args: argparse.Namespace) -> int:

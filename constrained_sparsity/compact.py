@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .graph import ChainError, bake, layer_output_shapes, parse_chain, plain_layer_like
-from .methods.base import SparsityMethod
+from .methods.base import SparsityMethod, UnitPruner
 from .units import GATES
 
 __all__ = [
@@ -181,11 +181,11 @@ def compact(
             layer-sparsity method merges the mergeable layers); see :func:`fold`.
     """
     folded = fold(model, methods)
-    unit_methods = [m for m in methods or () if hasattr(m, "prune_units_")]
+    unit_methods = [m for m in methods or () if isinstance(m, UnitPruner)]
     if unit_methods:  # any traced network: closed units removed through its dependency graph
         removed: dict[str, int] = {}
         for method in unit_methods:
-            removed.update(method.prune_units_(folded))  # type: ignore[attr-defined]
+            removed.update(method.prune_units_(folded))
         module = folded.eval()
         return CompactModel(module, removed, _sparse_layers(module))
     try:

@@ -192,11 +192,11 @@ class SparsityConfig:
             if len(lambdas) not in (1, len(self.target_list())):
                 raise _fail("sparsity.lambdas", self.lambdas, f"needs 1 or {len(self.target_list())} values")
         for declared in self.declarations():
-            if self.mode not in declared.cls.modes:
+            if self.mode not in declared.cls.spec.modes:
                 how = (
                     "it meets its budget by construction: use mode projected"
-                    if declared.cls.modes == ("projected",)
-                    else f"it runs in mode {' or '.join(declared.cls.modes)}"
+                    if declared.cls.spec.modes == ("projected",)
+                    else f"it runs in mode {' or '.join(declared.cls.spec.modes)}"
                 )
                 raise _fail("sparsity.mode", self.mode, f"method {declared.cls.name!r} has no such mode; {how}")
         for m in self.measure_list():
@@ -275,13 +275,13 @@ def _method_class(key: str, spec: Any) -> type[SparsityMethod]:
 
 def _sections() -> list[str]:
     """Methods declared as sections of ``sparsity`` (not as ``sparsity.method``)."""
-    return [n for n in method_names() if not get_method(n).primary]
+    return [n for n in method_names() if not get_method(n).spec.primary]
 
 
 def _build_sparsity(data: dict, prefix: str) -> SparsityConfig:
     spec = data.get("method", SparsityConfig.method)
     cls = None if spec == NONE else _method_class(f"{prefix}method", spec)
-    if cls is not None and not cls.primary:
+    if cls is not None and not cls.spec.primary:
         raise _fail(f"{prefix}method", spec, f"is declared as a section: {prefix}{spec}: {{...}}")
     option_names = [f.name for f in dataclasses.fields(cls.options)] if cls is not None and cls.options else []
     sections = _sections()
@@ -380,7 +380,7 @@ class FinishConfig:
     remaining weights with the pattern frozen (docs/method.md).
 
     ``enabled``: null means on for constrained and projected runs, off for penalized ones
-    unless the method ends with it (``SparsityMethod.finishes``: rw_l1, rw_l2, focuss, lwc, dns).
+    unless the method ends with it (``MethodSpec.finishes``: rw_l1, rw_l2, focuss, lwc, dns).
     ``epochs``:
     fine-tuning epochs (null: 5 % of ``train.epochs``, at least 1). ``lr``: the fine-tuning
     learning rate (null: ``lr_factor`` x ``optim.primal.lr``), of a fresh optimizer of the

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import SparsityMethod, Target
+from .methods.base import Projectable, Proximal, SparsityMethod, Target
 from .numbers import within
 
 __all__ = [
@@ -105,7 +105,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if len(set(names)) != len(names):
             raise ValueError(f"target names {names} must be unique")
         for method in {id(t.method): t.method for t in self.targets}.values():
-            modes = type(method).modes
+            modes = type(method).spec.modes
             if mode not in modes:  # as a config asking for it is refused
                 how = (
                     "it meets its budget by construction: use mode='projected'"
@@ -231,7 +231,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         for target in self.targets:
             if self.violations()[target.name][1] <= 0:
                 continue
-            if not target.method.has_projection:
+            if not isinstance(target.method, Projectable):
                 unprojected.append(target.name)
                 continue
             closed[target.name] = target.method.project_(target)
@@ -245,7 +245,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def proximal_step_(self, lr: float) -> None:
         """Every method's proximal step, per target: strength ``lr * lambda`` when lambda > 0."""
         for target, constraint in self.ordered_constraints():
-            if target.method.has_proximal_step:
+            if isinstance(target.method, Proximal):
                 lam = float(constraint.multiplier.weight.detach()[0])
                 if lam > 0:
                     target.method.proximal_step_(target, lr * lam)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from constrained_sparsity import OptionError, SparsityMethod
+from constrained_sparsity import OptionError, Proximal, SparsityMethod
 
 
 @dataclass
@@ -31,7 +31,7 @@ class L1Options:
             raise OptionError("delta", self.delta, "should be >= 0")
 
 
-class SoftThresholdL1(SparsityMethod):
+class SoftThresholdL1(Proximal, SparsityMethod):
     name = "l1"
     options = L1Options
 

@@ -285,7 +285,7 @@ def test_bisection_starts_in_the_methods_own_bracket_unless_given_one(tmp_path):
     from constrained_sparsity.methods.cges import CGES
     from constrained_sparsity.methods.l0 import L0Gates
 
-    assert CGES.lambda_range == (1e-6, 1e-1) and L0Gates.lambda_range == (1e-3, 1e2)
+    assert CGES.spec.lambda_range == (1e-6, 1e-1) and L0Gates.spec.lambda_range == (1e-3, 1e2)
     cfg = load_config(
         ROOT / "configs" / "digits_mlp_cges.yaml",
         ["train.epochs=1", "tracking.progress=false", "tracking.wandb=disabled", "finish.enabled=false"],

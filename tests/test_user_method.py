@@ -140,3 +140,31 @@ def test_resume_restores_the_methods_state_outside_the_model(tmp_path, quiet):
     again = [{k: v for k, v in row.items() if k != "time/epoch_s"} for row in resumed.history]
     assert strip == again and again[-1]["l1/steps"] == 4 * 23
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["methods"] == [{"steps": 4 * 23}]
+
+
+def test_a_capabilitys_method_without_the_capability_is_refused_when_the_class_is_defined():
+    """A proximal step or a projection the problem would never call is a class error, not a no-op."""
+    with pytest.raises(TypeError, match="defines proximal_step_ but does not inherit constrained_sparsity.Proximal"):
+
+        class Forgotten(cs.SparsityMethod):  # noqa: F841 - the definition is the test
+            name = "forgotten"
+
+            def measure(self, target):  # type: ignore[no-untyped-def]
+                return None, torch.zeros(())
+
+            def proximal_step_(self, target, strength):  # type: ignore[no-untyped-def]
+                pass
+
+    class Declared(cs.Proximal, cs.Projectable, cs.SparsityMethod):
+        name = "declared"
+
+        def measure(self, target):  # type: ignore[no-untyped-def]
+            return None, torch.zeros(())
+
+        def proximal_step_(self, target, strength):  # type: ignore[no-untyped-def]
+            pass
+
+        def project_(self, target):  # type: ignore[no-untyped-def]
+            return {}
+
+    assert issubclass(Declared, cs.Proximal) and issubclass(Declared, cs.Projectable)

@@ -216,7 +216,7 @@ def prepare_methods(
     if not cfgs:
         raise ConfigError("compare: give at least one config")
     methods = [method_of(c) for c in cfgs]
-    if len({m.cls.count_budget for m in methods}) > 1:
+    if len({m.cls.spec.count_budget for m in methods}) > 1:
         raise ConfigError("compare: layer counts and densities cannot share budgets; compare them separately")
     specs = [m.spec for m in methods]
     labels = [s if specs.count(s) == 1 else f"{c.name}" for s, c in zip(specs, cfgs)]

@@ -53,32 +53,33 @@ class ComparedMethod:
     def __init__(self, declared: DeclaredMethod) -> None:
         self.cls = declared.cls
         self.prefix = declared.prefix
-        self.tol = declared.cls.compare_tolerance
+        spec = declared.cls.spec
+        self.tol = spec.compare_tolerance
         self.spec = method_spec(declared.cls)
         self.names: list[str] = []  # target names, learnt from the first run
-        self.label = declared.cls.measure_label if declared.cls.count_budget else f"exact {declared.cls.measure_label}"
+        self.label = spec.measure_label if spec.count_budget else f"exact {spec.measure_label}"
         # the mode of its runs at a budget: constrained, or projected for a method that meets
         # its budget by construction (it has no penalty, so no lambda to search)
-        self.own_mode = declared.cls.budget_mode()
-        self.has_penalty = declared.cls.has_penalty()
+        self.own_mode = spec.budget_mode
+        self.has_penalty = spec.has_penalty
 
     def _budget(self, budget: Any) -> str:
-        if self.cls.count_budget:
+        if self.cls.spec.count_budget:
             values = budget if isinstance(budget, list) else [budget]
             if not all(float(b).is_integer() for b in values):
-                raise ConfigError(f"--targets {slug(budget)}: {self.cls.measure_label} budgets are whole numbers")
+                raise ConfigError(f"--targets {slug(budget)}: {self.cls.spec.measure_label} budgets are whole numbers")
             return json.dumps([int(b) for b in budget] if isinstance(budget, list) else int(budget))
         return json.dumps(budget)
 
     def constrained(self, budget: Any) -> list[str]:
-        return [f"sparsity.mode={self.own_mode}", f"{self.prefix}{self.cls.budget_key}={self._budget(budget)}"]
+        return [f"sparsity.mode={self.own_mode}", f"{self.prefix}{self.cls.spec.budget_key}={self._budget(budget)}"]
 
     def penalized(self, budget: Any, lam: list[float]) -> list[str]:
         lams = json.dumps(lam if isinstance(budget, list) else lam[0])
         return [
             "sparsity.mode=penalized",
-            f"{self.prefix}{self.cls.budget_key}={self._budget(budget)}",
-            f"{self.prefix}{self.cls.lambda_key}={lams}",
+            f"{self.prefix}{self.cls.spec.budget_key}={self._budget(budget)}",
+            f"{self.prefix}{self.cls.spec.lambda_key}={lams}",
         ]
 
     def _targets(self, result: RunResult) -> list[dict[str, Any]]:

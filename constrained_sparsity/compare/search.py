@@ -181,7 +181,7 @@ class SearchPlan:
             every_run.append(({"label": label, "lambda": lam[0] if len(lam) == 1 else lam}, result, budget))
             return method.measure(result, budget)
 
-        bracket = self.options.lambda_range or method.cls.lambda_range
+        bracket = self.options.lambda_range or method.cls.spec.lambda_range
         found = bisect_lambda(evaluate, method.budgets(budget), *bracket, tol=self.tol, budget=self.options.max_runs)
         self.bisections[slug(budget)] = found
         self.runner.progress.drop(self.options.max_runs - found.runs)
@@ -210,7 +210,7 @@ class SearchPlan:
             every_run.append(({"label": label, "lambda": lam}, result, None))
             return method.measure(result, targets[0])[0]
 
-        bracket = self.options.lambda_range or method.cls.lambda_range
+        bracket = self.options.lambda_range or method.cls.spec.lambda_range
         cap = self.options.max_runs * len(targets)
         found = joint_search(evaluate, [float(t) for t in targets], *bracket, tol=self.tol, max_runs=cap)
         self.runner.progress.drop(cap - found.runs)
@@ -238,7 +238,7 @@ class SearchPlan:
         if o.search != "joint" or any(isinstance(t, list) for t in o.targets):
             return False
         penalised = config_from_dict(apply_overrides(self.cfg.to_dict(), self.method.penalized(o.targets[0], [1.0])))
-        return not penalised.finishing(self.method.cls.finishes)[0]
+        return not penalised.finishing(self.method.cls.spec.finishes)[0]
 
     def tasks(self) -> list[Callable[[], Made]]:
         """Searches first (the longest tasks), then the budget runs, then the λ grid."""

@@ -12,7 +12,19 @@ import dataclasses
 import difflib
 
 from ..specs import import_spec
-from .base import MEASURES, BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
+from .base import (
+    MEASURES,
+    BudgetSpec,
+    BuildContext,
+    MethodSpec,
+    Phase,
+    PhaseContext,
+    Projectable,
+    Proximal,
+    SparsityMethod,
+    Target,
+    UnitPruner,
+)
 from .cges import CGES, CGESOptions, attach_cges
 from .cges_units import CGESUnits, CGESUnitsOptions, attach_cges_units
 from .dns import DNS, DNSOptions, attach_dns
@@ -49,7 +61,11 @@ __all__ = [
     "LayersOptions",
     "Phase",
     "PhaseContext",
+    "MethodSpec",
+    "Projectable",
+    "Proximal",
     "SparsityMethod",
+    "UnitPruner",
     "Target",
     "attach_ast",
     "attach_cges",
@@ -122,8 +138,8 @@ def get_method(spec: str) -> type[SparsityMethod]:
             return _REGISTRY[spec]
         close = difflib.get_close_matches(spec, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}? " if close else ""
-        primary = [n for n in method_names() if _REGISTRY[n].primary]
-        sections = [n for n in method_names() if not _REGISTRY[n].primary]
+        primary = [n for n in method_names() if _REGISTRY[n].spec.primary]
+        sections = [n for n in method_names() if not _REGISTRY[n].spec.primary]
         raise ValueError(
             f"unknown method; {hint}methods: {', '.join(primary)}"
             + (f" (declared as sections: {', '.join(sections)})" if sections else "")

@@ -11,22 +11,27 @@ attach                          the constructor (or ``attach_*`` function) regis
 :meth:`~SparsityMethod.measure`  for a target: the differentiable surrogate (or ``None``)
                                 and the exact test-time measure -- all the problem needs to
                                 build the Cooper ``ConstraintState``
-:meth:`~SparsityMethod.proximal_step_`  optional: after each primal step, strength
+``Proximal.proximal_step_``     capability: after each primal step, strength
                                 ``lr x lambda`` (exact zeros: layer, group sparsity)
 :meth:`~SparsityMethod.after_step`      optional: after each step (mask updates, re-weighting)
 :meth:`~SparsityMethod.after_training`  optional: a :class:`Phase` run by the same training
                                 loop (merge + refit, prune + retrain)
-:meth:`~SparsityMethod.freeze_`, :meth:`~SparsityMethod.project_`  the finishing phase: fix
-                                the sparsity pattern at its test-time value, then close the
-                                units that contribute least until a budget holds exactly
+:meth:`~SparsityMethod.freeze_`, ``Projectable.project_``  the finishing phase: fix
+                                the sparsity pattern at its test-time value, then (a
+                                capability) close the units that contribute least until a
+                                budget holds exactly
+``UnitPruner.prune_units_``     capability: compaction of any traced network
 :meth:`~SparsityMethod.metrics`, :meth:`~SparsityMethod.report_rows`  what it logs and reports
 :meth:`~SparsityMethod.fold`    a copy of the model with the method's state folded into
                                 plain layers (compaction starts from it)
 ``state_dict`` / ``load_state_dict``  whatever it keeps outside the model
 ==============================  ==========================================================
 
-The problem (:mod:`constrained_sparsity.problem`), the trainer, the report, ``compare`` and
-``compact`` talk to methods through this interface only.
+A capability (:class:`Proximal`, :class:`Projectable`, :class:`UnitPruner`) is declared by
+inheriting it; callers ask ``isinstance``. What configs, ``compare`` and reports need to
+know is one :class:`MethodSpec` value. The problem (:mod:`constrained_sparsity.problem`),
+the trainer, the report, ``compare`` and ``compact`` talk to methods through this interface
+only.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ from ..numbers import within
 
 __all__ = [
     "MEASURES",
+    "MethodSpec",
+    "Projectable",
+    "Proximal",
+    "UnitPruner",
     "close_fewest_",
     "keep_largest",
     "select_layers",
@@ -232,14 +241,11 @@ class Phase:
     files: dict[str, nn.Module] = field(default_factory=dict)
 
 
-class SparsityMethod(ABC):
-    """Base class of sparsity methods (see the module docstring for the contract).
+@dataclass(frozen=True)
+class MethodSpec:
+    """What configs, ``compare`` and reports need to know about a method, in one value
+    (``SparsityMethod.spec``).
 
-    Class attributes describe the method to configs, reports and ``compare``:
-
-    * ``name``: registered name, and the prefix of its default target names.
-    * ``options``: a dataclass of its config options (``None``: it takes none); config
-      errors name the key.
     * ``primary``: whether it can be ``sparsity.method`` (its options then sit in
       ``sparsity.*``); otherwise it is declared as a section ``sparsity.<name>``.
     * ``budget_key`` / ``lambda_key``: the config keys of its budget and penalized lambda,
@@ -258,28 +264,51 @@ class SparsityMethod(ABC):
       ``compare`` runs it once per budget).
     """
 
-    name: ClassVar[str] = ""
-    options: ClassVar[type | None] = None
-    primary: ClassVar[bool] = True
-    budget_key: ClassVar[str] = "targets"
-    lambda_key: ClassVar[str] = "lambdas"
-    measure_label: ClassVar[str] = "density"
-    count_budget: ClassVar[bool] = False
-    compare_tolerance: ClassVar[float] = 0.01
-    lambda_range: ClassVar[tuple[float, float]] = (1e-3, 1e2)
-    finishes: ClassVar[bool] = False
-    modes: ClassVar[tuple[str, ...]] = ("constrained", "penalized")
+    primary: bool = True
+    budget_key: str = "targets"
+    lambda_key: str = "lambdas"
+    measure_label: str = "density"
+    count_budget: bool = False
+    compare_tolerance: float = 0.01
+    lambda_range: tuple[float, float] = (1e-3, 1e2)
+    finishes: bool = False
+    modes: tuple[str, ...] = ("constrained", "penalized")
 
-    @classmethod
-    def budget_mode(cls) -> str:
+    @property
+    def budget_mode(self) -> str:
         """The mode of a run at a budget: ``constrained`` where the method has it, else its own
         (``projected`` for a method that meets its budget by construction)."""
-        return "constrained" if "constrained" in cls.modes else cls.modes[0]
+        return "constrained" if "constrained" in self.modes else self.modes[0]
 
-    @classmethod
-    def has_penalty(cls) -> bool:
+    @property
+    def has_penalty(self) -> bool:
         """Whether a penalised run (a fixed lambda) means anything for this method."""
-        return "penalized" in cls.modes
+        return "penalized" in self.modes
+
+
+class SparsityMethod(ABC):
+    """Base class of sparsity methods (see the module docstring for the contract).
+
+    Class attributes: ``name`` (registered name, and the prefix of its default target
+    names), ``options`` (a dataclass of its config options, or ``None``: config errors name
+    the key) and ``spec`` (a :class:`MethodSpec`: what configs, ``compare`` and reports need
+    to know). What a method can do beyond the core is declared by the capabilities it
+    inherits: :class:`Proximal`, :class:`Projectable`, :class:`UnitPruner`.
+    """
+
+    name: ClassVar[str] = ""
+    options: ClassVar[type | None] = None
+    spec: ClassVar[MethodSpec] = MethodSpec()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A capability's method defined without the capability would never be called: refuse it."""
+        super().__init_subclass__(**kwargs)
+        for member, capability in (("proximal_step_", "Proximal"), ("project_", "Projectable")):
+            if member in vars(cls) and not any(c.__name__ == capability for c in cls.__mro__):
+                raise TypeError(
+                    f"{cls.__qualname__} defines {member} but does not inherit constrained_sparsity.{capability}: "
+                    f"declare it, class {cls.__name__}({capability}, SparsityMethod)"
+                )
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -353,15 +382,6 @@ class SparsityMethod(ABC):
         Both are tensors on the model's device.
         """
 
-    def proximal_step_(self, target: Target, strength: float) -> None:
-        """In place, after each primal step: the proximal step of ``target``'s regulariser
-        with strength ``primal_lr x lambda`` (called only when lambda > 0)."""
-        raise NotImplementedError
-
-    @property
-    def has_proximal_step(self) -> bool:
-        return type(self).proximal_step_ is not SparsityMethod.proximal_step_
-
     def after_step(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Called after every training step (primal, dual and proximal steps done)."""
 
@@ -369,16 +389,6 @@ class SparsityMethod(ABC):
         """Fix the sparsity pattern at its test-time value for the finishing phase: from now on
         training moves the remaining weights only (the method's own parameters stop, and
         ``after_step`` keeps the pattern if the weights could change it)."""
-
-    def project_(self, target: Target) -> dict[str, int]:
-        """Close the units that contribute least -- by the method's own rule -- until ``target``
-        holds exactly; return how many were closed per layer. Called by the finishing phase
-        after :meth:`freeze_`, only on a target that is over its budget."""
-        raise NotImplementedError
-
-    @property
-    def has_projection(self) -> bool:
-        return type(self).project_ is not SparsityMethod.project_
 
     def after_training(self, model: nn.Module, context: PhaseContext) -> Phase | None:
         """A phase after the main training (e.g. merge and refit), or ``None``."""
@@ -404,7 +414,7 @@ class SparsityMethod(ABC):
     @classmethod
     def format_target(cls, entry: dict[str, Any]) -> str:
         """``<measure> <value> <= <budget>?`` for a target's summary entry."""
-        return f"{entry['measure']} {cls.measure_label} {entry['value']:.4g} <= {entry['budget']:.4g}?"
+        return f"{entry['measure']} {cls.spec.measure_label} {entry['value']:.4g} <= {entry['budget']:.4g}?"
 
     @classmethod
     def format_rows(
@@ -458,6 +468,38 @@ def weight_rows(rows: list[dict[str, Any]], measures: dict[str, Any]) -> list[st
     params, active = sum(r["params"] for r in rows), sum(r["active_params"] for r in rows)
     lines.append(f"{'model':<12}{params:>10}{active:>10}{active / params:>10.4f}")
     return lines
+
+
+# -- capabilities: what a method can do beyond the core, declared by inheriting them ---------------
+class Proximal(ABC):
+    """A method that acts through a proximal step after each primal step (exact zeros: group
+    and layer sparsity). The problem calls it for each of the method's targets."""
+
+    @abstractmethod
+    def proximal_step_(self, target: Target, strength: float) -> None:
+        """In place, after each primal step: the proximal step of ``target``'s regulariser
+        with strength ``primal_lr x lambda`` (called only when lambda > 0)."""
+
+
+class Projectable(ABC):
+    """A method that can meet a budget exactly by closing units (the finishing phase, and
+    ``SparsityProblem.project_`` in a user's loop)."""
+
+    @abstractmethod
+    def project_(self, target: Target) -> dict[str, int]:
+        """Close the units that contribute least -- by the method's own rule -- until ``target``
+        holds exactly; return how many were closed per layer. Called by the finishing phase
+        after :meth:`SparsityMethod.freeze_`, only on a target that is over its budget."""
+
+
+class UnitPruner(ABC):
+    """A method whose units come from the network's dependency graph: compaction removes its
+    closed units from any traced network (not only from chains)."""
+
+    @abstractmethod
+    def prune_units_(self, folded: nn.Module) -> dict[str, int]:
+        """Remove the closed units from ``folded`` (a :meth:`SparsityMethod.fold` of the model),
+        in place; how many units each group lost."""
 
 
 class PerWeightReport:

@@ -49,7 +49,17 @@ from torch import nn
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, layer_output_shapes, parse_chain
 from ..numbers import within
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target, close_fewest_, select_layers
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    MethodSpec,
+    Projectable,
+    Proximal,
+    SparsityMethod,
+    Target,
+    close_fewest_,
+    select_layers,
+)
 
 __all__ = [
     "BUDGETS",
@@ -181,7 +191,7 @@ class _Layer:
         return self.module.weight
 
 
-class CGES(SparsityMethod):
+class CGES(Proximal, Projectable, SparsityMethod):
     """Combined group and exclusive sparsity on the Linear / Conv2d layers of a model (see the
     module docstring). Built by :func:`attach_cges`; the weights are the model's own (nothing
     is registered on the model: the method acts through its proximal steps)."""
@@ -190,7 +200,7 @@ class CGES(SparsityMethod):
     options = CGESOptions
     # lambda multiplies weight norms, not a density: the authors' 6e-5 on MNIST, ~1e-4 to 1e-3
     # at the Fashion-MNIST budgets (docs/benchmarks.md); the bisection starts at 3e-4
-    lambda_range = (1e-6, 1e-1)
+    spec = MethodSpec(lambda_range=(1e-6, 1e-1))
 
     def __init__(
         self,

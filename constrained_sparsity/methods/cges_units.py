@@ -48,7 +48,17 @@ from torch import nn
 from ..errors import ConfigError, OptionError
 from ..numbers import within
 from ..units import UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target, close_fewest_
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    MethodSpec,
+    Projectable,
+    Proximal,
+    SparsityMethod,
+    Target,
+    UnitPruner,
+    close_fewest_,
+)
 from .cges import EXCLUSIVE_PROXES, exclusive_prox, from_groups, to_groups
 
 __all__ = ["CGESUnits", "CGESUnitsOptions", "attach_cges_units"]
@@ -105,13 +115,13 @@ class _Reader:
         return values.sum(dim=dims)
 
 
-class CGESUnits(SparsityMethod):
+class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
     """CGES on dependency-graph units (see the module docstring). Built by :func:`attach_cges_units`;
     the weights are the model's own (nothing is registered on the model)."""
 
     name = "cges_units"
     options = CGESUnitsOptions
-    lambda_range = (1e-6, 1e-1)  # as for cges: lambda multiplies weight norms
+    spec = MethodSpec(lambda_range=(1e-6, 1e-1))  # as for cges: lambda multiplies weight norms
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: CGESUnitsOptions | None = None) -> None:
         o = options or CGESUnitsOptions()

@@ -35,7 +35,9 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    MethodSpec,
     PerWeightReport,
+    Projectable,
     SparsityMethod,
     Target,
     keep_largest,
@@ -81,13 +83,12 @@ class DNSOptions:
             raise OptionError("margin", self.margin, "should be in [0, 1)")
 
 
-class DNS(PerWeightReport, SparsityMethod):
+class DNS(PerWeightReport, Projectable, SparsityMethod):
     """Dynamic network surgery on the Linear / Conv2d layers of a model (see the module docstring)."""
 
     name = "dns"
     options = DNSOptions
-    finishes = True
-    modes = ("projected",)
+    spec = MethodSpec(finishes=True, modes=("projected",))
 
     def __init__(
         self,

@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, layer_output_shapes, observe, original_weight, parse_chain
 from ..numbers import finite
-from .base import BudgetSpec, BuildContext, SparsityMethod, Target, close_fewest_
+from .base import BudgetSpec, BuildContext, Projectable, SparsityMethod, Target, close_fewest_
 
 __all__ = [
     "GATE_STRUCTURES",
@@ -582,7 +582,7 @@ def _flop_terms(model: nn.Module, layers: list[_GatedLayer], positions: dict[nn.
     return terms
 
 
-class L0Gates(SparsityMethod):
+class L0Gates(Projectable, SparsityMethod):
     """The L0 gates attached to a model, with their sparsity measures: the ``l0`` method.
 
     Built by :func:`attach_l0`. Layer names are the model's ``named_modules`` names.

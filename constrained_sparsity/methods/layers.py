@@ -40,7 +40,17 @@ from torch import nn
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, model_device, original_weight, parse_chain
 from ..numbers import finite, within
-from .base import BudgetSpec, BuildContext, Phase, PhaseContext, SparsityMethod, Target
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    MethodSpec,
+    Phase,
+    PhaseContext,
+    Projectable,
+    Proximal,
+    SparsityMethod,
+    Target,
+)
 
 __all__ = [
     "LayerSparsity",
@@ -151,7 +161,7 @@ def _layer_params(module: nn.Linear) -> list[torch.Tensor]:
     return [weight] if module.bias is None else [weight, module.bias]
 
 
-class LayerSparsity(SparsityMethod):
+class LayerSparsity(Proximal, Projectable, SparsityMethod):
     """The layer-sparsity measures and proximal step of one ReLU ``nn.Sequential``: the ``layers`` method.
 
     Built by :func:`attach_layer_sparsity`. ``layers`` are the regularised (eligible) layers.
@@ -160,12 +170,14 @@ class LayerSparsity(SparsityMethod):
 
     name = "layers"
     options = LayersOptions
-    primary = False
-    budget_key = "max_layers"
-    lambda_key = "lam"
-    measure_label = "active layers"
-    count_budget = True
-    compare_tolerance = 0.0
+    spec = MethodSpec(
+        primary=False,
+        budget_key="max_layers",
+        lambda_key="lam",
+        measure_label="active layers",
+        count_budget=True,
+        compare_tolerance=0.0,
+    )
 
     def __init__(
         self,

@@ -34,7 +34,9 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    MethodSpec,
     PerWeightReport,
+    Projectable,
     SparsityMethod,
     Target,
     keep_largest,
@@ -74,13 +76,12 @@ class LWCOptions:
             raise OptionError("every", self.every, "should be a number > 0")
 
 
-class LWC(PerWeightReport, SparsityMethod):
+class LWC(PerWeightReport, Projectable, SparsityMethod):
     """Gradual magnitude pruning with retraining (see the module docstring)."""
 
     name = "lwc"
     options = LWCOptions
-    finishes = True
-    modes = ("projected",)
+    spec = MethodSpec(finishes=True, modes=("projected",))
 
     def __init__(
         self,

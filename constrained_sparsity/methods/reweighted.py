@@ -44,7 +44,9 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    MethodSpec,
     PerWeightReport,
+    Projectable,
     SparsityMethod,
     Target,
     keep_largest,
@@ -101,11 +103,11 @@ class ASTOptions:
             raise OptionError("p", self.p, "should be in [0, 2]")
 
 
-class _AST(PerWeightReport, SparsityMethod):
+class _AST(PerWeightReport, Projectable, SparsityMethod):
     """The affine scaling transformation; subclasses give omega and the surrogate's power."""
 
     options = ASTOptions
-    finishes = True
+    spec = MethodSpec(finishes=True)
     power: ClassVar[int] = 1  # the surrogate's terms: |theta| / (...) (1) or theta^2 / (...) (2)
 
     def __init__(

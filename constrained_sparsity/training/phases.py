@@ -30,7 +30,7 @@ def run_finish(run: RunState, stop: dict[str, int | None]) -> None:
     """Project every method onto its budgets (``problem.project_``), then fine-tune with the
     zero weights kept at zero; what it measured goes to ``run.finish``."""
     cfg = run.cfg
-    enabled, epochs, lr = cfg.finishing(any(m.finishes for m in run.methods))
+    enabled, epochs, lr = cfg.finishing(any(m.spec.finishes for m in run.methods))
     if not enabled or not run.problem.targets:
         return
     start = time.perf_counter()
