@@ -582,6 +582,105 @@ def _flop_terms(model: nn.Module, layers: list[_GatedLayer], positions: dict[nn.
     return terms
 
 
+@torch.no_grad()
+def flop_weighting(
+    layers: list[_GatedLayer], model: nn.Module, example: torch.Tensor
+) -> tuple[dict[str, float], list[_FlopTerm] | None]:
+    """How :meth:`L0Gates.weight_by_flops` weighs the gates of ``layers``: FLOPs per example.
+
+    One forward pass of ``example`` (a batch of one, in eval mode) gives each gated
+    layer's output size. FLOPs are ``2 x`` the multiply-adds of the gated layers.
+
+    When ``model`` is a chain -- an ``nn.Sequential`` whose children are ``Linear`` /
+    ``Conv2d`` layers (groups 1) with only ReLU, max-pooling, flattening, dropout or
+    identity between them, gated per input or output unit -- the measures are the
+    **expected FLOPs** of the gated layers over their dense FLOPs, in closed form,
+    counting the units that :func:`~constrained_sparsity.compact.compact` keeps (with
+    ``select_inputs``, as ``csparse compact`` runs it: a first linear layer loses its
+    closed inputs). A
+    layer multiplies its open inputs by its open outputs:
+
+    * an input is open when its own input gate and the previous layer's output gate on
+      it are open;
+    * an output is open when its own output gate is open and the next layer reads it
+      through at least one open input gate;
+    * the inputs of a linear layer that a flattened convolution feeds open and close by
+      channel (compaction removes whole channels): all of a channel's inputs are open
+      when the channel's gate and at least one of their input gates are.
+
+    Layer ``l`` with ``a_i`` the indicator of open input ``i``, ``b_o`` of open output
+    ``o``, ``k_l`` = 2 x positions x kernel size::
+
+        FLOPs_l = k_l * (sum_i a_i) * (sum_o b_o)
+
+    Input and output sides depend on disjoint sets of independent gates, so
+    ``E[FLOPs_l] = k_l * (sum_i E a_i) * (sum_o E b_o)``, each ``E a_i``, ``E b_o`` a
+    product of ``P(z != 0)`` and of ``1 - prod(1 - P(z != 0))`` ("at least one open").
+    The exact measure puts the test-time gates in the same formula: the FLOPs of the
+    compact network's layers, unless every input of some layer is closed. Compaction
+    then folds that layer's constant outputs into the next layer's bias and drops the
+    next layer's inputs too, which the measure still counts: it is an upper bound.
+
+    Any other model (or per-weight gates) falls back, with a warning, to a linear
+    proxy: each gate weighs the FLOPs of its own layer that it switches off (a linear
+    input neuron ``out_features`` multiply-adds per position, a conv output channel
+    ``in * kh * kw`` per output pixel, ...), which counts the work of a unit whose
+    neighbour is closed as if it were still done.
+
+    Returns the linear proxy's cost per gate of every layer (set on the layers too) and the
+    chain's terms (None: not a chain).
+    """
+    positions: dict[nn.Module, int] = {}  # output positions per example, of the last call
+    for module, shape in layer_output_shapes(model, [layer.module for layer in layers], example[:1]):
+        positions[module] = math.prod(shape[1:-1]) if isinstance(module, nn.Linear) else math.prod(shape[2:])
+    costs = {}
+    for layer in layers:
+        if layer.module not in positions:
+            raise ValueError(f"layer {layer.name!r} was not called by the model's forward pass")
+        w = original_weight(layer.module)
+        per_output = w[0].numel()  # multiply-adds of one output value (in/groups * kh * kw)
+        if layer.structure == "input":
+            cost = w.shape[0] * per_output / w.shape[1]
+        elif layer.structure == "output":
+            cost = per_output
+        else:
+            cost = 1
+        layer.cost_per_gate = 2.0 * cost * positions[layer.module]
+        costs[layer.name] = layer.cost_per_gate
+    terms = _flop_terms(model, layers, positions)
+    if isinstance(terms, str):
+        warnings.warn(
+            f"FLOP weighting: {terms}; the measures weight each gate by the FLOPs of its own layer "
+            "(a linear proxy) instead of counting the expected FLOPs of a chain of layers",
+            stacklevel=2,
+        )
+        terms = None
+    return costs, terms
+
+
+def _flop_densities(
+    selected: list[_GatedLayer], flop_terms: list[_FlopTerm] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected and exact FLOP densities of the chain's ``flop_terms`` of the ``selected`` layers."""
+    names = {layer.name for layer in selected}
+    terms = [t for t in flop_terms or () if t.name in names]
+    probs: dict[HardConcreteGate, torch.Tensor] = {}
+    actives: dict[HardConcreteGate, torch.Tensor] = {}
+    first = selected[0].gate.log_alpha
+    num = first.new_zeros(())
+    with torch.no_grad():
+        act = first.new_zeros(())
+    den = 0.0
+    for t in terms:
+        num = num + t.cost * t.inputs.open(probs, HardConcreteGate.prob_nonzero) * t.outputs.open(
+            probs, HardConcreteGate.prob_nonzero
+        )
+        with torch.no_grad():
+            act += t.cost * t.inputs.open(actives, _active_float) * t.outputs.open(actives, _active_float)
+        den += t.cost * t.inputs.size * t.outputs.size
+    return num / den, act / den
+
+
 class L0Gates(Projectable, SparsityMethod):
     """The L0 gates attached to a model, with their sparsity measures: the ``l0`` method.
 
@@ -633,97 +732,13 @@ class L0Gates(Projectable, SparsityMethod):
 
     @torch.no_grad()
     def weight_by_flops(self, model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-        """Make model-wise measures count FLOPs per example instead of parameters.
-
-        One forward pass of ``example`` (a batch of one, in eval mode) gives each gated
-        layer's output size. FLOPs are ``2 x`` the multiply-adds of the gated layers.
-
-        When ``model`` is a chain -- an ``nn.Sequential`` whose children are ``Linear`` /
-        ``Conv2d`` layers (groups 1) with only ReLU, max-pooling, flattening, dropout or
-        identity between them, gated per input or output unit -- the measures are the
-        **expected FLOPs** of the gated layers over their dense FLOPs, in closed form,
-        counting the units that :func:`~constrained_sparsity.compact.compact` keeps (with
-        ``select_inputs``, as ``csparse compact`` runs it: a first linear layer loses its
-        closed inputs). A
-        layer multiplies its open inputs by its open outputs:
-
-        * an input is open when its own input gate and the previous layer's output gate on
-          it are open;
-        * an output is open when its own output gate is open and the next layer reads it
-          through at least one open input gate;
-        * the inputs of a linear layer that a flattened convolution feeds open and close by
-          channel (compaction removes whole channels): all of a channel's inputs are open
-          when the channel's gate and at least one of their input gates are.
-
-        Layer ``l`` with ``a_i`` the indicator of open input ``i``, ``b_o`` of open output
-        ``o``, ``k_l`` = 2 x positions x kernel size::
-
-            FLOPs_l = k_l * (sum_i a_i) * (sum_o b_o)
-
-        Input and output sides depend on disjoint sets of independent gates, so
-        ``E[FLOPs_l] = k_l * (sum_i E a_i) * (sum_o E b_o)``, each ``E a_i``, ``E b_o`` a
-        product of ``P(z != 0)`` and of ``1 - prod(1 - P(z != 0))`` ("at least one open").
-        The exact measure puts the test-time gates in the same formula: the FLOPs of the
-        compact network's layers, unless every input of some layer is closed. Compaction
-        then folds that layer's constant outputs into the next layer's bias and drops the
-        next layer's inputs too, which the measure still counts: it is an upper bound.
-
-        Any other model (or per-weight gates) falls back, with a warning, to a linear
-        proxy: each gate weighs the FLOPs of its own layer that it switches off (a linear
-        input neuron ``out_features`` multiply-adds per position, a conv output channel
-        ``in * kh * kw`` per output pixel, ...), which counts the work of a unit whose
-        neighbour is closed as if it were still done.
-
-        Returns the linear proxy's cost per gate of every layer.
-        """
-        positions: dict[nn.Module, int] = {}  # output positions per example, of the last call
-        for module, shape in layer_output_shapes(model, [layer.module for layer in self._layers], example[:1]):
-            positions[module] = math.prod(shape[1:-1]) if isinstance(module, nn.Linear) else math.prod(shape[2:])
-        costs = {}
-        for layer in self._layers:
-            if layer.module not in positions:
-                raise ValueError(f"layer {layer.name!r} was not called by the model's forward pass")
-            w = original_weight(layer.module)
-            per_output = w[0].numel()  # multiply-adds of one output value (in/groups * kh * kw)
-            if layer.structure == "input":
-                cost = w.shape[0] * per_output / w.shape[1]
-            elif layer.structure == "output":
-                cost = per_output
-            else:
-                cost = 1
-            layer.cost_per_gate = 2.0 * cost * positions[layer.module]
-            costs[layer.name] = layer.cost_per_gate
-        terms = _flop_terms(model, self._layers, positions)
-        if isinstance(terms, str):
-            warnings.warn(
-                f"FLOP weighting: {terms}; the measures weight each gate by the FLOPs of its own layer "
-                "(a linear proxy) instead of counting the expected FLOPs of a chain of layers",
-                stacklevel=2,
-            )
-            terms = None
+        """Make model-wise measures count FLOPs per example instead of parameters (see
+        :func:`flop_weighting`). Returns the linear proxy's cost per gate of every layer."""
+        costs, terms = flop_weighting(self._layers, model, example)
         self._flop_terms = terms
         self._weighting = "flops"
         self._weights.clear()
         return costs
-
-    def _flop_densities(self, selected: list[_GatedLayer]) -> tuple[torch.Tensor, torch.Tensor]:
-        names = {layer.name for layer in selected}
-        terms = [t for t in self._flop_terms or () if t.name in names]
-        probs: dict[HardConcreteGate, torch.Tensor] = {}
-        actives: dict[HardConcreteGate, torch.Tensor] = {}
-        first = selected[0].gate.log_alpha
-        num = first.new_zeros(())
-        with torch.no_grad():
-            act = first.new_zeros(())
-        den = 0.0
-        for t in terms:
-            num = num + t.cost * t.inputs.open(probs, HardConcreteGate.prob_nonzero) * t.outputs.open(
-                probs, HardConcreteGate.prob_nonzero
-            )
-            with torch.no_grad():
-                act += t.cost * t.inputs.open(actives, _active_float) * t.outputs.open(actives, _active_float)
-            den += t.cost * t.inputs.size * t.outputs.size
-        return num / den, act / den
 
     # -- measures --------------------------------------------------------------------------
     def expected_density(self, layers: Iterable[str] | None = None) -> torch.Tensor:
@@ -748,7 +763,7 @@ class L0Gates(Projectable, SparsityMethod):
         """
         selected = self._select(layers)
         if self._flop_terms is not None:
-            return self._flop_densities(selected)
+            return _flop_densities(selected, self._flop_terms)
         first = selected[0].gate
         if not _one_vector([g.gate for g in selected]):
             num = sum(layer.gate.prob_nonzero().sum() * layer.cost_per_gate for layer in selected)
