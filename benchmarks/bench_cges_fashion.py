@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=True,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
-        constrained = next(r for r in cmp.rows if r["method"] == "constrained")
+        constrained = next(r for r in cmp.rows if r["mode"] == "constrained")
         bisected = next(r for r in cmp.rows if r["search"].startswith("bisect"))
         runs["CGES, constrained"] = _row("CGES, constrained", _report.load_result(constrained["run_dir"]))
         runs["CGES, penalised (bisected)"] = {

@@ -65,7 +65,7 @@ def main() -> int:
                 {
                     "config": config,
                     "epochs": epochs,
-                    "method": row["method"],
+                    "method": row["mode"],
                     "target": eps,
                     "lambda": row["lambda"],
                     "achieved": row["achieved"],

@@ -60,7 +60,7 @@ def _saved_rows(cmp_dir: Path, budgets: list) -> list[dict] | None:
             pairs = zip(achieved, target) if isinstance(target, list) else [(achieved, target)]
             rows.append(
                 {
-                    "method": row["method"],
+                    "method": row["mode"],
                     "target": target,
                     "achieved": achieved,
                     "feasible": all(_within(a, b) for a, b in pairs),
@@ -69,7 +69,7 @@ def _saved_rows(cmp_dir: Path, budgets: list) -> list[dict] | None:
                     "run_dir": row["run_dir"],
                 }
             )
-    found = {json.dumps(r["target"]) for r in rows if r["method"] == "constrained"}
+    found = {json.dumps(r["target"]) for r in rows if r["mode"] == "constrained"}
     return rows if found >= {json.dumps(b) for b in budgets} else None
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 slot = per_budget.setdefault(key, {"constrained": [], "penalized": []})
                 summary = _summary(row["run_dir"])
                 finish = summary.get("finish") or {}
-                slot[row["method"]].append(
+                slot[row["mode"]].append(
                     {
                         "seed": seed,
                         "achieved": row["achieved"],

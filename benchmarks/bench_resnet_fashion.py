@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         _config(common), [first], bisect=True, max_runs=args.max_runs, out_dir=out / "resnet-compare",
         overwrite=True, progress=_say,
     )  # fmt: skip
-    (own,) = [r for r in found.rows if r["method"] == "constrained"]
-    (penalised,) = [r for r in found.rows if r["method"] == "penalized"]
+    (own,) = [r for r in found.rows if r["mode"] == "constrained"]
+    (penalised,) = [r for r in found.rows if r["mode"] == "penalized"]
     constrained = {first: _report.load_result(own["run_dir"])}
     for budget in args.budgets[1:]:
         cfg = _config([*common, f"sparsity.targets={budget}"])

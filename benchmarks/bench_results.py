@@ -56,6 +56,7 @@ import torch
 
 import constrained_sparsity as cs
 from constrained_sparsity.compare import prepare_methods
+from constrained_sparsity.compare.outputs import mode_label
 from constrained_sparsity.jobs import Runner, default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +266,7 @@ def _measured(row: dict, method: str) -> dict:
     budget = float(row["target"])
     return {
         "method": method,
-        "mode": row["method"] if row["method"] != "penalized" else f"penalized ({row['search'].split()[0]})",
+        "mode": mode_label(row),
         "budget": budget,
         "lambda": row["lambda"],
         "achieved": float(row["achieved"]),

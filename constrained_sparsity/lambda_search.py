@@ -34,7 +34,7 @@ def _check(lo: float, hi: float, tol: float, max_runs: int) -> None:
     if not 0 < lo < hi:
         raise ValueError(f"lambda range ({lo}, {hi}) should satisfy 0 < lo < hi")
     if max_runs < 1:
-        raise ValueError(f"budget={max_runs} should be >= 1")
+        raise ValueError(f"max_runs={max_runs} should be >= 1")
     if tol < 0:
         raise ValueError(f"tol={tol} should be >= 0")
 
@@ -68,7 +68,7 @@ def bisect_lambda(
     lo: float = 1e-3,
     hi: float = 1e2,
     tol: float = 0.01,
-    budget: int = 8,
+    max_runs: int = 8,
 ) -> BisectResult:
     """Bisection on ``log(lambda)`` so that ``evaluate(lambda)`` is within ``tol`` of ``targets``.
 
@@ -78,14 +78,14 @@ def bisect_lambda(
     run is never the one returned unless every run failed (its values then NaN). Every coordinate
     keeps its own bracket ``[lo, hi]`` and is evaluated at the bracket's geometric midpoint;
     all coordinates share each run. Stops when every coordinate is within ``tol`` or after
-    ``budget`` runs. The returned lambda is the last one evaluated on convergence; otherwise
+    ``max_runs`` runs. The returned lambda is the last one evaluated on convergence; otherwise
     the one whose worst miss was smallest, preferring points that met every budget.
     """
-    _check(lo, hi, tol, budget)
+    _check(lo, hi, tol, max_runs)
     n = len(targets)
     lows, highs = [math.log(lo)] * n, [math.log(hi)] * n
     history: list[tuple[list[float], list[float]]] = []
-    for _ in range(budget):
+    for _ in range(max_runs):
         lam = [math.exp((a + b) / 2) for a, b in zip(lows, highs)]
         measured = evaluate(lam)
         if measured is None:  # the run failed (diverged): taken as a penalty too strong
@@ -105,7 +105,7 @@ def bisect_lambda(
                 highs[i] = math.log(lam[i])
 
     lam, value = min(history, key=lambda item: _miss(item[1], targets, tol))
-    return BisectResult(lam, value, len(history), False, f"budget of {budget} runs spent", history)
+    return BisectResult(lam, value, len(history), False, f"all {max_runs} runs spent", history)
 
 
 # -- every budget at once -------------------------------------------------------------------------
@@ -234,5 +234,5 @@ def joint_search(
     # per budget: a run within tol of it ranks before any other (its miss is the smallest)
     chosen = [min(range(len(history)), key=lambda i: _miss([history[i][1]], [t], tol)) for t in targets]
     converged = [abs(history[i][1] - t) <= tol for i, t in zip(chosen, targets)]
-    reason = "within tolerance" if all(converged) else f"budget of {max_runs} runs spent"
+    reason = "within tolerance" if all(converged) else f"all {max_runs} runs spent"
     return JointSearchResult(list(targets), chosen, converged, len(history), reason, history)

@@ -33,7 +33,7 @@ def test_bisection_finds_lambda_in_the_expected_number_of_steps():
         calls.append(lam[0])
         return _toy(lam)
 
-    found = bisect_lambda(evaluate, [0.3], lo=1e-3, hi=1e3, tol=1e-3, budget=20)
+    found = bisect_lambda(evaluate, [0.3], lo=1e-3, hi=1e3, tol=1e-3, max_runs=20)
     # log10 midpoints: 0, 1.5, 2.25, 1.875, 2.0625, 1.96875, 2.015625, 1.9921875 (|miss| 7.8e-4)
     expected = [0, 1.5, 2.25, 1.875, 2.0625, 1.96875, 2.015625, 1.9921875]
     assert found.converged and found.runs == 8 and len(calls) == 8
@@ -43,9 +43,9 @@ def test_bisection_finds_lambda_in_the_expected_number_of_steps():
 
 
 def test_bisection_stops_at_the_budget_and_says_so():
-    found = bisect_lambda(_toy, [0.3], lo=1e-3, hi=1e3, tol=1e-3, budget=4)
+    found = bisect_lambda(_toy, [0.3], lo=1e-3, hi=1e3, tol=1e-3, max_runs=4)
     assert not found.converged and found.runs == 4
-    assert found.reason == "budget of 4 runs spent"
+    assert found.reason == "all 4 runs spent"
     # best of the 4 points that meet the budget (value <= 0.3 + tol): log10 = 2.25 (value 0.275)
     assert math.log10(found.lam[0]) == pytest.approx(2.25)
 
@@ -54,7 +54,7 @@ def test_bisection_per_coordinate():
     def evaluate(lam):
         return [_toy([lam[0]])[0], 1.0 / (1.0 + lam[1])]
 
-    found = bisect_lambda(evaluate, [0.3, 0.25], lo=1e-3, hi=1e3, tol=2e-3, budget=30)
+    found = bisect_lambda(evaluate, [0.3, 0.25], lo=1e-3, hi=1e3, tol=2e-3, max_runs=30)
     assert found.converged
     assert found.value[0] == pytest.approx(0.3, abs=2e-3) and found.value[1] == pytest.approx(0.25, abs=2e-3)
 
@@ -62,8 +62,8 @@ def test_bisection_per_coordinate():
 def test_bisection_rejects_bad_arguments():
     with pytest.raises(ValueError, match="0 < lo < hi"):
         bisect_lambda(_toy, [0.3], lo=1.0, hi=0.5)
-    with pytest.raises(ValueError, match="budget=0"):
-        bisect_lambda(_toy, [0.3], budget=0)
+    with pytest.raises(ValueError, match="max_runs=0"):
+        bisect_lambda(_toy, [0.3], max_runs=0)
 
 
 def test_parse_budget():
@@ -106,7 +106,7 @@ def test_small_digits_comparison_end_to_end(tmp_path, monkeypatch):
     )
     out = result.out_dir
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [(r["method"], r["search"].split()[0]) for r in rows] == [
+    assert [(r["mode"], r["search"].split()[0]) for r in rows] == [
         ("constrained", "-"),
         ("constrained", "-"),
         ("penalized", "grid"),
@@ -124,9 +124,9 @@ def test_small_digits_comparison_end_to_end(tmp_path, monkeypatch):
         assert found.value[0] == pytest.approx(float(r["achieved"]), abs=1e-4)
         close = abs(float(r["achieved"]) - float(budget)) <= 0.01  # the L0 tolerance
         assert found.converged == close
-        assert r["search"] == ("bisect (within tolerance)" if close else "bisect (budget of 2 runs spent)")
+        assert r["search"] == ("bisect (within tolerance)" if close else "bisect (all 2 runs spent)")
     md = (out / "results.md").read_text().splitlines()
-    assert md[0].startswith("| method | search | target") and len(md) == 2 + len(rows)
+    assert md[0].startswith("| mode | search | target") and len(md) == 2 + len(rows)
     pngs = sorted(p.name for p in out.glob("*.png"))
     # one dynamics plot per run: 2 constrained + 2 grid + 2 x 2 bisection
     assert len(pngs) == 1 + 8 and "error_vs_density.png" in pngs
@@ -147,7 +147,7 @@ def test_small_digits_comparison_end_to_end(tmp_path, monkeypatch):
     (logged,) = [row for row in wandb_files.history(table_run) if "comparison/results/_type" in row]
     assert logged["comparison/results/_type"] == "table-file"
     table = json.loads((table_run / "files" / logged["comparison/results/path"]).read_text())
-    assert table["columns"][:3] == ["method", "search", "target"] and len(table["data"]) == len(rows)
+    assert table["columns"][:3] == ["mode", "search", "target"] and len(table["data"]) == len(rows)
 
 
 def test_compare_cli_rejects_a_config_without_budget(tmp_path):
@@ -196,7 +196,7 @@ def test_per_layer_targets_and_layer_budgets_compare(tmp_path):
     )
     result = compare(deep, [2], lambdas=[0.0], out_dir=tmp_path / "layers", progress=None)
     constrained, grid = result.rows
-    assert constrained["method"] == "constrained" and constrained["target"] == 2
+    assert constrained["mode"] == "constrained" and constrained["target"] == 2
     assert grid["lambda"] == 0.0 and grid["achieved"] == 6.0  # λ = 0 merges nothing
     assert "active layers" in (tmp_path / "layers" / "results.md").read_text()
 
@@ -243,7 +243,7 @@ def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [(r["label"], r["method"], r["search"].split()[0]) for r in rows] == [
+    assert [(r["label"], r["mode"], r["search"].split()[0]) for r in rows] == [
         ("l0", "constrained", "-"),
         ("l0", "penalized", "joint"),
         ("cges", "constrained", "-"),
@@ -256,7 +256,7 @@ def test_several_methods_compare_on_one_page_through_the_command_line(tmp_path):
         own = list(csv.DictReader((out / label / "results.csv").open()))
         assert [r["run_dir"] for r in own] == [r["run_dir"] for r in rows if r["label"] == label]
         assert json.loads((Path(own[0]["run_dir"]) / "summary.json").read_text())["methods"][0].startswith(label)
-    bisect_rows = [r for r in rows if r["method"] == "penalized"]
+    bisect_rows = [r for r in rows if r["mode"] == "penalized"]
     assert all(r["runs_used"] == "2" for r in bisect_rows)
     for r in rows:  # the wall time is that of the runs the row needed
         summaries = [json.loads(p.read_text()) for p in (out / r["label"] / "runs").glob("*/summary.json")]
@@ -295,7 +295,7 @@ def test_bisection_starts_in_the_methods_own_bracket_unless_given_one(tmp_path):
         result = compare(
             cfg, [0.3], bisect=True, max_runs=1, lambda_range=bracket, out_dir=tmp_path / label, progress=None
         )
-        first[label] = next(r["lambda"] for r in result.rows if r["method"] == "penalized")
+        first[label] = next(r["lambda"] for r in result.rows if r["mode"] == "penalized")
     assert first["own"] == pytest.approx(10**-3.5)  # the geometric middle of (1e-6, 1e-1)
     assert first["given"] == pytest.approx(0.1)
 
@@ -347,11 +347,11 @@ def test_every_kind_of_row_has_one_mode_and_a_place_on_both_plots():
     from constrained_sparsity.compare.outputs import MARKERS, mode_label, row_kind, x_value
 
     rows = [
-        {"method": "constrained", "search": "-"},
-        {"method": "projected", "search": "-"},
-        {"method": "penalized", "search": "grid"},
-        {"method": "penalized", "search": "bisect (within tolerance)"},
-        {"method": "penalized", "search": "joint (within tolerance; 5 runs for 3 budgets)"},
+        {"mode": "constrained", "search": "-"},
+        {"mode": "projected", "search": "-"},
+        {"mode": "penalized", "search": "grid"},
+        {"mode": "penalized", "search": "bisect (within tolerance)"},
+        {"mode": "penalized", "search": "joint (within tolerance; 5 runs for 3 budgets)"},
     ]
     assert [mode_label(r) for r in rows] == [
         "constrained",

@@ -65,7 +65,7 @@ def test_the_search_never_leaves_the_lambda_range():
 
     found = joint_search(evaluate, [0.0001, 0.95], 1e-2, 1e1, TOL, max_runs=30)
     assert all(1e-2 < lam < 1e1 for lam in seen) and found.runs == 30
-    assert not any(found.converged) and found.reason == "budget of 30 runs spent"
+    assert not any(found.converged) and found.reason == "all 30 runs spent"
 
 
 def test_a_noisy_curve_still_converges_inside_the_range():
@@ -84,7 +84,7 @@ def test_a_noisy_curve_still_converges_inside_the_range():
 def test_an_unconverged_budget_reports_the_closest_feasible_miss():
     curve = CURVES["steep"]
     found = joint_search(curve, BUDGETS, LO, HI, tol=1e-4, max_runs=4)
-    assert found.runs == 4 and found.reason == "budget of 4 runs spent"
+    assert found.runs == 4 and found.reason == "all 4 runs spent"
     for budget, i, converged in zip(BUDGETS, found.chosen, found.converged):
         if converged:
             continue
@@ -99,7 +99,7 @@ def test_an_unconverged_budget_reports_the_closest_feasible_miss():
 def test_the_search_rejects_bad_arguments():
     with pytest.raises(ValueError, match="0 < lo < hi"):
         joint_search(CURVES["gentle"], BUDGETS, lo=1.0, hi=0.5)
-    with pytest.raises(ValueError, match="budget=0"):
+    with pytest.raises(ValueError, match="max_runs=0"):
         joint_search(CURVES["gentle"], BUDGETS, max_runs=0)
     with pytest.raises(ValueError, match="at least one target"):
         joint_search(CURVES["gentle"], [])

@@ -42,7 +42,7 @@ class Comparison:
 
 
 COLUMNS = [
-    "method",
+    "mode",
     "search",
     "target",
     "lambda",
@@ -86,7 +86,7 @@ COLORS = {
 def row_kind(row: dict[str, Any]) -> str:
     """How a row's run was made: ``constrained`` / ``projected`` (a budget run), or the
     penalty's ``grid``, ``bisect`` or ``joint`` search."""
-    return row["method"] if row["method"] != "penalized" else row["search"].split()[0]
+    return row["mode"] if row["mode"] != "penalized" else row["search"].split()[0]
 
 
 def mode_label(row: dict[str, Any]) -> str:
@@ -116,12 +116,12 @@ def write_tables(out: Path, rows: list[dict[str, Any]], measure: str, methods: b
         ordered = sorted(rows, key=lambda r: (json.dumps(r["target"]), r["label"], mode_label(r)))
     else:
         head = (
-            f"| method | search | target | λ | achieved {measure} | per layer | test error | feasible | runs | wall s |"
+            f"| mode | search | target | λ | achieved {measure} | per layer | test error | feasible | runs | wall s |"
         )
         ordered = rows
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in ordered:
-        first = f"| {r['label']} | {mode_label(r)} |" if methods else f"| {r['method']} | {r['search']} |"
+        first = f"| {r['label']} | {mode_label(r)} |" if methods else f"| {r['mode']} | {r['search']} |"
         per_layer = "" if methods else f" {cell(r['per_layer'])} |"
         lines.append(
             f"{first} {cell(r['target'])} | {cell(r['lambda'])} | {cell(r['achieved'])} |{per_layer} "
@@ -248,7 +248,7 @@ def joint_plot(out: Path, rows: list[dict[str, Any]], measure: str, targets: Seq
     labels = list(dict.fromkeys(r["label"] for r in rows))
     for i, label in enumerate(labels):
         for kind, (marker, style) in MARKERS.items():
-            mode = mode_label({"method": "penalized", "search": kind}) if kind in SEARCH_KINDS else kind
+            mode = mode_label({"mode": "penalized", "search": kind}) if kind in SEARCH_KINDS else kind
             pts = sorted(
                 (x_value(r), 100 * r["test_error"]) for r in rows if r["label"] == label and row_kind(r) == kind
             )

@@ -141,7 +141,7 @@ class SearchPlan:
             feasible = all(_within(a, b) for a, b in zip(achieved, method.budgets(budget)))
         return {
             "label": label,
-            "method": method.own_mode if search == "-" else "penalized",
+            "mode": method.own_mode if search == "-" else "penalized",
             "search": search,
             "target": "-" if budget is None else budget,
             "lambda": "-" if lam is None else lam,
@@ -182,7 +182,7 @@ class SearchPlan:
             return method.measure(result, budget)
 
         bracket = self.options.lambda_range or method.cls.spec.lambda_range
-        found = bisect_lambda(evaluate, method.budgets(budget), *bracket, tol=self.tol, budget=self.options.max_runs)
+        found = bisect_lambda(evaluate, method.budgets(budget), *bracket, tol=self.tol, max_runs=self.options.max_runs)
         self.bisections[slug(budget)] = found
         self.runner.progress.drop(self.options.max_runs - found.runs)
         result, label = seen[tuple(found.lam)]
