@@ -119,3 +119,43 @@ def test_csparse_trains_the_vit_config_and_its_compact_network_loads_back(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(program(x), loaded(x), rtol=0, atol=1e-5)
     assert cs.error_rate(loaded, digits.test_x, digits.test_y) == pytest.approx(result.test_error)
+
+
+@pytest.mark.parametrize(
+    "attach, mode",
+    [
+        (lambda m: cs.attach_cges(m, budget="weights"), "constrained"),
+        (lambda m: cs.attach_ast(m, "rw_l1"), "constrained"),
+        (lambda m: cs.attach_lwc(m, end_step=8, every_steps=2), "projected"),
+        (lambda m: cs.attach_dns(m), "projected"),
+        (lambda m: cs.attach_cges_units(m, torch.zeros(1, *SHAPE)), "constrained"),
+    ],
+    ids=["cges", "rw_l1", "lwc", "dns", "cges_units"],
+)
+def test_the_other_methods_train_on_the_vits_linear_layers_and_compact(attach, mode):
+    """CGES, the per-weight methods and CGES on units work on a ViT (its Linear layers are
+    called through their forward); the finishing projection meets the budget, and compaction
+    keeps the outputs (per-weight zeros stored sparse, units removed for cges_units)."""
+    import warnings
+
+    model = _vit()
+    method = attach(model)
+    digits = cs.load_dataset("digits")
+    problem = cs.SparsityProblem(model, method, [cs.Target(0.5, restarts=False)], mode=mode)
+    optimizer = cs.build_optimizer(
+        problem, primal=cs.PrimalOptimizer("sgd", lr=0.05, momentum=0.9), dual=cs.DualOptimizer("sgd", lr=0.01)
+    )
+    model.train()
+    for x, y in list(cs.data.batches(digits.train_x, digits.train_y, 64, torch.Generator().manual_seed(0)))[:10]:
+        cs.train_step(problem, optimizer, x.view(-1, *SHAPE), y, dual_restarts=False)
+    problem.project_()
+    assert problem.violations()[problem.targets[0].name][1] <= 0
+    model.eval()
+    x = digits.test_x[:16].view(-1, *SHAPE)
+    with torch.no_grad():
+        before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a network that is not a chain keeps its per-weight zeros sparse
+        small = cs.compact(model, SHAPE, methods=[method])
+    with torch.no_grad():
+        torch.testing.assert_close(small.module(x), before, rtol=0, atol=1e-5)
