@@ -57,7 +57,8 @@ class ComparedMethod:
         self.tol = spec.compare_tolerance
         self.spec = method_spec(declared.cls)
         self.names: list[str] = []  # target names, learnt from the first run
-        self.label = spec.measure_label if spec.count_budget else f"exact {spec.measure_label}"
+        label = declared.cls.reporter.measure_label
+        self.label = label if spec.count_budget else f"exact {label}"
         # the mode of its runs at a budget: constrained, or projected for a method that meets
         # its budget by construction (it has no penalty, so no lambda to search)
         self.own_mode = spec.budget_mode
@@ -67,7 +68,9 @@ class ComparedMethod:
         if self.cls.spec.count_budget:
             values = budget if isinstance(budget, list) else [budget]
             if not all(float(b).is_integer() for b in values):
-                raise ConfigError(f"--targets {slug(budget)}: {self.cls.spec.measure_label} budgets are whole numbers")
+                raise ConfigError(
+                    f"--targets {slug(budget)}: {self.cls.reporter.measure_label} budgets are whole numbers"
+                )
             return json.dumps([int(b) for b in budget] if isinstance(budget, list) else int(budget))
         return json.dumps(budget)
 

@@ -50,6 +50,7 @@ from ..numbers import within
 
 __all__ = [
     "MEASURES",
+    "MethodReport",
     "MethodSpec",
     "Projectable",
     "Proximal",
@@ -60,6 +61,7 @@ __all__ = [
     "kurtosis",
     "weight_metrics",
     "weight_rows",
+    "WeightsReport",
     "BudgetSpec",
     "BuildContext",
     "Phase",
@@ -250,8 +252,7 @@ class MethodSpec:
       ``sparsity.*``); otherwise it is declared as a section ``sparsity.<name>``.
     * ``budget_key`` / ``lambda_key``: the config keys of its budget and penalized lambda,
       relative to where it is declared.
-    * ``measure_label``: what the budget counts, in words; ``count_budget``: the budget is
-      an integer count rather than a proportion.
+    * ``count_budget``: the budget is an integer count rather than a proportion.
     * ``compare_tolerance``: how close to the budget a bisected penalty must land;
       ``lambda_range``: the bracket ``(lo, hi)`` that ``compare``'s bisection searches λ in
       unless told otherwise (the scale of the method's penalty: its first run is at the
@@ -267,7 +268,6 @@ class MethodSpec:
     primary: bool = True
     budget_key: str = "targets"
     lambda_key: str = "lambdas"
-    measure_label: str = "density"
     count_budget: bool = False
     compare_tolerance: float = 0.01
     lambda_range: tuple[float, float] = (1e-3, 1e2)
@@ -286,19 +286,60 @@ class MethodSpec:
         return "penalized" in self.modes
 
 
+class MethodReport:
+    """How the report (``csparse report``, the end of ``csparse train``) reads a method's entries
+    of ``summary.json``: from the summary alone, with no method attached to a model. A method
+    names a subclass as its ``reporter``."""
+
+    measure_label: ClassVar[str] = "density"  # what the budget counts, in words
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        """``<measure> <value> <= <budget>?`` for a target's summary entry."""
+        return f"{entry['measure']} {cls.measure_label} {entry['value']:.4g} <= {entry['budget']:.4g}?"
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        """Report lines for this method's rows (a table per layer)."""
+        return []
+
+    @classmethod
+    def format_phase(cls, name: str, info: dict[str, Any]) -> list[str]:
+        """Report lines for what this method's phase ``name`` measured."""
+        return []
+
+
+class WeightsReport(MethodReport):
+    """The report of the methods that prune single weights: non-zero weights per layer."""
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        return f"non-zero weights {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        return weight_rows(rows, measures)
+
+
 class SparsityMethod(ABC):
     """Base class of sparsity methods (see the module docstring for the contract).
 
     Class attributes: ``name`` (registered name, and the prefix of its default target
     names), ``options`` (a dataclass of its config options, or ``None``: config errors name
-    the key) and ``spec`` (a :class:`MethodSpec`: what configs, ``compare`` and reports need
-    to know). What a method can do beyond the core is declared by the capabilities it
+    the key), ``spec`` (a :class:`MethodSpec`: what configs and ``compare`` need to know) and
+    ``reporter`` (a :class:`MethodReport`: how the report reads its entries of
+    ``summary.json``). What a method can do beyond the core is declared by the capabilities it
     inherits: :class:`Proximal`, :class:`Projectable`, :class:`UnitPruner`.
     """
 
     name: ClassVar[str] = ""
     options: ClassVar[type | None] = None
     spec: ClassVar[MethodSpec] = MethodSpec()
+    reporter: ClassVar[type[MethodReport]] = MethodReport
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A capability's method defined without the capability would never be called: refuse it."""
@@ -411,23 +452,6 @@ class SparsityMethod(ABC):
         """Entries of ``target``'s summary beyond the generic ones."""
         return {}
 
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        """``<measure> <value> <= <budget>?`` for a target's summary entry."""
-        return f"{entry['measure']} {cls.spec.measure_label} {entry['value']:.4g} <= {entry['budget']:.4g}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        """Report lines for this method's rows (a table per layer)."""
-        return []
-
-    @classmethod
-    def format_phase(cls, name: str, info: dict[str, Any]) -> list[str]:
-        """Report lines for what this method's phase ``name`` measured."""
-        return []
-
     # -- compaction ----------------------------------------------------------------------------
     def fold(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with this method folded into plain layers (the model untouched).
@@ -506,20 +530,13 @@ class PerWeightReport:
     """What the methods that prune single weights (``rw_l1``, ``rw_l2``, ``focuss``, ``lwc``,
     ``dns``) report alike: the density metric a target reads, its entry in the report and
     ``summary.json``, and the per-layer table. Put it before :class:`SparsityMethod` in the
-    bases; a method with a surrogate overrides ``describe_target`` / ``format_target``."""
+    bases; a method with a surrogate overrides ``describe_target`` and its reporter's
+    ``format_target``."""
+
+    reporter: ClassVar[type[MethodReport]] = WeightsReport
 
     def measure_key(self, target: Target) -> str | None:
         return "density/model" if target.layers is None else f"density/{target.layers[0]}"
 
     def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
         return {"epsilon": target.epsilon, "exact_density": exact}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        return f"non-zero weights {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        return weight_rows(rows, measures)

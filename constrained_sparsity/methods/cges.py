@@ -52,6 +52,7 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    MethodReport,
     MethodSpec,
     Projectable,
     Proximal,
@@ -191,6 +192,10 @@ class _Layer:
         return self.module.weight
 
 
+class CGESReport(MethodReport):
+    """How the report reads the ``summary.json`` entries of :class:`CGES`."""
+
+
 class CGES(Proximal, Projectable, SparsityMethod):
     """Combined group and exclusive sparsity on the Linear / Conv2d layers of a model (see the
     module docstring). Built by :func:`attach_cges`; the weights are the model's own (nothing
@@ -198,6 +203,7 @@ class CGES(Proximal, Projectable, SparsityMethod):
 
     name = "cges"
     options = CGESOptions
+    reporter = CGESReport
     # lambda multiplies weight norms, not a density: the authors' 6e-5 on MNIST, ~1e-4 to 1e-3
     # at the Fashion-MNIST budgets (docs/benchmarks.md); the bisection starts at 3e-4
     spec = MethodSpec(lambda_range=(1e-6, 1e-1))

@@ -51,6 +51,7 @@ from ..units import UnitError, UnitGraph, format_unit_rows, prune_closed, units_
 from .base import (
     BudgetSpec,
     BuildContext,
+    MethodReport,
     MethodSpec,
     Projectable,
     Proximal,
@@ -115,12 +116,17 @@ class _Reader:
         return values.sum(dim=dims)
 
 
+class CGESUnitsReport(MethodReport):
+    """How the report reads the ``summary.json`` entries of :class:`CGESUnits`."""
+
+
 class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
     """CGES on dependency-graph units (see the module docstring). Built by :func:`attach_cges_units`;
     the weights are the model's own (nothing is registered on the model)."""
 
     name = "cges_units"
     options = CGESUnitsOptions
+    reporter = CGESUnitsReport
     spec = MethodSpec(lambda_range=(1e-6, 1e-1))  # as for cges: lambda multiplies weight norms
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: CGESUnitsOptions | None = None) -> None:

@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, layer_output_shapes, observe, original_weight, parse_chain
 from ..numbers import finite
-from .base import BudgetSpec, BuildContext, Projectable, SparsityMethod, Target, close_fewest_
+from .base import BudgetSpec, BuildContext, MethodReport, Projectable, SparsityMethod, Target, close_fewest_
 
 __all__ = [
     "GATE_STRUCTURES",
@@ -681,6 +681,10 @@ def _flop_densities(
     return num / den, act / den
 
 
+class L0Report(MethodReport):
+    """How the report reads the ``summary.json`` entries of :class:`L0Gates`."""
+
+
 class L0Gates(Projectable, SparsityMethod):
     """The L0 gates attached to a model, with their sparsity measures: the ``l0`` method.
 
@@ -689,6 +693,7 @@ class L0Gates(Projectable, SparsityMethod):
 
     name = "l0"
     options = L0Options
+    reporter = L0Report
 
     def __init__(self, layers: list[_GatedLayer]) -> None:
         if not layers:

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import ConfigError, OptionError
 from ..numbers import finite, within
 from ..units import GATES, UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
-from .base import BudgetSpec, BuildContext, Projectable, SparsityMethod, Target, UnitPruner
+from .base import BudgetSpec, BuildContext, MethodReport, Projectable, SparsityMethod, Target, UnitPruner
 from .l0 import HardConcreteGate, close_least_likely_
 
 __all__ = ["L0Units", "L0UnitsOptions", "attach_l0_units"]
@@ -128,11 +128,16 @@ def _host(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if name and not isinstance(m, containers))
 
 
+class L0UnitsReport(MethodReport):
+    """How the report reads the ``summary.json`` entries of :class:`L0Units`."""
+
+
 class L0Units(Projectable, UnitPruner, SparsityMethod):
     """L0 gates on dependency-graph units (see the module docstring). Built by :func:`attach_l0_units`."""
 
     name = "l0_units"
     options = L0UnitsOptions
+    reporter = L0UnitsReport
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: L0UnitsOptions | None = None) -> None:
         o = options or L0UnitsOptions()

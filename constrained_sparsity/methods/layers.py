@@ -43,6 +43,7 @@ from ..numbers import finite, within
 from .base import (
     BudgetSpec,
     BuildContext,
+    MethodReport,
     MethodSpec,
     Phase,
     PhaseContext,
@@ -161,6 +162,12 @@ def _layer_params(module: nn.Linear) -> list[torch.Tensor]:
     return [weight] if module.bias is None else [weight, module.bias]
 
 
+class LayersReport(MethodReport):
+    """How the report reads the ``summary.json`` entries of :class:`LayerSparsity`."""
+
+    measure_label = "active layers"
+
+
 class LayerSparsity(Proximal, Projectable, SparsityMethod):
     """The layer-sparsity measures and proximal step of one ReLU ``nn.Sequential``: the ``layers`` method.
 
@@ -170,11 +177,11 @@ class LayerSparsity(Proximal, Projectable, SparsityMethod):
 
     name = "layers"
     options = LayersOptions
+    reporter = LayersReport
     spec = MethodSpec(
         primary=False,
         budget_key="max_layers",
         lambda_key="lam",
-        measure_label="active layers",
         count_budget=True,
         compare_tolerance=0.0,
     )

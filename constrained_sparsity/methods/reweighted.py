@@ -49,6 +49,7 @@ from .base import (
     Projectable,
     SparsityMethod,
     Target,
+    WeightsReport,
     keep_largest,
     select_layers,
     weight_metrics,
@@ -103,10 +104,15 @@ class ASTOptions:
             raise OptionError("p", self.p, "should be in [0, 2]")
 
 
+class _ASTReport(WeightsReport):
+    """How the report reads the ``summary.json`` entries of :class:`_AST`."""
+
+
 class _AST(PerWeightReport, Projectable, SparsityMethod):
     """The affine scaling transformation; subclasses give omega and the surrogate's power."""
 
     options = ASTOptions
+    reporter = _ASTReport
     spec = MethodSpec(finishes=True)
     power: ClassVar[int] = 1  # the surrogate's terms: |theta| / (...) (1) or theta^2 / (...) (2)
 

@@ -24,11 +24,11 @@ def format_report(result: RunResult) -> str:
     for spec in result.methods:
         rows = [r for r in result.layers if r.get("method") == spec]
         targets = [t for t in result.targets if t["method"] == spec]
-        lines += get_method(spec).format_rows(rows, targets, result.measures)
+        lines += get_method(spec).reporter.format_rows(rows, targets, result.measures)
     for t in result.targets:
         verdict = "yes" if t["feasible"] else "NO"
         lines.append(
-            f"constraint {t['name']}: {get_method(t['method']).format_target(t)} {verdict}"
+            f"constraint {t['name']}: {get_method(t['method']).reporter.format_target(t)} {verdict}"
             f"   (multiplier {t['multiplier']:.4g})"
         )
     if result.feasible is not None:
@@ -65,7 +65,7 @@ def format_report(result: RunResult) -> str:
             f"{c['flops_after']}   (csparse compact {result.run_dir})"
         )
     for name, info in result.phases.items():
-        lines += get_method(info["method"]).format_phase(name, info)
+        lines += get_method(info["method"]).reporter.format_phase(name, info)
     if result.wandb_dir:
         lines.append(f"W&B files: {Path(result.wandb_dir).parent}")
     return "\n".join(lines)
