@@ -50,6 +50,7 @@ from ..numbers import within
 
 __all__ = [
     "MEASURES",
+    "HasPhase",
     "MethodReport",
     "MethodSpec",
     "Projectable",
@@ -344,7 +345,11 @@ class SparsityMethod(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A capability's method defined without the capability would never be called: refuse it."""
         super().__init_subclass__(**kwargs)
-        for member, capability in (("proximal_step_", "Proximal"), ("project_", "Projectable")):
+        for member, capability in (
+            ("proximal_step_", "Proximal"),
+            ("project_", "Projectable"),
+            ("after_training", "HasPhase"),
+        ):
             if member in vars(cls) and not any(c.__name__ == capability for c in cls.__mro__):
                 raise TypeError(
                     f"{cls.__qualname__} defines {member} but does not inherit constrained_sparsity.{capability}: "
@@ -431,10 +436,6 @@ class SparsityMethod(ABC):
         training moves the remaining weights only (the method's own parameters stop, and
         ``after_step`` keeps the pattern if the weights could change it)."""
 
-    def after_training(self, model: nn.Module, context: PhaseContext) -> Phase | None:
-        """A phase after the main training (e.g. merge and refit), or ``None``."""
-        return None
-
     # -- what the trainer logs and reports -------------------------------------------------
     def metrics(self) -> dict[str, float]:
         """Metrics of the current state, by name (e.g. ``density/<layer>``)."""
@@ -514,6 +515,15 @@ class Projectable(ABC):
         """Close the units that contribute least -- by the method's own rule -- until ``target``
         holds exactly; return how many were closed per layer. Called by the finishing phase
         after :meth:`SparsityMethod.freeze_`, only on a target that is over its budget."""
+
+
+class HasPhase(ABC):
+    """A method whose algorithm goes on after the main training with a phase of its own
+    (merge and refit), run by the trainer's epoch loop."""
+
+    @abstractmethod
+    def after_training(self, model: nn.Module, context: PhaseContext) -> Phase | None:
+        """The phase after the main training (e.g. merge and refit), or ``None``."""
 
 
 class UnitPruner(ABC):

@@ -43,6 +43,7 @@ from ..numbers import finite, within
 from .base import (
     BudgetSpec,
     BuildContext,
+    HasPhase,
     MethodReport,
     MethodSpec,
     Phase,
@@ -168,7 +169,7 @@ class LayersReport(MethodReport):
     measure_label = "active layers"
 
 
-class LayerSparsity(Proximal, Projectable, SparsityMethod):
+class LayerSparsity(Proximal, Projectable, HasPhase, SparsityMethod):
     """The layer-sparsity measures and proximal step of one ReLU ``nn.Sequential``: the ``layers`` method.
 
     Built by :func:`attach_layer_sparsity`. ``layers`` are the regularised (eligible) layers.

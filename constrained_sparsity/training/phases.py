@@ -17,7 +17,7 @@ from .. import distributed
 from ..evaluation import max_output_difference
 from ..export import save_sequential
 from ..graph import keep_zeros
-from ..methods import Phase, PhaseContext, SparsityMethod, method_spec
+from ..methods import HasPhase, Phase, PhaseContext, SparsityMethod, method_spec
 from ..problem import OptimizerSet, SparsityProblem, scheduled_lr
 from .checkpoint import CHECKPOINT, FINISHED, save_checkpoint
 from .loop import Hooks, Plan, Position, play
@@ -80,9 +80,11 @@ def run_finish(run: RunState, stop: dict[str, int | None]) -> None:
 
 
 def run_phases(run: RunState, stop: dict[str, int | None]) -> None:
-    """The phases the methods ask for after training (:meth:`SparsityMethod.after_training`)."""
+    """The phases the methods ask for after training (:meth:`HasPhase.after_training`)."""
     cfg, ds = run.cfg, run.dataset
     for method in run.methods:
+        if not isinstance(method, HasPhase):
+            continue
         context = PhaseContext(
             primal_lr=cfg.optim.primal.lr,
             others=len(run.methods) > 1,
