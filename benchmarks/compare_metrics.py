@@ -8,7 +8,8 @@ out into a temporary worktree) and under the working tree, then compares the two
         configs/digits_deep_mlp_layers.yaml
 
 Prints, per config, the number of rows and values compared, how many are bit-identical, the
-largest absolute difference and the keys present on one side only; exits 1 when a value
+largest absolute difference, the keys present on one side only and the median seconds per
+epoch of each side (one run each, one after the other: a coarse speed check); exits 1 when a value
 differs by more than ``--tol`` (default 0: exact) or a key or row is missing.
 """
 
@@ -69,7 +70,14 @@ def _compare(before: list[dict], after: list[dict], tol: float) -> dict:
             bad |= diff > tol
     out["only_before"], out["only_after"] = sorted(only_before), sorted(only_after)
     out["ok"] = not bad and not only_before and not only_after
+    out["seconds"] = tuple(_median_epoch_s(rows) for rows in (before, after))
     return out
+
+
+def _median_epoch_s(rows: list[dict]) -> float:
+    """The median seconds per epoch of a run's rows (every phase's): its speed, beside the values."""
+    times = sorted(float(r["time/epoch_s"]) for r in rows if "time/epoch_s" in r)
+    return times[len(times) // 2] if times else math.nan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     + (f", keys only before: {r['only_before']}" if r["only_before"] else "")
                     + (f", keys only after: {r['only_after']}" if r["only_after"] else "")
                     + ("" if r["ok"] else "  <-- DIFFERS")
+                    + f"; s/epoch (median) {r['seconds'][0]:.3g} -> {r['seconds'][1]:.3g}"
                 )
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
