@@ -354,6 +354,7 @@ def claim(entries: list[dict]) -> list[dict]:
                 "comparable": comparable,
                 "penalty_runs": p["runs"],
                 "penalty_feasible": p["feasible"],
+                "penalty_seeds": p["seeds"],
                 "seeds": c["seeds"],
                 "wall_ratio": p["wall_time_s"] / c["wall_time_s"] if c["wall_time_s"] else math.nan,
             }
@@ -468,7 +469,8 @@ def _page(report: dict, args: argparse.Namespace, plots: dict[str, Path], page: 
                 lines.append(
                     f"* ε = {c['budget']}, {c['method']}: {verdict}; the penalty needed {c['penalty_runs']:.1f} runs "
                     f"({c['wall_ratio']:.1f}× the constrained run's time) and ended within ε in "
-                    f"{c['penalty_feasible']}/{c['seeds']} seeds."
+                    f"{c['penalty_feasible']}/{c['penalty_seeds']} seeds"
+                    + (f" (the constrained row has {c['seeds']})." if c["seeds"] != c["penalty_seeds"] else ".")
                 )
             lines.append("")
     return lines
@@ -618,12 +620,14 @@ def main(argv: list[str] | None = None) -> int:
             for plan, indices in spans:
                 outputs = [made[i] for i in indices]
                 gone = [o for o in outputs if isinstance(o, (Missing, Failed))]
-                if gone:
-                    how = "failed: " if isinstance(gone[0], Failed) else "from "
-                    report["missing"].append(f"{setup} seed {seed}: {plan.method.spec} ({how}{gone[0]})")
+                for o in gone:  # the plan's other budgets still count
+                    how = "failed: " if isinstance(o, Failed) else "from "
+                    report["missing"].append(f"{setup} seed {seed}: {plan.method.spec} ({how}{o})")
+                if len(gone) == len(outputs):
                     continue
                 seeds.add(seed)
-                measured += [_measured(r, plan.method.spec) for r in plan.finish(outputs).rows]
+                kept = [None if isinstance(o, (Missing, Failed)) else o for o in outputs]
+                measured += [_measured(r, plan.method.spec) for r in plan.finish(kept).rows]
         if not measured:
             continue
         entries = aggregate(measured)

@@ -146,3 +146,12 @@ def test_a_diverged_run_is_kept_as_failed_and_not_trained_again(bench, tmp_path)
     with pytest.raises(cs.TrainingDiverged, match="loss became"):  # kept: not trained again
         Runner(1, 1, store=folder).train(cfg, run_dir)
     assert (tmp_path / "results" / "digits" / "seed0" / "dense" / "record.json").stat().st_mtime_ns == stamp
+
+
+def test_the_claim_counts_the_penaltys_seeds_apart_from_the_constrained_rows(bench):
+    """A constrained run that failed in two seeds leaves its row with one seed; the penalty's
+    count stays its own (the page once wrote "3/1 seeds")."""
+    rows = [_row("focuss", "constrained", 0.16)]
+    rows += [_row("focuss", "penalized (bisect)", e) for e in (0.11, 0.112, 0.114)]
+    (check,) = bench.claim(bench.aggregate(rows))
+    assert check["seeds"] == 1 and check["penalty_seeds"] == 3 and check["penalty_feasible"] == 3

@@ -362,3 +362,19 @@ def test_every_kind_of_row_has_one_mode_and_a_place_on_both_plots():
     ]
     assert all(row_kind(r) in MARKERS for r in rows)
     assert x_value({"achieved": [0.2, 0.4]}) == pytest.approx(0.3) and x_value({"achieved": 0.25}) == 0.25
+
+
+def test_a_plans_files_leave_out_a_task_that_made_nothing(tmp_path):
+    """The results page finishes a method's plan from the tasks that trained; a task that
+    failed (None) is left out of the table, not the whole method."""
+    from constrained_sparsity.compare.method import method_of
+    from constrained_sparsity.compare.search import SearchOptions, SearchPlan, shared_runner
+
+    cfg = load_config(DIGITS, ["train.epochs=1", "tracking.progress=false", "tracking.wandb=disabled"])
+    options = SearchOptions([0.3, 0.5], (), False, "joint", None, 2, None)
+    with shared_runner(None, 1, 1, None) as runner:
+        plan = SearchPlan(cfg, method_of(cfg), options, tmp_path, "group", runner)
+        tasks = plan.tasks()
+        comparison = plan.finish([tasks[0](), None])
+    assert [row["target"] for row in comparison.rows] == [0.3]
+    assert (tmp_path / "results.md").read_text().count("\n") == 3  # header, rule, one row

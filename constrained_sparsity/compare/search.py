@@ -254,10 +254,12 @@ class SearchPlan:
         return [*searches, *budget_runs, *grid]
 
     # -- the files
-    def finish(self, made: list[Made]) -> Comparison:
-        """The table (budget runs, grid, searches: as a reader scans it), plots and W&B table."""
+    def finish(self, made: list[Made | None]) -> Comparison:
+        """The table (budget runs, grid, searches: as a reader scans it), plots and W&B table,
+        from what each task made (in the order of :meth:`tasks`; ``None``: a task that made
+        nothing, as a run that failed, left out)."""
         kinds = ("budget", "grid", "search")
-        ordered = [m for kind in kinds for m, k in zip(made, self.kinds) if k == kind]
+        ordered = [m for kind in kinds for m, k in zip(made, self.kinds) if k == kind and m is not None]
         results = [entry for rows, _ in ordered for entry in rows]
         every_run = [entry for _, runs in ordered for entry in runs]
         rows = [row for row, _, _ in results]
