@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import constrained_sparsity as cs
 from constrained_sparsity import TrainingDiverged, load_config, run, scheduled_lr
 from constrained_sparsity.training import load_checkpoint, save_checkpoint
 
@@ -426,3 +427,34 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path,
             "train the run again with this version"
         )
     assert path.read_bytes() == before
+
+
+def test_a_stop_on_an_epochs_last_step_resumes_and_logs_that_epoch(monkeypatch, tmp_path, quiet):
+    """A stop signal that lands on the last step of an epoch (before the epoch's log row and
+    checkpoint) leaves a checkpoint at step = steps per epoch; resuming ends that epoch and goes
+    on, with the rows of a run that never stopped."""
+    from constrained_sparsity.training import loop
+
+    straight = _run([*quiet, "train.epochs=2"], run_dir=tmp_path / "straight")
+    steps_per_epoch = math.ceil(len(cs.load_dataset("digits").train_y) / 64)
+    real, calls = loop.train_step, []
+
+    def stop_on_the_last_step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == steps_per_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", stop_on_the_last_step)
+    with pytest.raises(cs.TrainingInterrupted):
+        _run([*quiet, "train.epochs=2"], run_dir=tmp_path / "stopped")
+    ckpt = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt", ("epoch", "step_in_epoch"))
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, steps_per_epoch)
+    monkeypatch.setattr(loop, "train_step", real)
+    resumed = run(resume=tmp_path / "stopped")
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    for a, b in zip(straight.history, resumed.history):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
+            k: v for k, v in b.items() if not k.startswith("time/")
+        }

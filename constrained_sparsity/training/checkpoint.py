@@ -152,9 +152,11 @@ def restore_run(
             data_gen.get_state(),
             checkpoint.get("epoch_sums") or None,
         )
+        # step_in_epoch == steps_per_epoch: stopped on an epoch's last step, before its end (its
+        # log row, its checkpoint); the resumed loop plays no step and ends that epoch
         if not (
             pos.epoch >= 0
-            and 0 <= pos.step_in_epoch < steps_per_epoch
+            and 0 <= pos.step_in_epoch <= steps_per_epoch
             and pos.global_step == pos.epoch * steps_per_epoch + pos.step_in_epoch
         ):
             raise ValueError(f"position epoch {pos.epoch}, step {pos.step_in_epoch}, {pos.global_step} in all")
