@@ -105,6 +105,16 @@ class UnitGraph:
             layer.in_units = layer.in_units.to(device)
         return self
 
+    def as_compacted(self, open_units: torch.Tensor) -> torch.Tensor:
+        """``open_units`` (1 open, 0 closed) as compaction leaves them: a group with every unit
+        closed keeps its first one (an all-zero channel: PyTorch's layers need one). A copy."""
+        kept = open_units.clone()
+        for g in self.groups:
+            part = kept[g.offset : g.offset + g.size]
+            if not bool(part.any()):
+                part[0] = 1.0
+        return kept
+
     def group(self, name: str) -> UnitGroup:
         return next(g for g in self.groups if g.name == name)
 
@@ -330,13 +340,19 @@ def units_of(model: nn.Module, example: torch.Tensor, output_layers: Sequence[st
     return trace_units(model, example, output_layers)
 
 
-def prune_closed(model: nn.Module, graph: UnitGraph, example: torch.Tensor, closed: dict[str, list[int]]) -> nn.Module:
+def prune_closed(
+    model: nn.Module, graph: UnitGraph, example: torch.Tensor, closed: dict[str, list[int]]
+) -> dict[str, int]:
     """Remove the ``closed`` units of ``graph`` (a :func:`units_of` of a network like ``model``)
     from ``model``, in place: :func:`prune_transformer` for a transformer's units, else
-    :func:`prune` through the dependency graph."""
+    :func:`prune` through the dependency graph. Returns how many units each group lost (a
+    group keeps one unit at least)."""
     if graph.input_sites:
-        return prune_transformer(model, closed)
-    return prune(model, example.to(next(model.parameters()).device), closed)
+        prune_transformer(model, closed)
+    else:
+        prune(model, example.to(next(model.parameters()).device), closed)
+    sizes = {g.name: g.size for g in graph.groups}
+    return {name: min(len(idxs), sizes[name] - 1) for name, idxs in closed.items() if idxs}
 
 
 def format_unit_rows(

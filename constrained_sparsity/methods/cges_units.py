@@ -206,12 +206,7 @@ class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
     @torch.no_grad()
     def _counted(self) -> torch.Tensor:
         """:meth:`open_units` with the first unit of an all-closed group kept (compaction keeps it)."""
-        open_ = self.open_units()
-        for g in self.graph.groups:
-            part = open_[g.offset : g.offset + g.size]
-            if not bool(part.any()):
-                part[0] = 1.0
-        return open_
+        return self.graph.as_compacted(self.open_units())
 
     @torch.no_grad()
     def _measure(self, layers: tuple[str, ...] | None) -> torch.Tensor:
@@ -332,10 +327,7 @@ class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
     def prune_units_(self, folded: nn.Module) -> dict[str, int]:
         """Remove the closed units from ``folded`` (a copy of the model), in place; how many
         units each group lost."""
-        closed = self.closed_units()
-        prune_closed(folded, self.graph, self.example, closed)
-        sizes = {g.name: g.size for g in self.graph.groups}  # a group keeps one unit at least
-        return {name: min(len(idxs), sizes[name] - 1) for name, idxs in closed.items() if idxs}
+        return prune_closed(folded, self.graph, self.example, self.closed_units())
 
 
 def attach_cges_units(model: nn.Module, example: torch.Tensor, **options: Any) -> CGESUnits:

@@ -223,13 +223,7 @@ class L0Units(Projectable, UnitPruner, SparsityMethod):
         need one), so the exact count keeps its first unit."""
         if not exact:
             return torch.cat([g.prob_nonzero() for g in self.gates.values()])
-        parts = []
-        for g in self.gates.values():
-            active = g.active().to(g.log_alpha.dtype)
-            if not bool(active.any()):
-                active[0] = 1.0
-            parts.append(active)
-        return torch.cat(parts)
+        return self.graph.as_compacted(torch.cat([g.active().to(g.log_alpha.dtype) for g in self.gates.values()]))
 
     def densities(self, layers: tuple[str, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expected, exact)``: model-wise, the compact network's parameters (or FLOPs) over
@@ -360,10 +354,7 @@ class L0Units(Projectable, UnitPruner, SparsityMethod):
     def prune_units_(self, folded: nn.Module) -> dict[str, int]:
         """Remove the closed units from ``folded`` (a :meth:`fold` of the model), in place.
         Returns how many units each group lost."""
-        closed = self.closed_units()
-        prune_closed(folded, self.graph, self.example, closed)
-        sizes = {g.name: g.size for g in self.graph.groups}  # a group keeps one unit at least
-        return {name: min(len(idxs), sizes[name] - 1) for name, idxs in closed.items() if idxs}
+        return prune_closed(folded, self.graph, self.example, self.closed_units())
 
     def detach(self) -> None:
         """Remove the gates' hooks from the model (its ``unit_gates`` stay, for their state)."""
