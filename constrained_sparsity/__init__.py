@@ -33,6 +33,8 @@ from .export import load_compact, save_compact
 from .methods import (
     CGES,
     CGESUnits,
+    Foldable,
+    Freezable,
     HardConcreteGate,
     HasPhase,
     L0Gates,
@@ -48,6 +50,7 @@ from .methods import (
     SparsityMethod,
     Target,
     UnitPruner,
+    WeightsReport,
     attach_ast,
     attach_cges,
     attach_cges_units,
@@ -60,6 +63,8 @@ from .methods import (
     get_method,
     merge_layers,
     register_method,
+    report_of,
+    targets_from_spec,
 )
 from .models import MLP, ConvNet, LeNet5Caffe, ResNet
 from .problem import (
@@ -99,6 +104,8 @@ __all__ = [
     "PhaseContext",
     "PrimalOptimizer",
     "RunResult",
+    "Foldable",
+    "Freezable",
     "HasPhase",
     "MethodReport",
     "MethodSpec",
@@ -106,6 +113,7 @@ __all__ = [
     "Proximal",
     "SparsityMethod",
     "UnitPruner",
+    "WeightsReport",
     "SparsityProblem",
     "Target",
     "TrainingDiverged",
@@ -131,6 +139,8 @@ __all__ = [
     "fold_l0",
     "format_report",
     "get_method",
+    "report_of",
+    "targets_from_spec",
     "load_compact",
     "load_config",
     "load_dataset",

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .graph import ChainError, bake, layer_output_shapes, parse_chain, plain_layer_like
-from .methods.base import SparsityMethod, UnitPruner
+from .methods.base import Foldable, SparsityMethod, UnitPruner
 from .units import GATES
 
 __all__ = [
@@ -152,11 +152,13 @@ def _chain(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
 def fold(model: nn.Module, methods: Sequence[SparsityMethod] | None = None) -> nn.Module:
     """A copy of ``model`` with ``methods`` folded into plain layers, in order (the model untouched).
 
-    Without ``methods``, every parametrized layer is baked at its eval-mode weights.
+    Every parametrized layer is baked at its eval-mode weights; a :class:`Foldable` method then
+    folds what it keeps beside them (gates into BatchNorm, merged layers).
     """
     folded = bake(model)
     for method in methods or ():
-        folded = method.fold(folded)
+        if isinstance(method, Foldable):
+            folded = method.fold(folded)
     return folded
 
 

@@ -176,8 +176,8 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         cls = self.method_class()
-        if cls is not None and cls.options is not None and self.options is None:
-            self.options = cls.options()
+        if cls is not None and cls.spec.options is not None and self.options is None:
+            self.options = cls.spec.options()
         _check_choice("sparsity.mode", self.mode, MODES)
         for eps in self.target_list():
             if not (finite(eps) and 0.0 <= eps <= 1.0):
@@ -283,7 +283,9 @@ def _build_sparsity(data: dict, prefix: str) -> SparsityConfig:
     cls = None if spec == NONE else _method_class(f"{prefix}method", spec)
     if cls is not None and not cls.spec.primary:
         raise _fail(f"{prefix}method", spec, f"is declared as a section: {prefix}{spec}: {{...}}")
-    option_names = [f.name for f in dataclasses.fields(cls.options)] if cls is not None and cls.options else []
+    option_names = (
+        [f.name for f in dataclasses.fields(cls.spec.options)] if cls is not None and cls.spec.options else []
+    )
     sections = _sections()
     generic: dict[str, Any] = {}
     options: dict[str, Any] = {}
@@ -298,10 +300,10 @@ def _build_sparsity(data: dict, prefix: str) -> SparsityConfig:
         else:
             _unknown(key, [*_GENERIC, *option_names, *sections], prefix)
     kwargs = _kwargs(SparsityConfig, generic, prefix)
-    if cls is not None and cls.options is not None:
-        kwargs["options"] = _build(cls.options, options, prefix)
+    if cls is not None and cls.spec.options is not None:
+        kwargs["options"] = _build(cls.spec.options, options, prefix)
     kwargs["sections"] = {
-        name: _build(get_method(name).options, value, f"{prefix}{name}.") for name, value in declared.items()
+        name: _build(get_method(name).spec.options, value, f"{prefix}{name}.") for name, value in declared.items()
     }
     return _construct(SparsityConfig, kwargs, prefix)
 

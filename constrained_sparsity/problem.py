@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import Projectable, Proximal, SparsityMethod, Target
+from .methods.base import Projectable, Proximal, SparsityMethod, Target, default_target_name, freeze_
 from .numbers import within
 
 __all__ = [
@@ -153,7 +153,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 )
             method = found[0]
         method.check_target(target)
-        return replace(target, method=method, name=target.name or method.default_target_name(target))
+        return replace(target, method=method, name=target.name or default_target_name(method, target))
 
     @property
     def learns_multipliers(self) -> bool:
@@ -225,7 +225,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         are).
         """
         for method in self.methods:
-            method.freeze_()
+            freeze_(method)
         closed: dict[str, dict[str, int]] = {}
         unprojected: list[str] = []
         for target in self.targets:

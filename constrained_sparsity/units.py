@@ -26,10 +26,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .graph import layer_output_shapes, observe
 from .models import Attention, FeedForward
 
@@ -39,6 +41,7 @@ __all__ = [
     "UnitError",
     "UnitGraph",
     "UnitGroup",
+    "on_example",
     "prune",
     "prune_closed",
     "prune_transformer",
@@ -55,6 +58,17 @@ _SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 class UnitError(TypeError):
     """The network cannot be traced, or holds a layer whose units are not supported."""
+
+
+def on_example(build: Any, model: nn.Module, input_shape: Sequence[int], where: str) -> Any:
+    """``build(model, example)`` with a zero example of ``input_shape`` on the model's device (a
+    unit method traces its graph on it); a network it cannot trace is the config's error,
+    named by ``where`` (``sparsity.method=l0_units``)."""
+    example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    try:
+        return build(model, example)
+    except UnitError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass

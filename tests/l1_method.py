@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from constrained_sparsity import OptionError, Proximal, SparsityMethod
+from constrained_sparsity import MethodReport, MethodSpec, OptionError, Proximal, SparsityMethod, targets_from_spec
 
 
 @dataclass
@@ -31,9 +31,23 @@ class L1Options:
             raise OptionError("delta", self.delta, "should be >= 0")
 
 
+class L1Report(MethodReport):
+    """What the method logs: the share of weights above ``delta`` per layer, and its step count."""
+
+    def metrics(self) -> dict[str, float]:
+        m = self.method
+        out = {f"l1/density/{n}": float((w.abs() > m.delta).float().mean()) for n, w in m.weights.items()}
+        out["l1/steps"] = m.steps
+        return out
+
+    def measure_key(self, target):  # type: ignore[no-untyped-def]
+        return f"l1/density/{target.layers[0]}" if target.layers and len(target.layers) == 1 else None
+
+
 class SoftThresholdL1(Proximal, SparsityMethod):
     name = "l1"
-    options = L1Options
+    spec = MethodSpec(options=L1Options)
+    reporter = L1Report
 
     def __init__(self, model: nn.Module, layers: list[str] | None = None, delta: float = 1e-4) -> None:
         modules = dict(model.named_modules())
@@ -45,7 +59,7 @@ class SoftThresholdL1(Proximal, SparsityMethod):
     @classmethod
     def from_config(cls, model, options, spec, context):  # type: ignore[no-untyped-def]
         method = cls(model, options.layers, options.delta)
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     def layer_names(self) -> list[str]:
         return list(self.weights)
@@ -67,14 +81,6 @@ class SoftThresholdL1(Proximal, SparsityMethod):
 
     def after_step(self) -> None:
         self.steps += 1
-
-    def metrics(self) -> dict[str, float]:
-        out = {f"l1/density/{n}": float((w.abs() > self.delta).float().mean()) for n, w in self.weights.items()}
-        out["l1/steps"] = self.steps
-        return out
-
-    def measure_key(self, target):  # type: ignore[no-untyped-def]
-        return f"l1/density/{target.layers[0]}" if target.layers and len(target.layers) == 1 else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}

@@ -96,7 +96,8 @@ def test_per_kind_budgets_hold_beside_the_model_wise_one():
     problem.project_()
     violations = problem.violations()
     assert violations["params"][1] <= 0 and violations["l0_units_heads"][1] <= 0
-    assert units.metrics()["density/heads"] <= 0.5 and units.metrics()["density/model"] <= 0.4
+    metrics = cs.report_of(units).metrics()
+    assert metrics["density/heads"] <= 0.5 and metrics["density/model"] <= 0.4
 
 
 @pytest.mark.slow

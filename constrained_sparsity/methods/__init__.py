@@ -16,6 +16,8 @@ from .base import (
     MEASURES,
     BudgetSpec,
     BuildContext,
+    Foldable,
+    Freezable,
     HasPhase,
     MethodReport,
     MethodSpec,
@@ -26,6 +28,9 @@ from .base import (
     SparsityMethod,
     Target,
     UnitPruner,
+    WeightsReport,
+    report_of,
+    targets_from_spec,
 )
 from .cges import CGES, CGESOptions, attach_cges
 from .cges_units import CGESUnits, CGESUnitsOptions, attach_cges_units
@@ -63,8 +68,13 @@ __all__ = [
     "LayersOptions",
     "Phase",
     "PhaseContext",
+    "Foldable",
+    "Freezable",
     "HasPhase",
     "MethodReport",
+    "WeightsReport",
+    "report_of",
+    "targets_from_spec",
     "MethodSpec",
     "Projectable",
     "Proximal",
@@ -93,8 +103,9 @@ _REGISTRY: dict[str, type[SparsityMethod]] = {}
 
 
 def _check_options(cls: type[SparsityMethod]) -> None:
-    if cls.options is not None and not (isinstance(cls.options, type) and dataclasses.is_dataclass(cls.options)):
-        raise ValueError(f"{cls.__qualname__}.options={cls.options!r} should be a dataclass or None")
+    options = cls.spec.options
+    if options is not None and not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"{cls.__qualname__}.spec.options={options!r} should be a dataclass or None")
 
 
 def register_method(cls: type[SparsityMethod]) -> type[SparsityMethod]:

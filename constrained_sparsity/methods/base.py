@@ -6,32 +6,37 @@ after Cooper's ``Multiplier`` ABC (a small abstract base with the math in one pl
 
 ==============================  ==========================================================
 attach                          the constructor (or ``attach_*`` function) registers
-                                parametrizations, masks or hooks on an ordinary
-                                ``nn.Module``, so ``model.state_dict()`` holds its state
+                                parametrizations or hooks on an ordinary ``nn.Module``, so
+                                ``model.state_dict()`` holds its state
 :meth:`~SparsityMethod.measure`  for a target: the differentiable surrogate (or ``None``)
                                 and the exact test-time measure -- all the problem needs to
                                 build the Cooper ``ConstraintState``
-``Proximal.proximal_step_``     capability: after each primal step, strength
-                                ``lr x lambda`` (exact zeros: layer, group sparsity)
-:meth:`~SparsityMethod.after_step`      optional: after each step (mask updates, re-weighting)
-:meth:`~SparsityMethod.after_training`  optional: a :class:`Phase` run by the same training
-                                loop (merge + refit, prune + retrain)
-:meth:`~SparsityMethod.freeze_`, ``Projectable.project_``  the finishing phase: fix
-                                the sparsity pattern at its test-time value, then (a
-                                capability) close the units that contribute least until a
-                                budget holds exactly
-``UnitPruner.prune_units_``     capability: compaction of any traced network
-:meth:`~SparsityMethod.metrics`, :meth:`~SparsityMethod.report_rows`  what it logs and reports
-:meth:`~SparsityMethod.fold`    a copy of the model with the method's state folded into
-                                plain layers (compaction starts from it)
+:meth:`~SparsityMethod.after_step`  optional: after each step (mask updates, re-weighting)
 ``state_dict`` / ``load_state_dict``  whatever it keeps outside the model
 ==============================  ==========================================================
 
-A capability (:class:`Proximal`, :class:`Projectable`, :class:`UnitPruner`) is declared by
-inheriting it; callers ask ``isinstance``. What configs, ``compare`` and reports need to
-know is one :class:`MethodSpec` value. The problem (:mod:`constrained_sparsity.problem`),
-the trainer, the report, ``compare`` and ``compact`` talk to methods through this interface
-only.
+Twelve members in all (with ``name``, ``spec``, ``reporter``, ``from_config``,
+``layer_names``, ``on_targets``, ``parameters``, ``check_target``). The rest is opt-in:
+
+==============================  ==========================================================
+``Proximal.proximal_step_``     after each primal step, strength ``lr x lambda`` (exact
+                                zeros: layer, group sparsity)
+``Freezable.freeze_``,          the finishing phase: fix the sparsity pattern at its
+``Projectable.project_``        test-time value, then close the units that contribute least
+                                until a budget holds exactly
+``HasPhase.after_training``     a :class:`Phase` run by the same training loop (merge +
+                                refit, prune + retrain)
+``Foldable.fold``               a copy of the model with the method folded into plain
+                                layers, where baking the parametrizations is not all
+``UnitPruner.prune_units_``     compaction of any traced network
+``reporter`` (a                 what it logs (``metrics``), the rows and target entries of
+:class:`MethodReport`)          ``summary.json``, and how the report reads them back
+==============================  ==========================================================
+
+A capability is declared by inheriting it; callers ask ``isinstance`` (or use :func:`freeze_`,
+:func:`report_of`). What configs and ``compare`` need to know is one
+:class:`MethodSpec` value. The problem (:mod:`constrained_sparsity.problem`), the trainer,
+the report, ``compare`` and ``compact`` talk to methods through this interface only.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..graph import bake
 from ..numbers import within
 
 __all__ = [
     "MEASURES",
+    "Foldable",
+    "Freezable",
     "HasPhase",
     "MethodReport",
     "MethodSpec",
@@ -67,9 +73,12 @@ __all__ = [
     "BuildContext",
     "Phase",
     "PhaseContext",
-    "PerWeightReport",
     "SparsityMethod",
     "Target",
+    "default_target_name",
+    "freeze_",
+    "report_of",
+    "targets_from_spec",
 ]
 
 MEASURES = ("exact", "expected")
@@ -249,11 +258,13 @@ class MethodSpec:
     """What configs, ``compare`` and reports need to know about a method, in one value
     (``SparsityMethod.spec``).
 
+    * ``options``: a dataclass of its config options (or ``None``: config errors name the key).
     * ``primary``: whether it can be ``sparsity.method`` (its options then sit in
       ``sparsity.*``); otherwise it is declared as a section ``sparsity.<name>``.
     * ``budget_key`` / ``lambda_key``: the config keys of its budget and penalized lambda,
       relative to where it is declared.
-    * ``count_budget``: the budget is an integer count rather than a proportion.
+    * ``count_budget``: the budget is an integer count rather than a proportion (its one
+      model-wise target is named after the method: ``layers``).
     * ``compare_tolerance``: how close to the budget a bisected penalty must land;
       ``lambda_range``: the bracket ``(lo, hi)`` that ``compare``'s bisection searches λ in
       unless told otherwise (the scale of the method's penalty: its first run is at the
@@ -266,6 +277,7 @@ class MethodSpec:
       ``compare`` runs it once per budget).
     """
 
+    options: type | None = None
     primary: bool = True
     budget_key: str = "targets"
     lambda_key: str = "lambdas"
@@ -288,12 +300,38 @@ class MethodSpec:
 
 
 class MethodReport:
-    """How the report (``csparse report``, the end of ``csparse train``) reads a method's entries
-    of ``summary.json``: from the summary alone, with no method attached to a model. A method
-    names a subclass as its ``reporter``."""
+    """What a method logs and reports: a method names a subclass as its ``reporter``.
+
+    Two sides. An instance reads a live method (``reporter(method)``, :func:`report_of`):
+    :meth:`metrics` each epoch, the metric key a target's exact measure is logged under, one
+    row per layer for ``summary.json`` and a target's entries there. The class methods read
+    those entries back from ``summary.json`` alone, with no method attached to a model (the
+    report of ``csparse train``, ``csparse eval``).
+    """
 
     measure_label: ClassVar[str] = "density"  # what the budget counts, in words
 
+    def __init__(self, method: SparsityMethod) -> None:
+        self.method = method
+
+    # -- a live method ---------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the method's current state, by name (e.g. ``density/<layer>``)."""
+        return {}
+
+    def measure_key(self, target: Target) -> str | None:
+        """The metric key that holds ``target``'s exact measure, if one does."""
+        return None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per layer for the report and ``summary.json`` (each with ``name``)."""
+        return []
+
+    def describe(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        """Entries of ``target``'s summary beyond the generic ones."""
+        return {}
+
+    # -- summary.json alone ------------------------------------------------------------------
     @classmethod
     def format_target(cls, entry: dict[str, Any]) -> str:
         """``<measure> <value> <= <budget>?`` for a target's summary entry."""
@@ -312,8 +350,50 @@ class MethodReport:
         return []
 
 
+def report_of(method: SparsityMethod) -> MethodReport:
+    """The reporter of a live method."""
+    return type(method).reporter(method)
+
+
 class WeightsReport(MethodReport):
-    """The report of the methods that prune single weights: non-zero weights per layer."""
+    """The report of the methods that prune single weights (``rw_l1``, ``rw_l2``, ``focuss``,
+    ``lwc``, ``dns``): non-zero weights per layer, model-wise, and each layer's kurtosis. A
+    subclass says which tensors are the effective weights (:meth:`weights`) and, where a
+    weight counts as zero before it is exactly 0, which are non-zero (:meth:`nonzero`)."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The effective weight of each layer, by name, in layer order."""
+        raise NotImplementedError
+
+    def nonzero(self, weight: torch.Tensor) -> torch.Tensor:
+        """Where ``weight`` counts as non-zero."""
+        return weight.ne(0)
+
+    @torch.no_grad()
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, w in self.weights().items():
+            nonzero, n = int(self.nonzero(w).sum()), w.numel()
+            rows.append(
+                {
+                    "name": name,
+                    "params": n,
+                    "active_params": nonzero,
+                    "exact_density": nonzero / n,
+                    "value": nonzero / n,
+                }
+            )
+        return rows
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        return weight_metrics(self.rows(), self.weights())
+
+    def measure_key(self, target: Target) -> str | None:
+        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
+
+    def describe(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        return {"epsilon": target.epsilon, "exact_density": exact}
 
     @classmethod
     def format_target(cls, entry: dict[str, Any]) -> str:
@@ -330,31 +410,34 @@ class SparsityMethod(ABC):
     """Base class of sparsity methods (see the module docstring for the contract).
 
     Class attributes: ``name`` (registered name, and the prefix of its default target
-    names), ``options`` (a dataclass of its config options, or ``None``: config errors name
-    the key), ``spec`` (a :class:`MethodSpec`: what configs and ``compare`` need to know) and
-    ``reporter`` (a :class:`MethodReport`: how the report reads its entries of
-    ``summary.json``). What a method can do beyond the core is declared by the capabilities it
-    inherits: :class:`Proximal`, :class:`Projectable`, :class:`UnitPruner`.
+    names), ``spec`` (a :class:`MethodSpec`: its options and what configs and ``compare`` need
+    to know) and ``reporter`` (a :class:`MethodReport`: what it logs and how the report reads
+    its entries of ``summary.json``). What a method can do beyond the core is declared by the
+    capabilities it inherits: :class:`Proximal`, :class:`Projectable`, :class:`Freezable`,
+    :class:`Foldable`, :class:`HasPhase`, :class:`UnitPruner`.
     """
 
     name: ClassVar[str] = ""
-    options: ClassVar[type | None] = None
     spec: ClassVar[MethodSpec] = MethodSpec()
     reporter: ClassVar[type[MethodReport]] = MethodReport
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A capability's method defined without the capability would never be called: refuse it."""
         super().__init_subclass__(**kwargs)
-        for member, capability in (
-            ("proximal_step_", "Proximal"),
-            ("project_", "Projectable"),
-            ("after_training", "HasPhase"),
-        ):
+        for member, capability in CAPABILITY_MEMBERS.items():
             if member in vars(cls) and not any(c.__name__ == capability for c in cls.__mro__):
                 raise TypeError(
                     f"{cls.__qualname__} defines {member} but does not inherit constrained_sparsity.{capability}: "
                     f"declare it, class {cls.__name__}({capability}, SparsityMethod)"
                 )
+        for member in REPORTER_MEMBERS:
+            if member in vars(cls):
+                raise TypeError(
+                    f"{cls.__qualname__} defines {member}: what a method logs and reports is its reporter's "
+                    f"(a MethodReport subclass named by `reporter = ...`)"
+                )
+        if "options" in vars(cls):
+            raise TypeError(f"{cls.__qualname__} defines options: declare them as spec = MethodSpec(options=...)")
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -363,30 +446,14 @@ class SparsityMethod(ABC):
     ) -> tuple[SparsityMethod, list[Target]] | None:
         """Attach the method to ``model`` as a config declares it, with its targets.
 
-        ``options`` is an instance of ``cls.options`` (or ``None``). Returns ``None`` when
+        ``options`` is an instance of ``cls.spec.options`` (or ``None``). Returns ``None`` when
         the options declare nothing to attach. Raise :class:`~constrained_sparsity.errors.ConfigError`
         naming the config key for bad input. The default builds the method with no
-        arguments besides the model and takes the budgets of ``spec``.
+        arguments besides the model and takes the budgets of ``spec``
+        (:func:`targets_from_spec`).
         """
         method = cls(model)  # type: ignore[call-arg]
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
-
-    def targets_from_spec(self, spec: BudgetSpec, key: str = "sparsity.targets") -> list[Target]:
-        """``sparsity.targets`` as targets: one model-wise budget, or one per layer of
-        :meth:`layer_names` (named ``<name>_model`` / ``<name>_<layer>``)."""
-        eps = spec.targets
-        lams: Sequence[float | None] = spec.lambdas or [None] * len(eps)
-        if spec.per_layer:
-            names = self.layer_names()
-            if len(eps) != len(names):
-                raise ConfigError(
-                    f"{key}={spec.raw_targets!r}: {len(eps)} values for {len(names)} gated layers {names}"
-                )
-            return [
-                Target(e, (n,), m, lam, f"{self.name}_{n}", self, spec.restarts)
-                for e, n, m, lam in zip(eps, names, spec.measures, lams)
-            ]
-        return [Target(eps[0], None, spec.measures[0], lams[0], f"{self.name}_model", self, spec.restarts)]
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     # -- what the problem needs ------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -401,11 +468,6 @@ class SparsityMethod(ABC):
         """The method's own trainable parameters (gates, scales): optimised in their own
         parameter group (``optim.primal.gate_lr``), without weight decay."""
         return iter(())
-
-    def default_target_name(self, target: Target) -> str:
-        if target.layers is None:
-            return f"{self.name}_model"
-        return f"{self.name}_{'_'.join(target.layers)}"
 
     def check_target(self, target: Target) -> None:
         """Refuse a target this method cannot measure (``ValueError`` naming the value).
@@ -431,37 +493,6 @@ class SparsityMethod(ABC):
     def after_step(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Called after every training step (primal, dual and proximal steps done)."""
 
-    def freeze_(self) -> None:  # noqa: B027 - a method whose pattern is its weights has nothing to fix
-        """Fix the sparsity pattern at its test-time value for the finishing phase: from now on
-        training moves the remaining weights only (the method's own parameters stop, and
-        ``after_step`` keeps the pattern if the weights could change it)."""
-
-    # -- what the trainer logs and reports -------------------------------------------------
-    def metrics(self) -> dict[str, float]:
-        """Metrics of the current state, by name (e.g. ``density/<layer>``)."""
-        return {}
-
-    def measure_key(self, target: Target) -> str | None:
-        """The metric key that holds ``target``'s exact measure, if one does."""
-        return None
-
-    def report_rows(self) -> list[dict[str, Any]]:
-        """One row per layer for the report and ``summary.json`` (each with ``name``)."""
-        return []
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        """Entries of ``target``'s summary beyond the generic ones."""
-        return {}
-
-    # -- compaction ----------------------------------------------------------------------------
-    def fold(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` with this method folded into plain layers (the model untouched).
-
-        The default bakes every parametrized layer at its eval-mode weights
-        (:func:`~constrained_sparsity.graph.bake`).
-        """
-        return bake(model)
-
     # -- state outside the model ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -469,6 +500,30 @@ class SparsityMethod(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state outside the model; got keys {sorted(state)}")
+
+
+def targets_from_spec(method: SparsityMethod, spec: BudgetSpec, key: str = "sparsity.targets") -> list[Target]:
+    """``sparsity.targets`` as targets of ``method``: one model-wise budget, or one per layer
+    of its :meth:`~SparsityMethod.layer_names` (named ``<name>_model`` / ``<name>_<layer>``)."""
+    eps = spec.targets
+    lams: Sequence[float | None] = spec.lambdas or [None] * len(eps)
+    if spec.per_layer:
+        names = method.layer_names()
+        if len(eps) != len(names):
+            raise ConfigError(f"{key}={spec.raw_targets!r}: {len(eps)} values for {len(names)} gated layers {names}")
+        return [
+            Target(e, (n,), m, lam, f"{method.name}_{n}", method, spec.restarts)
+            for e, n, m, lam in zip(eps, names, spec.measures, lams)
+        ]
+    return [Target(eps[0], None, spec.measures[0], lams[0], f"{method.name}_model", method, spec.restarts)]
+
+
+def default_target_name(method: SparsityMethod, target: Target) -> str:
+    """A target's name when none is given: ``<method>_model`` or ``<method>_<layers>``; a
+    count budget's model-wise target is named after the method (``layers``)."""
+    if target.layers is None:
+        return method.name if method.spec.count_budget else f"{method.name}_model"
+    return f"{method.name}_{'_'.join(target.layers)}"
 
 
 def weight_metrics(rows: list[dict[str, Any]], weights: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -517,6 +572,34 @@ class Projectable(ABC):
         after :meth:`SparsityMethod.freeze_`, only on a target that is over its budget."""
 
 
+class Freezable(ABC):
+    """A method whose sparsity pattern lives in its own parameters or masks: the finishing
+    phase fixes it before training the remaining weights (a method whose pattern is its
+    weights, as CGES's, has nothing to fix)."""
+
+    @abstractmethod
+    def freeze_(self) -> None:
+        """Fix the sparsity pattern at its test-time value for the finishing phase: from now on
+        training moves the remaining weights only (the method's own parameters stop, and
+        ``after_step`` keeps the pattern if the weights could change it)."""
+
+
+class Foldable(ABC):
+    """A method whose fold into plain layers is more than baking its parametrizations (gates
+    folded into BatchNorm, layers merged): compaction starts from its :meth:`fold`."""
+
+    @abstractmethod
+    def fold(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with this method folded into plain layers (the model untouched)."""
+
+
+def freeze_(method: SparsityMethod) -> None:
+    """Fix ``method``'s sparsity pattern for the finishing phase (nothing to fix unless it is
+    :class:`Freezable`)."""
+    if isinstance(method, Freezable):
+        method.freeze_()
+
+
 class HasPhase(ABC):
     """A method whose algorithm goes on after the main training with a phase of its own
     (merge and refit), run by the trainer's epoch loop."""
@@ -532,21 +615,24 @@ class UnitPruner(ABC):
 
     @abstractmethod
     def prune_units_(self, folded: nn.Module) -> dict[str, int]:
-        """Remove the closed units from ``folded`` (a :meth:`SparsityMethod.fold` of the model),
+        """Remove the closed units from ``folded`` (the model folded, :func:`constrained_sparsity.compact.fold`),
         in place; how many units each group lost."""
 
 
-class PerWeightReport:
-    """What the methods that prune single weights (``rw_l1``, ``rw_l2``, ``focuss``, ``lwc``,
-    ``dns``) report alike: the density metric a target reads, its entry in the report and
-    ``summary.json``, and the per-layer table. Put it before :class:`SparsityMethod` in the
-    bases; a method with a surrogate overrides ``describe_target`` and its reporter's
-    ``format_target``."""
-
-    reporter: ClassVar[type[MethodReport]] = WeightsReport
-
-    def measure_key(self, target: Target) -> str | None:
-        return "density/model" if target.layers is None else f"density/{target.layers[0]}"
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        return {"epsilon": target.epsilon, "exact_density": exact}
+CAPABILITY_MEMBERS = {
+    "proximal_step_": "Proximal",
+    "project_": "Projectable",
+    "freeze_": "Freezable",
+    "fold": "Foldable",
+    "after_training": "HasPhase",
+    "prune_units_": "UnitPruner",
+}
+REPORTER_MEMBERS = (
+    "metrics",
+    "measure_key",
+    "report_rows",
+    "describe_target",
+    "format_target",
+    "format_rows",
+    "format_phase",
+)

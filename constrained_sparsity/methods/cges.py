@@ -60,6 +60,7 @@ from .base import (
     Target,
     close_fewest_,
     select_layers,
+    targets_from_spec,
 )
 
 __all__ = [
@@ -193,7 +194,82 @@ class _Layer:
 
 
 class CGESReport(MethodReport):
-    """How the report reads the ``summary.json`` entries of :class:`CGES`."""
+    """What :class:`CGES` logs and reports: the share of groups and of weights per layer."""
+
+    @torch.no_grad()
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for layer in self.method._layers:
+            groups = to_groups(layer.weight.detach(), self.method.grouping)
+            open_groups = int(groups.ne(0).any(dim=1).sum())
+            nonzero = int(layer.weight.detach().ne(0).sum())
+            group_density = open_groups / groups.shape[0]
+            weight_density = nonzero / layer.weight.numel()
+            rows.append(
+                {
+                    "name": layer.name,
+                    "groups": groups.shape[0],
+                    "active_groups": open_groups,
+                    "params": layer.weight.numel(),
+                    "active_params": nonzero,
+                    "group_density": group_density,
+                    "weight_density": weight_density,
+                    "exact_density": weight_density,
+                    "mu": layer.mu,
+                    "value": group_density if self.method.budget == "groups" else weight_density,
+                }
+            )
+        return rows
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for row in self.rows():  # per layer: the share of weights, and of groups
+            out[f"density/{row['name']}"] = row["weight_density"]
+            out[f"density_groups/{row['name']}"] = row["group_density"]
+        rows = self.rows()
+        out["density/model"] = float(self.method._measure(None))  # what a model-wise budget counts
+        out["density_groups/model"] = sum(r["active_groups"] * r["params"] / r["groups"] for r in rows) / sum(
+            r["params"] for r in rows
+        )
+        out["density_weights/model"] = sum(r["active_params"] for r in rows) / sum(r["params"] for r in rows)
+        return out
+
+    def measure_key(self, target: Target) -> str | None:
+        if target.layers is None:
+            return "density/model"
+        if len(target.layers) != 1:
+            return None
+        return f"density_groups/{target.layers[0]}" if self.method.budget == "groups" else f"density/{target.layers[0]}"
+
+    def describe(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        kind = (
+            self.method.budget
+            if self.method._flops is None or target.layers
+            else f"{self.method.budget} (FLOP-weighted)"
+        )
+        return {"epsilon": target.epsilon, "exact_density": exact, "budget_of": kind}
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        return f"exact {entry['budget_of']} density {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        if not rows:
+            return []
+        lines = [f"{'layer':<12}{'groups':>8}{'active':>8}{'groups %':>10}{'weights %':>10}{'mu':>6}"]
+        for row in rows:
+            lines.append(
+                f"{row['name']:<12}{row['groups']:>8}{row['active_groups']:>8}"
+                f"{100 * row['group_density']:>9.1f}%{100 * row['weight_density']:>9.1f}%{row['mu']:>6.2f}"
+            )
+        params = sum(r["params"] for r in rows)
+        active = sum(r["active_params"] for r in rows)
+        lines.append(f"{'model':<12}{'':>16}{'':>10}{100 * active / params:>9.1f}%   ({active} of {params} weights)")
+        return lines
 
 
 class CGES(Proximal, Projectable, SparsityMethod):
@@ -202,11 +278,10 @@ class CGES(Proximal, Projectable, SparsityMethod):
     is registered on the model: the method acts through its proximal steps)."""
 
     name = "cges"
-    options = CGESOptions
     reporter = CGESReport
     # lambda multiplies weight norms, not a density: the authors' 6e-5 on MNIST, ~1e-4 to 1e-3
     # at the Fashion-MNIST budgets (docs/benchmarks.md); the bisection starts at 3e-4
-    spec = MethodSpec(lambda_range=(1e-6, 1e-1))
+    spec = MethodSpec(options=CGESOptions, lambda_range=(1e-6, 1e-1))
 
     def __init__(
         self,
@@ -256,7 +331,7 @@ class CGES(Proximal, Projectable, SparsityMethod):
                 method.weight_by_flops(torch.zeros(1, *context.input_shape))
             except ValueError as exc:
                 raise ConfigError(f"{context.prefix}weighting='flops': {exc}") from None
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     def weight_by_flops(self, example: torch.Tensor) -> None:
         """Model-wise measures count the FLOPs per example the compact network keeps.
@@ -407,76 +482,6 @@ class CGES(Proximal, Projectable, SparsityMethod):
         return {layer.name: n for layer, n in zip(selected, counts) if n}
 
     # -- reporting ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def report_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for layer in self._layers:
-            groups = to_groups(layer.weight.detach(), self.grouping)
-            open_groups = int(groups.ne(0).any(dim=1).sum())
-            nonzero = int(layer.weight.detach().ne(0).sum())
-            group_density = open_groups / groups.shape[0]
-            weight_density = nonzero / layer.weight.numel()
-            rows.append(
-                {
-                    "name": layer.name,
-                    "groups": groups.shape[0],
-                    "active_groups": open_groups,
-                    "params": layer.weight.numel(),
-                    "active_params": nonzero,
-                    "group_density": group_density,
-                    "weight_density": weight_density,
-                    "exact_density": weight_density,
-                    "mu": layer.mu,
-                    "value": group_density if self.budget == "groups" else weight_density,
-                }
-            )
-        return rows
-
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for row in self.report_rows():  # per layer: the share of weights, and of groups
-            out[f"density/{row['name']}"] = row["weight_density"]
-            out[f"density_groups/{row['name']}"] = row["group_density"]
-        rows = self.report_rows()
-        out["density/model"] = float(self._measure(None))  # what a model-wise budget counts
-        out["density_groups/model"] = sum(r["active_groups"] * r["params"] / r["groups"] for r in rows) / sum(
-            r["params"] for r in rows
-        )
-        out["density_weights/model"] = sum(r["active_params"] for r in rows) / sum(r["params"] for r in rows)
-        return out
-
-    def measure_key(self, target: Target) -> str | None:
-        if target.layers is None:
-            return "density/model"
-        if len(target.layers) != 1:
-            return None
-        return f"density_groups/{target.layers[0]}" if self.budget == "groups" else f"density/{target.layers[0]}"
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        kind = self.budget if self._flops is None or target.layers else f"{self.budget} (FLOP-weighted)"
-        return {"epsilon": target.epsilon, "exact_density": exact, "budget_of": kind}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        return f"exact {entry['budget_of']} density {entry['exact_density']:.4f} <= {entry['epsilon']:.4f}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        if not rows:
-            return []
-        lines = [f"{'layer':<12}{'groups':>8}{'active':>8}{'groups %':>10}{'weights %':>10}{'mu':>6}"]
-        for row in rows:
-            lines.append(
-                f"{row['name']:<12}{row['groups']:>8}{row['active_groups']:>8}"
-                f"{100 * row['group_density']:>9.1f}%{100 * row['weight_density']:>9.1f}%{row['mu']:>6.2f}"
-            )
-        params = sum(r["params"] for r in rows)
-        active = sum(r["active_params"] for r in rows)
-        lines.append(f"{'model':<12}{'':>16}{'':>10}{100 * active / params:>9.1f}%   ({active} of {params} weights)")
-        return lines
 
 
 def attach_cges(

@@ -45,12 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, OptionError
+from ..errors import OptionError
 from ..numbers import within
-from ..units import UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
+from ..units import UnitError, UnitGraph, format_unit_rows, on_example, prune_closed, units_of
 from .base import (
     BudgetSpec,
     BuildContext,
+    Foldable,
     MethodReport,
     MethodSpec,
     Projectable,
@@ -59,6 +60,7 @@ from .base import (
     Target,
     UnitPruner,
     close_fewest_,
+    targets_from_spec,
 )
 from .cges import EXCLUSIVE_PROXES, exclusive_prox, from_groups, to_groups
 
@@ -117,17 +119,51 @@ class _Reader:
 
 
 class CGESUnitsReport(MethodReport):
-    """How the report reads the ``summary.json`` entries of :class:`CGESUnits`."""
+    """What :class:`CGESUnits` logs and reports: the open units of each group and the compact count."""
+
+    @torch.no_grad()
+    def rows(self) -> list[dict[str, Any]]:
+        open_ = self.method.open_units()
+        return [
+            {
+                "name": g.name,
+                "units": g.size,
+                "open_units": int(open_[g.offset : g.offset + g.size].sum()),
+                "layers": g.layers,
+                "kind": g.kind,
+            }
+            for g in self.method.graph.groups
+        ]
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        out = {f"density/{r['name']}": r["open_units"] / r["units"] for r in self.rows()}
+        out["density/model"] = float(self.method._measure(None))
+        out[f"{self.method.weighting}/compact"] = float(self.method.count())
+        return out
+
+    def measure_key(self, target: Target) -> str | None:
+        if target.layers is None:
+            return "density/model"
+        return f"density/{target.layers[0]}" if len(target.layers) == 1 else None
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        table = [(r["name"], r["units"], r["open_units"], None, len(r["layers"])) for r in rows]
+        return format_unit_rows(table, measures)
 
 
-class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
+class CGESUnits(Proximal, Projectable, UnitPruner, Foldable, SparsityMethod):
     """CGES on dependency-graph units (see the module docstring). Built by :func:`attach_cges_units`;
     the weights are the model's own (nothing is registered on the model)."""
 
     name = "cges_units"
-    options = CGESUnitsOptions
     reporter = CGESUnitsReport
-    spec = MethodSpec(lambda_range=(1e-6, 1e-1))  # as for cges: lambda multiplies weight norms
+    spec = MethodSpec(
+        options=CGESUnitsOptions, lambda_range=(1e-6, 1e-1)
+    )  # as for cges: lambda multiplies weight norms
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: CGESUnitsOptions | None = None) -> None:
         o = options or CGESUnitsOptions()
@@ -162,12 +198,9 @@ class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
 
     @classmethod
     def from_config(cls, model: nn.Module, options: Any, spec: BudgetSpec, context: BuildContext):  # type: ignore[no-untyped-def]
-        example = torch.zeros(1, *context.input_shape, device=next(model.parameters()).device)
-        try:
-            method = cls(model, example, options)
-        except UnitError as exc:
-            raise ConfigError(f"{context.prefix}method=cges_units: {exc}") from None
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        where = f"{context.prefix}method={cls.name}"
+        method = on_example(lambda m, x: cls(m, x, options), model, context.input_shape, where)
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     def layer_names(self) -> list[str]:
         return [g.name for g in self.graph.groups]
@@ -279,39 +312,6 @@ class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
         return {g.name: c for g, c in zip(self.graph.groups, per_group) if c}
 
     # -- what the trainer logs and reports -----------------------------------------------------------
-    @torch.no_grad()
-    def report_rows(self) -> list[dict[str, Any]]:
-        open_ = self.open_units()
-        return [
-            {
-                "name": g.name,
-                "units": g.size,
-                "open_units": int(open_[g.offset : g.offset + g.size].sum()),
-                "layers": g.layers,
-                "kind": g.kind,
-            }
-            for g in self.graph.groups
-        ]
-
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        out = {f"density/{r['name']}": r["open_units"] / r["units"] for r in self.report_rows()}
-        out["density/model"] = float(self._measure(None))
-        out[f"{self.weighting}/compact"] = float(self.count())
-        return out
-
-    def measure_key(self, target: Target) -> str | None:
-        if target.layers is None:
-            return "density/model"
-        return f"density/{target.layers[0]}" if len(target.layers) == 1 else None
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        table = [(r["name"], r["units"], r["open_units"], None, len(r["layers"])) for r in rows]
-        return format_unit_rows(table, measures)
-
     # -- compaction --------------------------------------------------------------------------------
     def fold(self, model: nn.Module) -> nn.Module:
         """A copy of ``model``: the method keeps nothing beside the model's own weights."""

@@ -35,14 +35,15 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    Freezable,
     MethodSpec,
-    PerWeightReport,
     Projectable,
     SparsityMethod,
     Target,
+    WeightsReport,
     keep_largest,
     select_layers,
-    weight_metrics,
+    targets_from_spec,
 )
 
 __all__ = ["DNS", "DNSOptions", "StraightThroughMask", "attach_dns"]
@@ -83,12 +84,20 @@ class DNSOptions:
             raise OptionError("margin", self.margin, "should be in [0, 1)")
 
 
-class DNS(PerWeightReport, Projectable, SparsityMethod):
+class DNSReport(WeightsReport):
+    """What :class:`DNS` logs and reports: its weights as the mask leaves them."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        m = self.method
+        return {n: m._w(layer) * m._mask(layer) for n, layer in m.layers.items()}
+
+
+class DNS(Projectable, Freezable, SparsityMethod):
     """Dynamic network surgery on the Linear / Conv2d layers of a model (see the module docstring)."""
 
     name = "dns"
-    options = DNSOptions
-    spec = MethodSpec(finishes=True, modes=("projected",))
+    reporter = DNSReport
+    spec = MethodSpec(options=DNSOptions, finishes=True, modes=("projected",))
 
     def __init__(
         self,
@@ -120,7 +129,7 @@ class DNS(PerWeightReport, Projectable, SparsityMethod):
             method = cls(model, o.layers, o.thresholds, o.c, o.margin, o.gamma, o.power)
         except ValueError as exc:
             raise ConfigError(f"{context.prefix}layers: {exc}") from None
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     def on_targets(self, targets: list[Target]) -> None:
         self._targets = list(targets)
@@ -198,27 +207,6 @@ class DNS(PerWeightReport, Projectable, SparsityMethod):
         return closed
 
     # -- reporting -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def report_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for name, m in self.layers.items():
-            nonzero = int((self._w(m) * self._mask(m)).ne(0).sum())
-            n = self._w(m).numel()
-            rows.append(
-                {
-                    "name": name,
-                    "params": n,
-                    "active_params": nonzero,
-                    "exact_density": nonzero / n,
-                    "value": nonzero / n,
-                }
-            )
-        return rows
-
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        return weight_metrics(self.report_rows(), {n: self._w(m) * self._mask(m) for n, m in self.layers.items()})
-
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "generator": self.generator.get_state()}
 

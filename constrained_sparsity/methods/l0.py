@@ -58,7 +58,18 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError, OptionError
 from ..graph import ChainError, bake, layer_output_shapes, observe, original_weight, parse_chain
 from ..numbers import finite
-from .base import BudgetSpec, BuildContext, MethodReport, Projectable, SparsityMethod, Target, close_fewest_
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    Freezable,
+    MethodReport,
+    MethodSpec,
+    Projectable,
+    SparsityMethod,
+    Target,
+    close_fewest_,
+    targets_from_spec,
+)
 
 __all__ = [
     "GATE_STRUCTURES",
@@ -682,17 +693,86 @@ def _flop_densities(
 
 
 class L0Report(MethodReport):
-    """How the report reads the ``summary.json`` entries of :class:`L0Gates`."""
+    """What :class:`L0Gates` logs and reports: exact and expected density per layer and model-wise."""
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for row in self.method.report():
+            out[f"density/{row.name}"] = row.exact_density
+            out[f"density_expected/{row.name}"] = row.expected_density
+        expected, exact = self.method.densities()
+        out["density/model"] = float(exact)
+        out["density_expected/model"] = float(expected)
+        return out
+
+    def measure_key(self, target: Target) -> str | None:
+        if target.layers is None:
+            return "density/model"
+        return f"density/{target.layers[0]}" if len(target.layers) == 1 else None
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": row.name,
+                "structure": row.structure,
+                "gates": row.gates,
+                "active_gates": row.active_gates,
+                "params": row.params,
+                "active_params": row.active_params,
+                "exact_density": row.exact_density,
+                "expected_density": row.expected_density,
+                "value": row.exact_density,
+                "weighting": self.method.weighting,
+            }
+            for row in self.method.report()
+        ]
+
+    def describe(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        return {"epsilon": target.epsilon, "exact_density": exact, "expected_density": surrogate}
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        measured = entry["exact_density"] if entry["measure"] == "exact" else entry["expected_density"]
+        return f"{entry['measure']} density {measured:.4f} <= {entry['epsilon']:.4f}?"
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        """The gates per layer and model-wise: gates, active gates, exact and expected density, budget."""
+        if not rows:
+            return []
+        by_layer = {t["layers"][0]: t for t in targets if isinstance(t["layers"], list) and len(t["layers"]) == 1}
+        lines = [f"{'layer':<12}{'gates':>8}{'active':>8}{'density':>10}{'expected':>10}{'target':>8}"]
+        for row in rows:
+            target = by_layer.get(row["name"])
+            eps = f"{target['epsilon']:.3f}" if target else "-"
+            lines.append(
+                f"{row['name']:<12}{row['gates']:>8}{row['active_gates']:>8}"
+                f"{row['exact_density']:>10.3f}{row['expected_density']:>10.3f}{eps:>8}"
+            )
+        model_target = next((t for t in targets if t["layers"] == "model"), None)
+        eps = f"{model_target['epsilon']:.3f}" if model_target else "-"
+        params = sum(r["params"] for r in rows)
+        active = sum(r["active_params"] for r in rows)
+        weighting = rows[0].get("weighting", "params")
+        lines.append(
+            f"{'model':<12}{params:>8}{active:>8}"
+            f"{measures['density/model']:>10.3f}{measures['density_expected/model']:>10.3f}{eps:>8}   "
+            + ("(parameters)" if weighting == "params" else "(densities weighted by FLOPs, counts in parameters)")
+        )
+        return lines
 
 
-class L0Gates(Projectable, SparsityMethod):
+class L0Gates(Projectable, Freezable, SparsityMethod):
     """The L0 gates attached to a model, with their sparsity measures: the ``l0`` method.
 
     Built by :func:`attach_l0`. Layer names are the model's ``named_modules`` names.
     """
 
     name = "l0"
-    options = L0Options
+    spec = MethodSpec(options=L0Options)
     reporter = L0Report
 
     def __init__(self, layers: list[_GatedLayer]) -> None:
@@ -862,83 +942,11 @@ class L0Gates(Projectable, SparsityMethod):
             )
         if o.weighting == "flops":
             gates.weight_by_flops(model, torch.zeros(1, *context.input_shape))
-        return gates, gates.targets_from_spec(spec, f"{context.prefix}targets")
+        return gates, targets_from_spec(gates, spec, f"{context.prefix}targets")
 
     def measure(self, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expected density, exact density)`` of the target's layers (the whole model if none)."""
         return self.densities(target.layers)
-
-    def default_target_name(self, target: Target) -> str:
-        return "l0_model" if target.layers is None else "l0_" + "_".join(target.layers)
-
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for row in self.report():
-            out[f"density/{row.name}"] = row.exact_density
-            out[f"density_expected/{row.name}"] = row.expected_density
-        expected, exact = self.densities()
-        out["density/model"] = float(exact)
-        out["density_expected/model"] = float(expected)
-        return out
-
-    def measure_key(self, target: Target) -> str | None:
-        if target.layers is None:
-            return "density/model"
-        return f"density/{target.layers[0]}" if len(target.layers) == 1 else None
-
-    def report_rows(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": row.name,
-                "structure": row.structure,
-                "gates": row.gates,
-                "active_gates": row.active_gates,
-                "params": row.params,
-                "active_params": row.active_params,
-                "exact_density": row.exact_density,
-                "expected_density": row.expected_density,
-                "value": row.exact_density,
-                "weighting": self.weighting,
-            }
-            for row in self.report()
-        ]
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        return {"epsilon": target.epsilon, "exact_density": exact, "expected_density": surrogate}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        measured = entry["exact_density"] if entry["measure"] == "exact" else entry["expected_density"]
-        return f"{entry['measure']} density {measured:.4f} <= {entry['epsilon']:.4f}?"
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        """The gates per layer and model-wise: gates, active gates, exact and expected density, budget."""
-        if not rows:
-            return []
-        by_layer = {t["layers"][0]: t for t in targets if isinstance(t["layers"], list) and len(t["layers"]) == 1}
-        lines = [f"{'layer':<12}{'gates':>8}{'active':>8}{'density':>10}{'expected':>10}{'target':>8}"]
-        for row in rows:
-            target = by_layer.get(row["name"])
-            eps = f"{target['epsilon']:.3f}" if target else "-"
-            lines.append(
-                f"{row['name']:<12}{row['gates']:>8}{row['active_gates']:>8}"
-                f"{row['exact_density']:>10.3f}{row['expected_density']:>10.3f}{eps:>8}"
-            )
-        model_target = next((t for t in targets if t["layers"] == "model"), None)
-        eps = f"{model_target['epsilon']:.3f}" if model_target else "-"
-        params = sum(r["params"] for r in rows)
-        active = sum(r["active_params"] for r in rows)
-        weighting = rows[0].get("weighting", "params")
-        lines.append(
-            f"{'model':<12}{params:>8}{active:>8}"
-            f"{measures['density/model']:>10.3f}{measures['density_expected/model']:>10.3f}{eps:>8}   "
-            + ("(parameters)" if weighting == "params" else "(densities weighted by FLOPs, counts in parameters)")
-        )
-        return lines
 
     def detach(self, leave_parametrized: bool = True) -> None:
         """Remove the gates. With ``leave_parametrized`` the weights keep their test-time gating."""

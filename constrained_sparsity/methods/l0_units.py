@@ -37,8 +37,20 @@ from torch import nn
 
 from ..errors import ConfigError, OptionError
 from ..numbers import finite, within
-from ..units import GATES, UnitError, UnitGraph, format_unit_rows, prune_closed, units_of
-from .base import BudgetSpec, BuildContext, MethodReport, Projectable, SparsityMethod, Target, UnitPruner
+from ..units import GATES, UnitError, UnitGraph, format_unit_rows, on_example, prune_closed, units_of
+from .base import (
+    BudgetSpec,
+    BuildContext,
+    Foldable,
+    Freezable,
+    MethodReport,
+    MethodSpec,
+    Projectable,
+    SparsityMethod,
+    Target,
+    UnitPruner,
+    targets_from_spec,
+)
 from .l0 import HardConcreteGate, close_least_likely_
 
 __all__ = ["L0Units", "L0UnitsOptions", "attach_l0_units"]
@@ -129,14 +141,59 @@ def _host(model: nn.Module) -> str:
 
 
 class L0UnitsReport(MethodReport):
-    """How the report reads the ``summary.json`` entries of :class:`L0Units`."""
+    """What :class:`L0Units` logs and reports: the open units of each group and the compact count."""
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for g in self.method.graph.groups:
+                gate = self.method.gates[_key(g.name)]
+                out[f"density/{g.name}"] = float(gate.active().float().mean())
+            for kind, groups in self.method.kinds.items():  # the share of each kind's units open
+                out[f"density/{kind}"] = float(self.method.densities(groups)[1])
+            expected, exact = self.method.densities()
+            out["density/model"] = float(exact)
+            out["density_expected/model"] = float(expected)
+            out[f"{self.method.weighting}/compact"] = float(self.method.count())
+        return out
+
+    def measure_key(self, target: Target) -> str | None:
+        if target.layers is None:
+            return "density/model"
+        if len(target.layers) == 1:
+            return f"density/{target.layers[0]}"
+        kind = next((k for k, groups in self.method.kinds.items() if tuple(target.layers) == groups), None)
+        return None if kind is None else f"density/{kind}"
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        with torch.no_grad():
+            for g in self.method.graph.groups:
+                gate = self.method.gates[_key(g.name)]
+                rows.append(
+                    {
+                        "name": g.name,
+                        "gates": g.size,
+                        "active_gates": int(gate.active().sum()),
+                        "expected_density": float(gate.prob_nonzero().mean()),
+                        "layers": g.layers,
+                    }
+                )
+        return rows
+
+    @classmethod
+    def format_rows(
+        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
+    ) -> list[str]:
+        table = [(r["name"], r["gates"], r["active_gates"], r["expected_density"], len(r["layers"])) for r in rows]
+        return format_unit_rows(table, measures, expected=True)
 
 
-class L0Units(Projectable, UnitPruner, SparsityMethod):
+class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
     """L0 gates on dependency-graph units (see the module docstring). Built by :func:`attach_l0_units`."""
 
     name = "l0_units"
-    options = L0UnitsOptions
+    spec = MethodSpec(options=L0UnitsOptions)
     reporter = L0UnitsReport
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: L0UnitsOptions | None = None) -> None:
@@ -184,12 +241,9 @@ class L0Units(Projectable, UnitPruner, SparsityMethod):
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, model: nn.Module, options: Any, spec: BudgetSpec, context: BuildContext):  # type: ignore[no-untyped-def]
-        example = torch.zeros(1, *context.input_shape, device=next(model.parameters()).device)
-        try:
-            method = cls(model, example, options)
-        except UnitError as exc:
-            raise ConfigError(f"{context.prefix}method=l0_units: {exc}") from None
-        targets = method.targets_from_spec(spec, f"{context.prefix}targets")
+        where = f"{context.prefix}method={cls.name}"
+        method = on_example(lambda m, x: cls(m, x, options), model, context.input_shape, where)
+        targets = targets_from_spec(method, spec, f"{context.prefix}targets")
         o = options or L0UnitsOptions()
         for kind in ("heads", "neurons"):
             budget = getattr(o, kind)
@@ -247,51 +301,6 @@ class L0Units(Projectable, UnitPruner, SparsityMethod):
         """The compact network's parameters (or FLOPs per example) now: what compaction reports."""
         with torch.no_grad():
             return round(float(self.graph.count(self._open(True), self.weighting)))
-
-    def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        with torch.no_grad():
-            for g in self.graph.groups:
-                gate = self.gates[_key(g.name)]
-                out[f"density/{g.name}"] = float(gate.active().float().mean())
-            for kind, groups in self.kinds.items():  # the share of each kind's units open
-                out[f"density/{kind}"] = float(self.densities(groups)[1])
-            expected, exact = self.densities()
-            out["density/model"] = float(exact)
-            out["density_expected/model"] = float(expected)
-            out[f"{self.weighting}/compact"] = float(self.count())
-        return out
-
-    def measure_key(self, target: Target) -> str | None:
-        if target.layers is None:
-            return "density/model"
-        if len(target.layers) == 1:
-            return f"density/{target.layers[0]}"
-        kind = next((k for k, groups in self.kinds.items() if tuple(target.layers) == groups), None)
-        return None if kind is None else f"density/{kind}"
-
-    def report_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        with torch.no_grad():
-            for g in self.graph.groups:
-                gate = self.gates[_key(g.name)]
-                rows.append(
-                    {
-                        "name": g.name,
-                        "gates": g.size,
-                        "active_gates": int(gate.active().sum()),
-                        "expected_density": float(gate.prob_nonzero().mean()),
-                        "layers": g.layers,
-                    }
-                )
-        return rows
-
-    @classmethod
-    def format_rows(
-        cls, rows: list[dict[str, Any]], targets: list[dict[str, Any]], measures: dict[str, Any]
-    ) -> list[str]:
-        table = [(r["name"], r["gates"], r["active_gates"], r["expected_density"], len(r["layers"])) for r in rows]
-        return format_unit_rows(table, measures, expected=True)
 
     # -- finishing -----------------------------------------------------------------------------
     def freeze_(self) -> None:

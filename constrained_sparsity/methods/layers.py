@@ -43,6 +43,8 @@ from ..numbers import finite, within
 from .base import (
     BudgetSpec,
     BuildContext,
+    Foldable,
+    Freezable,
     HasPhase,
     MethodReport,
     MethodSpec,
@@ -168,8 +170,48 @@ class LayersReport(MethodReport):
 
     measure_label = "active layers"
 
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "layers/active": self.method.depth(),
+            "layers/surrogate": float(self.method.surrogate()),
+        }
+        for name, norm in self.method.negative_norms().items():
+            out[f"layers/neg_norm/{name}"] = float(norm)
+        return out
 
-class LayerSparsity(Proximal, Projectable, HasPhase, SparsityMethod):
+    def measure_key(self, target: Target) -> str | None:
+        return "layers/active"
+
+    @torch.no_grad()
+    def rows(self) -> list[dict[str, Any]]:
+        merged = set(self.method.mergeable())
+        norms = self.method.negative_norms()
+        return [
+            {"name": n, "neg_norm": float(norms[n]), "mergeable": n in merged, "value": int(n not in merged)}
+            for n in self.method.layers
+        ]
+
+    def describe(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        return {"max_layers": int(target.epsilon), "depth": int(exact)}
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        return f"active layers {entry['depth']} <= {entry['max_layers']}?"
+
+    @classmethod
+    def format_phase(cls, name: str, info: dict[str, Any]) -> list[str]:
+        lines = [
+            f"merged: {info['depth_before']} -> {info['depth_after']} linear layers, {info['params_before']} -> "
+            f"{info['params_after']} parameters, widths {info['widths']}, max |output difference| "
+            f"{info['max_abs_diff_merged']:.2e}, test error {100 * info['test_error_merged']:.2f} %"
+        ]
+        if "test_error_refit" in info:
+            lines.append(f"refit ({info['refit_epochs']} epochs): test error {100 * info['test_error_refit']:.2f} %")
+        return lines
+
+
+class LayerSparsity(Proximal, Projectable, Freezable, Foldable, HasPhase, SparsityMethod):
     """The layer-sparsity measures and proximal step of one ReLU ``nn.Sequential``: the ``layers`` method.
 
     Built by :func:`attach_layer_sparsity`. ``layers`` are the regularised (eligible) layers.
@@ -177,9 +219,9 @@ class LayerSparsity(Proximal, Projectable, HasPhase, SparsityMethod):
     """
 
     name = "layers"
-    options = LayersOptions
     reporter = LayersReport
     spec = MethodSpec(
+        options=LayersOptions,
         primary=False,
         budget_key="max_layers",
         lambda_key="lam",
@@ -285,9 +327,6 @@ class LayerSparsity(Proximal, Projectable, HasPhase, SparsityMethod):
     def layer_names(self) -> list[str]:
         return list(self.layers)
 
-    def default_target_name(self, target: Target) -> str:
-        return "layers"
-
     def check_target(self, target: Target) -> None:
         k = target.epsilon
         if not float(k).is_integer() or not self.min_depth <= k <= self.num_linear:
@@ -335,32 +374,6 @@ class LayerSparsity(Proximal, Projectable, HasPhase, SparsityMethod):
                     for p in self._params(name):
                         p.clamp_(min=0.0)
 
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {"layers/active": self.depth(), "layers/surrogate": float(self.surrogate())}
-        for name, norm in self.negative_norms().items():
-            out[f"layers/neg_norm/{name}"] = float(norm)
-        return out
-
-    def measure_key(self, target: Target) -> str | None:
-        return "layers/active"
-
-    @torch.no_grad()
-    def report_rows(self) -> list[dict[str, Any]]:
-        merged = set(self.mergeable())
-        norms = self.negative_norms()
-        return [
-            {"name": n, "neg_norm": float(norms[n]), "mergeable": n in merged, "value": int(n not in merged)}
-            for n in self.layers
-        ]
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        return {"max_layers": int(target.epsilon), "depth": int(exact)}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        return f"active layers {entry['depth']} <= {entry['max_layers']}?"
-
     def fold(self, model: nn.Module) -> nn.Module:
         """The merged network: every layer with no negative parameter merged into the next."""
         return merge_layers(bake(model), input_nonnegative=self.input_nonnegative)  # type: ignore[arg-type]
@@ -393,17 +406,6 @@ class LayerSparsity(Proximal, Projectable, HasPhase, SparsityMethod):
             info=info,
             files={"merged_model.pt": merged},
         )
-
-    @classmethod
-    def format_phase(cls, name: str, info: dict[str, Any]) -> list[str]:
-        lines = [
-            f"merged: {info['depth_before']} -> {info['depth_after']} linear layers, {info['params_before']} -> "
-            f"{info['params_after']} parameters, widths {info['widths']}, max |output difference| "
-            f"{info['max_abs_diff_merged']:.2e}, test error {100 * info['test_error_merged']:.2f} %"
-        ]
-        if "test_error_refit" in info:
-            lines.append(f"refit ({info['refit_epochs']} epochs): test error {100 * info['test_error_refit']:.2f} %")
-        return lines
 
 
 def _count_linear(model: nn.Module) -> int:

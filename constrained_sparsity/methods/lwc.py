@@ -34,14 +34,15 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    Freezable,
     MethodSpec,
-    PerWeightReport,
     Projectable,
     SparsityMethod,
     Target,
+    WeightsReport,
     keep_largest,
     select_layers,
-    weight_metrics,
+    targets_from_spec,
 )
 
 __all__ = ["LWC", "LWCOptions", "attach_lwc", "cubic_kept"]
@@ -76,12 +77,19 @@ class LWCOptions:
             raise OptionError("every", self.every, "should be a number > 0")
 
 
-class LWC(PerWeightReport, Projectable, SparsityMethod):
+class LWCReport(WeightsReport):
+    """What :class:`LWC` logs and reports: its masked weights."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: m.weight for n, m in self.method.layers.items()}
+
+
+class LWC(Projectable, Freezable, SparsityMethod):
     """Gradual magnitude pruning with retraining (see the module docstring)."""
 
     name = "lwc"
-    options = LWCOptions
-    spec = MethodSpec(finishes=True, modes=("projected",))
+    reporter = LWCReport
+    spec = MethodSpec(options=LWCOptions, finishes=True, modes=("projected",))
 
     def __init__(
         self,
@@ -114,7 +122,7 @@ class LWC(PerWeightReport, Projectable, SparsityMethod):
             )
         except ValueError as exc:
             raise ConfigError(f"{context.prefix}layers: {exc}") from None
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     def on_targets(self, targets: list[Target]) -> None:
         self._targets = list(targets)
@@ -163,26 +171,6 @@ class LWC(PerWeightReport, Projectable, SparsityMethod):
         self._prune_to(target.layers, target.epsilon)
         after = {n: int(self._mask(m).sum()) for n, m in self.layers.items()}
         return {n: before[n] - after[n] for n in self.layers if before[n] != after[n]}
-
-    @torch.no_grad()
-    def report_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for name, m in self.layers.items():
-            nonzero = int(m.weight.ne(0).sum())
-            rows.append(
-                {
-                    "name": name,
-                    "params": m.weight.numel(),
-                    "active_params": nonzero,
-                    "exact_density": nonzero / m.weight.numel(),
-                    "value": nonzero / m.weight.numel(),
-                }
-            )
-        return rows
-
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        return weight_metrics(self.report_rows(), {n: m.weight for n, m in self.layers.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

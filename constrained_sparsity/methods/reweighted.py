@@ -44,15 +44,15 @@ from ..numbers import within
 from .base import (
     BudgetSpec,
     BuildContext,
+    Freezable,
     MethodSpec,
-    PerWeightReport,
     Projectable,
     SparsityMethod,
     Target,
     WeightsReport,
     keep_largest,
     select_layers,
-    weight_metrics,
+    targets_from_spec,
 )
 
 __all__ = ["AffineScale", "ASTOptions", "FOCUSS", "ReweightedL1", "ReweightedL2", "attach_ast"]
@@ -105,15 +105,37 @@ class ASTOptions:
 
 
 class _ASTReport(WeightsReport):
-    """How the report reads the ``summary.json`` entries of :class:`_AST`."""
+    """What :class:`_AST` logs and reports: theta per layer, a weight counting as zero at
+    ``|theta| <= threshold``, and the surrogate's density."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: self.method.theta(n) for n in self.method.layers}
+
+    def nonzero(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.abs().gt(self.method.threshold)
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        surrogate, _ = self.method.measure(Target(1.0))
+        out["density_expected/model"] = float(surrogate)
+        out["reweight/iteration"] = self.method.iteration
+        return out
+
+    def describe(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
+        return {"epsilon": target.epsilon, "exact_density": exact, "expected_density": surrogate}
+
+    @classmethod
+    def format_target(cls, entry: dict[str, Any]) -> str:
+        value = entry["exact_density"] if entry["measure"] == "exact" else entry["expected_density"]
+        return f"{entry['measure']} non-zero weights {value:.4f} <= {entry['epsilon']:.4f}?"
 
 
-class _AST(PerWeightReport, Projectable, SparsityMethod):
+class _AST(Projectable, Freezable, SparsityMethod):
     """The affine scaling transformation; subclasses give omega and the surrogate's power."""
 
-    options = ASTOptions
     reporter = _ASTReport
-    spec = MethodSpec(finishes=True)
+    spec = MethodSpec(options=ASTOptions, finishes=True)
     power: ClassVar[int] = 1  # the surrogate's terms: |theta| / (...) (1) or theta^2 / (...) (2)
 
     def __init__(
@@ -154,7 +176,7 @@ class _AST(PerWeightReport, Projectable, SparsityMethod):
             method = cls(model, o.layers, o.tau, o.tau_decay, o.p, every, o.init, o.sigma, o.order, o.threshold)
         except ValueError as exc:
             raise ConfigError(f"{context.prefix}layers: {exc}") from None
-        return method, method.targets_from_spec(spec, f"{context.prefix}targets")
+        return method, targets_from_spec(method, spec, f"{context.prefix}targets")
 
     # -- the transformation --------------------------------------------------------------------
     def omega_of(self, theta: torch.Tensor, tau: float) -> torch.Tensor:
@@ -247,39 +269,6 @@ class _AST(PerWeightReport, Projectable, SparsityMethod):
         return closed
 
     # -- reporting -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def report_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for name in self.layers:
-            theta = self.theta(name)
-            nonzero = int(theta.abs().gt(self.threshold).sum())
-            rows.append(
-                {
-                    "name": name,
-                    "params": theta.numel(),
-                    "active_params": nonzero,
-                    "exact_density": nonzero / theta.numel(),
-                    "value": nonzero / theta.numel(),
-                }
-            )
-        return rows
-
-    @torch.no_grad()
-    def metrics(self) -> dict[str, float]:
-        out = weight_metrics(self.report_rows(), {n: self.theta(n) for n in self.layers})
-        surrogate, _ = self.measure(Target(1.0))
-        out["density_expected/model"] = float(surrogate)
-        out["reweight/iteration"] = self.iteration
-        return out
-
-    def describe_target(self, target: Target, surrogate: float | None, exact: float) -> dict[str, Any]:
-        return {"epsilon": target.epsilon, "exact_density": exact, "expected_density": surrogate}
-
-    @classmethod
-    def format_target(cls, entry: dict[str, Any]) -> str:
-        value = entry["exact_density"] if entry["measure"] == "exact" else entry["expected_density"]
-        return f"{entry['measure']} non-zero weights {value:.4f} <= {entry['epsilon']:.4f}?"
-
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "iteration": self.iteration, "generator": self.generator.get_state()}
 

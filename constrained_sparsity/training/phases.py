@@ -48,11 +48,10 @@ def run_finish(run: RunState, stop: dict[str, int | None]) -> None:
         primal = cfg.optim.primal  # the training's kind of optimizer, from a fresh state
         train_phase(
             run,
-            Phase("finish", run.model, epochs, lr),
+            Phase("finish", run.model, epochs, lr, keep_zeros=True),
             cfg.train.seed + 3,
             stop,
             run.methods,
-            keep_zeros(run.model),
             cfg.finish.schedule,
             primal.name,
             primal.momentum,
@@ -113,7 +112,6 @@ def train_phase(
     seed: int,
     stop: dict[str, int | None],
     methods: list[SparsityMethod] | None = None,
-    after_step: Callable[[Position], None] | None = None,
     schedule: str = "constant",
     optimizer: str = "adam",
     momentum: float = 0.0,
@@ -123,11 +121,11 @@ def train_phase(
 
     ``methods`` (their ``after_step`` runs after each step) are the model's own, frozen,
     in the finishing phase; the parameters that do not require gradients stay as they are.
+    With ``phase.keep_zeros``, the weights that are 0 now are set back to 0 after each step.
     """
     cfg, ds = run.cfg, run.dataset
     model = phase.model
-    if phase.keep_zeros:  # the same rule as the finishing phase: the zero weights stay 0
-        after_step = keep_zeros(model)
+    after_step = keep_zeros(model) if phase.keep_zeros else None
     problem = SparsityProblem(model, methods)
     problem.forward_module = distributed.wrap(model, run.ctx) if run.ctx.active else None
     trained = [p for p in model.parameters() if p.requires_grad]

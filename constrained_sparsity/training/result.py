@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..methods import method_spec
+from ..methods import method_spec, report_of
 from .selection import IterateSelection
 from .state import RunState
 
@@ -149,13 +149,13 @@ def build_result(run: RunState, selection: IterateSelection, wall: float) -> Run
                 "value": decides,
                 "exact": exact,
                 "surrogate": surrogate,
-                "metric": method.measure_key(target),
+                "metric": report_of(method).measure_key(target),
                 "feasible": measures[f"constraint/{target.name}/feasible"],
                 "multiplier": measures[f"constraint/{target.name}/multiplier"],
-                **method.describe_target(target, surrogate, exact),
+                **report_of(method).describe(target, surrogate, exact),
             }
         )
-    layers = [{"method": method_spec(m), **row} for m in run.methods for row in m.report_rows()]
+    layers = [{"method": method_spec(m), **row} for m in run.methods for row in report_of(m).rows()]
     density = {k.split("/", 1)[1]: v for k, v in measures.items() if k.startswith("density/")}
     expected = {k.split("/", 1)[1]: v for k, v in measures.items() if k.startswith("density_expected/")}
     return RunResult(

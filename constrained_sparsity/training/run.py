@@ -26,6 +26,7 @@ from ..config import Config, apply_overrides, config_from_dict, read_config_dict
 from ..data import Dataset
 from ..errors import ConfigError, TrainingInterrupted
 from ..graph import bake
+from ..methods import report_of
 from ..problem import scheduled_lr
 from ..tracking import NullTracker, Tracker
 from .build import build_trainer, dataset_for
@@ -330,7 +331,7 @@ class _Game(Hooks):
     def postfix(self, m: dict[str, Any]) -> dict[str, str]:
         post = {"loss": f"{m['train/loss']:.3f}", "err": f"{100 * m['test/error']:.1f}%"}
         for target in self.run.problem.targets[:2]:
-            key = target.method.measure_key(target)
+            key = report_of(target.method).measure_key(target)
             if key is not None and key in m:
                 post[target.name] = f"{m[key]:.4g}"
             post[f"λ[{target.name}]"] = f"{m[f'constraint/{target.name}/multiplier']:.3g}"

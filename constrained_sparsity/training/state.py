@@ -12,7 +12,7 @@ from torch import nn
 from .. import distributed
 from ..config import Config
 from ..data import Dataset
-from ..methods import SparsityMethod
+from ..methods import SparsityMethod, report_of
 from ..problem import OptimizerSet, SparsityProblem
 from ..tracking import Tracker
 
@@ -55,7 +55,7 @@ class RunState:
         multiplier and feasibility (by the rule the training step uses)."""
         metrics: dict[str, Any] = {}
         for method in self.methods:
-            metrics.update(method.metrics())
+            metrics.update(report_of(method).metrics())
         multipliers = self.problem.multiplier_values()
         for name, (violation, strict) in self.problem.violations().items():
             prefix = f"constraint/{name}"
