@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--keep-inputs", action="store_true", help="keep the first linear layer's zero input columns (no SelectInputs)"
     )
+    comp.add_argument(
+        "--fold-batchnorm",
+        action="store_true",
+        help="an inference network: fold each BatchNorm into the Conv2d / Linear it alone reads",
+    )
     cfgs = sub.add_parser("configs", help="list the shipped configs, or print one (csparse configs show NAME)")
     cfgs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     cfgs.add_argument("name", nargs="?", help="with show: the config's name")
@@ -135,7 +140,8 @@ def _configs(args: argparse.Namespace) -> int:
 def _compact(args: argparse.Namespace) -> int:
     from .runs import compact_run, format_compact_report
 
-    print(format_compact_report(compact_run(args.run_dir, args.out, select_inputs=not args.keep_inputs)))
+    report = compact_run(args.run_dir, args.out, select_inputs=not args.keep_inputs, fold_batchnorm=args.fold_batchnorm)
+    print(format_compact_report(report))
     return 0
 
 

@@ -2,11 +2,10 @@
 
 Masks that multiply by zero save nothing; :func:`compact` removes what the zeros make dead:
 
-1. Every attached sparsity method folds itself into plain layers
-   (:meth:`SparsityMethod.fold <constrained_sparsity.methods.SparsityMethod.fold>`: L0 gates at
-   their test-time values, the mergeable layers of layer sparsity merged); without methods
-   given, every parametrized layer is baked at its eval-mode weights
-   (:func:`~constrained_sparsity.graph.bake`).
+1. Every parametrized layer is baked at its eval-mode weights
+   (:func:`~constrained_sparsity.graph.bake`: L0 gates at their test-time values, masks), and
+   a :class:`~constrained_sparsity.methods.Foldable` method folds what it keeps beside them
+   (the mergeable layers of layer sparsity merged, unit gates into BatchNorm).
 2. In a chain of ``Linear`` / ``Conv2d`` layers separated by ReLU, max-pooling, flattening or
    dropout, a hidden unit (a linear output neuron, a conv output channel) is *dead* when
    nothing it computes is used -- every weight that reads it is 0 -- or when it computes a
@@ -34,6 +33,10 @@ Masks that multiply by zero save nothing; :func:`compact` removes what the zeros
 
 Per-weight (unstructured) zeros do not shrink a dense layer and dense kernels run no faster
 on them; the report says so.
+
+A network compacted through its unit graph keeps its BatchNorms, as the deployable count
+does; ``fold_batchnorm`` (:func:`fold_batchnorm_`) folds each BatchNorm that alone reads a
+Conv2d / Linear into that layer, for inference.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ __all__ = [
     "describe",
     "fast_pooling",
     "fold",
+    "fold_batchnorm_",
     "size_summary",
 ]
 
@@ -81,6 +85,7 @@ class CompactModel:
     removed: dict[str, int] = field(default_factory=dict)  # layer or unit group -> units removed
     sparse_weights: list[str] = field(default_factory=list)  # layers with per-weight zeros left
     rebuild: dict[str, Any] | None = None
+    folded_batchnorm: dict[str, str] = field(default_factory=dict)  # BatchNorm -> the layer it was folded into
 
 
 # -- counting ----------------------------------------------------------------------------------
@@ -168,6 +173,7 @@ def compact(
     input_shape: Sequence[int],
     select_inputs: bool = False,
     methods: Sequence[SparsityMethod] | None = None,
+    fold_batchnorm: bool = False,
 ) -> CompactModel:
     """The smaller dense network equivalent to ``model`` at test time (see the module doc).
 
@@ -181,7 +187,19 @@ def compact(
             784-300-100 -> 198-233-100 counts the selected inputs).
         methods: the methods attached to ``model``, folded in this order first (e.g. the
             layer-sparsity method merges the mergeable layers); see :func:`fold`.
+        fold_batchnorm: fold every BatchNorm that alone reads a Conv2d / Linear into that
+            layer (:func:`fold_batchnorm_`): an inference network, with fewer parameters than
+            the deployable count, which keeps the BatchNorms.
     """
+    compacted = _compact(model, input_shape, select_inputs, methods)
+    if fold_batchnorm:
+        compacted.folded_batchnorm = fold_batchnorm_(compacted.module)
+    return compacted
+
+
+def _compact(
+    model: nn.Module, input_shape: Sequence[int], select_inputs: bool, methods: Sequence[SparsityMethod] | None
+) -> CompactModel:
     folded = fold(model, methods)
     unit_methods = [m for m in methods or () if isinstance(m, UnitPruner)]
     if unit_methods:  # any traced network: closed units removed through its dependency graph
@@ -210,6 +228,58 @@ def compact(
         items = _select_inputs(items)
     module = fast_pooling(nn.Sequential(OrderedDict(items))).eval()
     return CompactModel(module, removed, _sparse_layers(module))
+
+
+@torch.no_grad()
+def fold_batchnorm_(module: nn.Module) -> dict[str, str]:
+    """Fold, in place, every BatchNorm that alone reads a ``Conv2d`` (``BatchNorm2d``) or a
+    ``Linear`` (``BatchNorm1d``) into that layer, at its running statistics, and put an
+    ``nn.Identity`` in its place: the same outputs in eval mode, one layer fewer to run.
+
+    A pair is folded only where the layer's output goes to the BatchNorm alone and each module
+    is called once (found in the ``torch.fx`` graph of ``module``). Returns ``{BatchNorm:
+    layer}`` for the folded pairs. Raises ``TypeError`` (one line) for a network ``torch.fx``
+    cannot trace.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception as exc:  # noqa: BLE001 - whatever tracing raises, the message is the reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TypeError(f"folding BatchNorm needs a network torch.fx can trace ({reason})") from None
+    modules = dict(module.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs: dict[str, str] = {}
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if (
+            not isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            or bn.running_mean is None
+            or "." not in f".{node.target}"
+        ):
+            continue
+        source = node.args[0] if node.args else None
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        layer = modules[source.target]
+        fits = (isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or (
+            isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
+        )
+        if fits and calls[node.target] == 1 and calls[source.target] == 1:
+            pairs[node.target] = source.target
+    for bn_name, layer_name in pairs.items():
+        bn, layer = modules[bn_name], modules[layer_name]
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        fuse = fuse_conv_bn_weights if isinstance(layer, nn.Conv2d) else fuse_linear_bn_weights
+        layer.weight, layer.bias = fuse(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta)
+        parent, _, child = bn_name.rpartition(".")
+        setattr(module.get_submodule(parent), child, nn.Identity())
+    return pairs
 
 
 def _sparse_layers(module: nn.Module) -> list[str]:

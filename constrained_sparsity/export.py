@@ -10,8 +10,10 @@ A network that is not a chain (compacted through its unit graph, ``l0_units``) i
 ``{"format": "units", "rebuild", "widths", "input_shape", "meta", "state_dict"}``: ``rebuild``
 names its model (a ``model.name`` of the project, or the user's ``module:Class`` with its
 ``kwargs``, imported from the Python path as a config's would be), ``widths`` the sizes of
-every Conv2d / Linear / BatchNorm; loading builds that model, gives its layers the saved
-sizes and loads the weights -- no code is pickled.
+every Conv2d / Linear / BatchNorm, ``folded_batchnorm`` the BatchNorms folded into the layer
+before them (``{BatchNorm: layer}``: an ``nn.Identity`` in their place, the layer given a
+bias); loading builds that model, gives its layers the saved sizes and loads the weights --
+no code is pickled.
 """
 
 from __future__ import annotations
@@ -300,6 +302,7 @@ def _save_units(
         "format": "units",
         "rebuild": compacted.rebuild,
         "widths": _widths(module),
+        "folded_batchnorm": dict(compacted.folded_batchnorm),
         "input_shape": list(input_shape),
         "sparse": stored_sparse,
         "meta": meta or {},
@@ -345,6 +348,22 @@ def _resize_(module: nn.Module, widths: dict[str, dict[str, int]]) -> None:
             raise ValueError(f"layer {name} ({type(m).__name__}) is not a layer units resize")
 
 
+def _unfold_batchnorm_(module: nn.Module, folded: Any) -> None:
+    """Give a rebuilt model the shape of one whose BatchNorms were folded (``{BatchNorm: layer}``):
+    an ``nn.Identity`` in each BatchNorm's place, a bias on the layer it was folded into."""
+    if not (isinstance(folded, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in folded.items())):
+        raise ValueError("its folded_batchnorm entry should map BatchNorm names to layer names")
+    layers = dict(module.named_modules())
+    for bn_name, layer_name in folded.items():
+        bn, layer = layers.get(bn_name), layers.get(layer_name)
+        if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(layer, (nn.Conv2d, nn.Linear))):
+            raise ValueError(f"folded BatchNorm {bn_name!r} into {layer_name!r}: not a BatchNorm and a layer there")
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.empty(layer.weight.shape[0]))
+        parent, _, child = bn_name.rpartition(".")
+        setattr(module.get_submodule(parent), child, nn.Identity())
+
+
 def load_units(data: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The network a ``format: units`` description and its ``state_dict`` give (``ValueError`` if they do not fit)."""
     spec = data.get("rebuild")
@@ -362,6 +381,7 @@ def load_units(data: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     else:
         raise ValueError(f"model {name!r} is not one it can build")
     _resize_(module, data["widths"])
+    _unfold_batchnorm_(module, data.get("folded_batchnorm", {}))
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sparse = {s.get("key"): s.get("shape") for s in data.get("sparse", []) if isinstance(s, dict)}
     state = {}

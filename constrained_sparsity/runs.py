@@ -116,7 +116,9 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module, Dataset]:
     return trained.cfg, trained.model, trained.dataset
 
 
-def compact_trained(trained: TrainedRun, model: nn.Module | None = None, select_inputs: bool = True) -> CompactModel:
+def compact_trained(
+    trained: TrainedRun, model: nn.Module | None = None, select_inputs: bool = True, fold_batchnorm: bool = False
+) -> CompactModel:
     """:func:`~constrained_sparsity.compact.compact` of a run's network (or ``model``) with the run's
     methods; a network that is not a chain, or a model class of the user's, carries how to build
     its model again (``rebuild``)."""
@@ -125,6 +127,7 @@ def compact_trained(trained: TrainedRun, model: nn.Module | None = None, select_
         tuple(trained.dataset.input_shape),
         select_inputs=select_inputs,
         methods=trained.methods,
+        fold_batchnorm=fold_batchnorm,
     )
     if not isinstance(compacted.module, nn.Sequential) or ":" in trained.cfg.model.name:
         m = trained.cfg.model
@@ -137,10 +140,13 @@ def compact_trained(trained: TrainedRun, model: nn.Module | None = None, select_
     return compacted
 
 
-def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_inputs: bool = True) -> dict[str, Any]:
+def compact_run(
+    run_dir: str | Path, out_dir: str | Path | None = None, select_inputs: bool = True, fold_batchnorm: bool = False
+) -> dict[str, Any]:
     """Compact the network of a run directory into ``out_dir`` (default ``RUN_DIR/compact``).
 
-    The network is the run's returned one, or the one its last phase after training saved.
+    The network is the run's returned one, or the one its last phase after training saved;
+    ``fold_batchnorm``: an inference network, its BatchNorms folded into the layers before them.
     """
     run_dir = Path(run_dir)
     trained = load_run(run_dir)
@@ -152,7 +158,7 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
         phase, file = phase_models[-1]
         model, _ = load_compact(file)
         source = f"{file.name} (after the {phase} phase)"
-    compacted = compact_trained(trained, model, select_inputs)
+    compacted = compact_trained(trained, model, select_inputs, fold_batchnorm)
     folded = bake(model)
     diff = max_output_difference(model.eval(), compacted.module, dataset.test_x[:512])
     meta = {"run_dir": str(run_dir), "dataset": cfg.data.name, "root": cfg.data.root}
@@ -173,6 +179,7 @@ def compact_run(run_dir: str | Path, out_dir: str | Path | None = None, select_i
         "test_error_compact": error_rate(compacted.module, dataset.test_x, dataset.test_y, bs),
         "max_abs_diff": diff,
         "removed_units": compacted.removed,
+        "folded_batchnorm": compacted.folded_batchnorm,
         "unstructured_layers": compacted.sparse_weights,
     }
     (Path(paths["model"]).parent / "report.json").write_text(json.dumps(report, indent=2))
@@ -191,6 +198,8 @@ def format_compact_report(r: dict[str, Any]) -> str:
         f"test error: gated {100 * r['test_error_gated']:.2f} %, compact {100 * r['test_error_compact']:.2f} % "
         f"(max |output difference| {r['max_abs_diff']:.2e})",
     ]
+    if r.get("folded_batchnorm"):
+        lines.append(f"BatchNorm folded into the layer before it: {len(r['folded_batchnorm'])} (an inference network)")
     if r["unstructured_layers"]:
         lines.append(
             f"layers {r['unstructured_layers']} keep per-weight zeros: stored as CSR where smaller, but dense "

@@ -212,6 +212,86 @@ def test_compaction_keeps_the_outputs_and_counts_what_the_measure_reported(which
             torch.testing.assert_close(program(x.cpu()), gated.cpu(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["resnet20", "user"])
+def test_folding_batchnorm_keeps_the_outputs_and_leaves_no_batchnorm(which, tmp_path):
+    """``compact(fold_batchnorm=True)``: an inference network, each BatchNorm folded into the conv
+    it alone reads; the gated network's outputs, the parameters of the unfolded compact network
+    less the BatchNorms' plus the biases the convs gain; saved and loaded back, and exported."""
+    shape = (1, 16, 16)
+    model = ResNet.cifar(20, 1, 10) if which == "resnet20" else TwoBlocks(c=8, classes=10)
+    _randomise(model)
+    x = torch.randn(6, *shape)
+    gates = attach_l0_units(model, x)
+    _close_at_random(gates)
+    model.eval()
+    with torch.no_grad():
+        gated = model(x)
+    kept = cs.compact(model, shape, methods=[gates]).module
+    small = cs.compact(model, shape, methods=[gates], fold_batchnorm=True)
+    with torch.no_grad():
+        torch.testing.assert_close(small.module(x), gated, rtol=0, atol=1e-5)
+    bns = {n: m for n, m in kept.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(small.folded_batchnorm) == set(bns) and not any(
+        isinstance(m, nn.BatchNorm2d) for m in small.module.modules()
+    )
+    layers = dict(kept.named_modules())
+    gained = sum(layers[c].out_channels for c in small.folded_batchnorm.values() if layers[c].bias is None)
+    assert count_params(small.module) == count_params(kept) - sum(2 * m.num_features for m in bns.values()) + gained
+    small.rebuild = {
+        "name": "resnet20" if which == "resnet20" else f"{__name__}:TwoBlocks",
+        "kwargs": {} if which == "resnet20" else {"c": 8},
+        "input_shape": list(shape),
+        "num_classes": 10,
+    }
+    paths = save_compact(small, tmp_path, shape)
+    loaded, info = load_compact(paths["model"])
+    program = torch.export.load(paths["program"]).module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gated, rtol=0, atol=1e-5)
+        torch.testing.assert_close(program(x), gated, rtol=0, atol=1e-5)
+    assert info["folded_batchnorm"] == small.folded_batchnorm and count_params(loaded) == count_params(small.module)
+
+
+class SharedOutput(nn.Module):
+    """A conv whose output goes to its BatchNorm and to the add: folding would change the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.conv2(self.bn(y) + y))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.bn(self.conv(x))
+        return self.conv(x)
+
+
+def test_folding_batchnorm_folds_only_a_layer_it_alone_reads_and_refuses_an_untraceable_network():
+    from constrained_sparsity.compact import fold_batchnorm_
+
+    model = _randomise(SharedOutput()).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batchnorm_(model) == {"bn2": "conv2"}
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn2, nn.Identity)
+    with pytest.raises(TypeError, match=r"^folding BatchNorm needs a network torch.fx can trace \(.+\)$"):
+        fold_batchnorm_(Untraceable())
+
+
 class WithLayerNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -299,6 +379,19 @@ def test_csparse_trains_a_resnet_to_a_deployable_budget_and_compacts_it(tmp_path
     assert info["rebuild"]["name"] == "resnet20" and count_params(loaded) == compaction["params_after"]
     digits = cs.load_dataset("digits")
     assert cs.error_rate(loaded, digits.test_x, digits.test_y) == pytest.approx(result.test_error)
+    # the inference network: every BatchNorm folded into its conv, the same test error
+    proc = subprocess.run(
+        [sys.executable, "-m", "constrained_sparsity", "compact", str(run_dir), "--fold-batchnorm"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "BatchNorm folded into the layer before it: 21 (an inference network)" in proc.stdout
+    folded, info = load_compact(run_dir / "compact" / "model.pt")
+    assert len(info["folded_batchnorm"]) == 21 and count_params(folded) < compaction["params_after"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert cs.error_rate(folded, digits.test_x, digits.test_y) == pytest.approx(result.test_error, abs=1 / 360)
 
 
 def test_on_a_chain_the_units_are_its_hidden_neurons_and_the_gates_leave_its_forward_alone():
