@@ -163,6 +163,40 @@ def load_result(run_dir: str | Path):  # type: ignore[no-untyped-def]
     )
 
 
+class KeptRuns:
+    """A store of finished runs for a :class:`constrained_sparsity.jobs.Runner` (``store=``): each
+    run trained under ``out`` is copied whole into ``keep`` (the same relative path), and a kept
+    run of the same config (:func:`existing_run`) is copied back instead of trained again -- so
+    a ``csparse compare`` that starts its directory over keeps its runs across invocations."""
+
+    def __init__(self, out: Path, keep: Path, reuse: bool, tag: str = "bench") -> None:
+        self.out, self.keep, self.reuse, self.tag = Path(out), Path(keep), reuse, tag
+
+    def _kept(self, run_dir: Path) -> Path:
+        return self.keep / Path(run_dir).resolve().relative_to(self.out.resolve())
+
+    def get(self, cfg, run_dir: Path):  # type: ignore[no-untyped-def]
+        import shutil
+
+        kept = self._kept(run_dir)
+        if not (self.reuse and existing_run(kept, cfg, self.tag) == "complete"):
+            return None
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(kept, run_dir)
+        return load_result(run_dir)
+
+    def put(self, cfg, run_dir: Path, result):  # type: ignore[no-untyped-def]
+        import shutil
+
+        kept = self._kept(run_dir)
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(run_dir, kept)
+        return result
+
+    def fail(self, cfg, run_dir: Path, message: str) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+
 def train_or_reuse(cfg, run_dir: Path, reuse: bool, tag: str = "bench"):  # type: ignore[no-untyped-def]
     """Train ``cfg`` into ``run_dir``; with ``reuse``, keep a complete run of the same config
     there, or resume a stopped one. Returns ``(RunResult, "kept" | "resumed" | "trained")``."""
@@ -174,6 +208,56 @@ def train_or_reuse(cfg, run_dir: Path, reuse: bool, tag: str = "bench"):  # type
     if how == "resumable":
         return cs.run(resume=run_dir), "resumed"
     return cs.run(cfg, run_dir=run_dir, overwrite=True), "trained"
+
+
+def config_of(path: Path, overrides: list[str], dense: bool = False):  # type: ignore[no-untyped-def]
+    """The config at ``path`` with ``overrides``; ``dense``: without its sparsity section."""
+    from constrained_sparsity.config import apply_overrides, config_from_dict, read_config_dict
+
+    data = read_config_dict(path)
+    if dense:
+        data["sparsity"] = {"method": "none"}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def budget_row(name: str, result, budget: float | None) -> dict:  # type: ignore[no-untyped-def]
+    """A run at a deployable budget: test error, the exact measure times the dense count, the
+    compact network's parameters and FLOPs, the first epoch within the budget, feasible."""
+    run_dir = Path(result.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    compaction = summary.get("compaction") or {}
+    main = [row for row in result.history if "train/loss" in row]
+    return {
+        "run": name,
+        "budget": budget,
+        "test_error": result.test_error,
+        "density": result.density.get("model"),
+        "measure_params": None if budget is None else result.density.get("model", 1.0) * compaction["params_before"],
+        "params": compaction.get("params_after"),
+        "flops": compaction.get("flops_after"),
+        "first_feasible_epoch": first_feasible(main),
+        "feasible": result.feasible,
+        "run_dir": str(run_dir),
+    }
+
+
+def budget_table(rows: list[dict]) -> list[str]:
+    """The Markdown table of :func:`budget_row` rows (and the dense row)."""
+    lines = [
+        "| run | test error | exact measure × dense params | compact params | compact FLOPs | first epoch ≤ ε "
+        "| feasible |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        measure = "-" if r.get("measure_params") is None else f"{r['measure_params']:,.0f}"
+        params = "-" if r.get("params") is None else f"{r['params']:,}"
+        flops = "-" if r.get("flops") is None else f"{r['flops']:,}"
+        feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
+        lines.append(
+            f"| {r['run']} | {100 * r['test_error']:.2f} % | {measure} | {params} | {flops} | "
+            f"{r.get('first_feasible_epoch') or '-'} | {feasible} |"
+        )
+    return lines
 
 
 def markdown_header(report: dict, details: str = "") -> list[str]:

@@ -17,7 +17,7 @@ parameters and FLOPs (goal: equal); the first epoch within the budget; feasible 
 Seconds per epoch of the gated run against dense, timed interleaved on the same batches
 (``_report.interleaved_timing``, goal ≤ 1.15×); latency (batch 256, eval, median) of the compact
 network against the dense one, next to their FLOP ratio (goal: latency ratio ≤ 1.2 × FLOP
-ratio).
+ratio), as trained and with BatchNorm folded into the convs (the inference networks).
 
     python benchmarks/bench_resnet_fashion.py --threads 2 --epochs 10 --reuse
     python benchmarks/bench_resnet_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import _report
 import torch
 
 import constrained_sparsity as cs
-from constrained_sparsity.compact import count_flops, count_params
+from constrained_sparsity.compact import count_flops, count_params, fold_batchnorm_
 from constrained_sparsity.compare import compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,36 +46,11 @@ CONSTRAINED = ROOT / "configs" / "fashion_resnet20_l0_units_constrained.yaml"
 
 
 def _config(overrides: list[str], dense: bool = False) -> cs.Config:
-    """The constrained config with ``overrides``; ``dense``: without its sparsity section."""
-    from constrained_sparsity.config import apply_overrides, config_from_dict, read_config_dict
-
-    data = read_config_dict(CONSTRAINED)
-    if dense:
-        data["sparsity"] = {"method": "none"}
-    return config_from_dict(apply_overrides(data, overrides))
+    return _report.config_of(CONSTRAINED, overrides, dense)
 
 
 def _say(msg: str) -> None:
     print(f"[resnet] {msg}", file=sys.stderr, flush=True)
-
-
-def _row(name: str, result: cs.RunResult, budget: float | None) -> dict:
-    run_dir = Path(result.run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    compaction = summary.get("compaction") or {}
-    main = [row for row in result.history if "train/loss" in row]
-    return {
-        "run": name,
-        "budget": budget,
-        "test_error": result.test_error,
-        "density": result.density.get("model"),
-        "measure_params": None if budget is None else result.density.get("model", 1.0) * compaction["params_before"],
-        "params": compaction.get("params_after"),
-        "flops": compaction.get("flops_after"),
-        "first_feasible_epoch": _report.first_feasible(main),
-        "feasible": result.feasible,
-        "run_dir": str(run_dir),
-    }
 
 
 def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: int) -> dict:
@@ -162,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"constrained {budget:g}: {how}, test error {100 * result.test_error:.2f} %")
         constrained[budget] = result
     for budget, result in constrained.items():
-        rows.append(_row(f"l0_units constrained, ε = {budget:g}", result, budget))
+        rows.append(_report.budget_row(f"l0_units constrained, ε = {budget:g}", result, budget))
     pen_result = _report.load_result(penalised["run_dir"])
     rows.append(
         {
-            **_row(f"l0_units penalised, λ = {penalised['lambda']:.4g} (bisected to ε = {first:g})", pen_result, first),
+            **_report.budget_row(
+                f"l0_units penalised, λ = {penalised['lambda']:.4g} (bisected to ε = {first:g})", pen_result, first
+            ),
             "lambda": penalised["lambda"],
             "search_runs": penalised["runs_used"],
             "search_s": penalised["wall_time_s"],
@@ -181,25 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     _, _, shape, dense_net, _ = _report.dense_and_compact(dense.run_dir)
     _, _, _, _, small = _report.dense_and_compact(constrained[first].run_dir)
     latency = {"dense": _report.latency_ms(dense_net, shape), "compact": _report.latency_ms(small, shape)}
+    for name, net in (("dense", dense_net), ("compact", small)):  # the inference networks: BatchNorm folded
+        folded = copy.deepcopy(net)
+        fold_batchnorm_(folded)
+        latency[f"{name}_folded"] = _report.latency_ms(folded, shape)
     flop_ratio = count_flops(small, shape) / count_flops(dense_net, shape)
     report.update(rows=rows, timing_s_per_epoch=timing, latency_ms=latency, flop_ratio=flop_ratio)
     lines = [
         f"ResNet-20, {args.data}, {args.epochs} epochs per run:",
         "",
         *_report.markdown_header(report),
-        "| run | test error | exact measure × dense params | compact params | compact FLOPs | first epoch ≤ ε "
-        "| feasible |",
-        "|---|---|---|---|---|---|---|",
+        *_report.budget_table(rows),
     ]
-    for r in rows:
-        measure = "-" if r.get("measure_params") is None else f"{r['measure_params']:,.0f}"
-        params = "-" if r.get("params") is None else f"{r['params']:,}"
-        flops = "-" if r.get("flops") is None else f"{r['flops']:,}"
-        feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
-        lines.append(
-            f"| {r['run']} | {100 * r['test_error']:.2f} % | {measure} | {params} | {flops} | "
-            f"{r.get('first_feasible_epoch') or '-'} | {feasible} |"
-        )
     gated = timing["gated/end"] / timing["dense/end"]
     lines += [
         "",
@@ -208,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Latency, batch 256: dense {latency['dense']:.1f} ms, compact (ε = {first:g}) {latency['compact']:.1f} ms "
         f"(ratio {latency['compact'] / latency['dense']:.2f}; FLOP ratio {flop_ratio:.2f}; goal: latency ratio ≤ "
         f"{1.2 * flop_ratio:.2f}).",
+        f"BatchNorm folded into the convs (`csparse compact --fold-batchnorm`), both networks: dense "
+        f"{latency['dense_folded']:.1f} ms, compact {latency['compact_folded']:.1f} ms (ratio "
+        f"{latency['compact_folded'] / latency['dense_folded']:.2f}).",
     ]
     out.mkdir(parents=True, exist_ok=True)
     _report.write(out, "resnet_fashion", report, lines)
