@@ -5,7 +5,7 @@
     python benchmarks/probe_latency.py lenet-widths [--widths C1-C2-F1 ...] # synthetic LeNet-5 widths
     python benchmarks/probe_latency.py runtimes RUN_DIR [--compile]   # eager, in-place ReLU, TorchScript
     python benchmarks/probe_latency.py conv1 [--threads 2]            # implementations of LeNet's conv1
-    python benchmarks/probe_latency.py ops RUN_DIR [--threads 2]      # PyTorch operators, dense vs compact
+    python benchmarks/probe_latency.py ops RUN_DIR [--threads 2] [--fold-batchnorm]  # operators, dense vs compact
     python benchmarks/probe_latency.py conv-widths [--threads 2]      # conv time against channel counts
 
 All at batch 256, eval mode, no autograd; medians. ``layers`` times each child of the dense
@@ -24,8 +24,10 @@ convolutions) and all others (input selection, the bias copy of ``addmm``, ReLU,
 memory passes whose size follows the layer widths, not the FLOPs). From that split it
 prints a bound: the ratio compact / dense if the compact network's FLOP operators ran
 exactly at the dense network's FLOP rate and its other operators took what they took.
-``conv-widths`` times LeNet's conv2 (12 x 12 input, 5 x 5 kernel, batch 256) for a range of
-input and output channel counts, next to their FLOPs relative to 20 -> 50 channels.
+With ``--fold-batchnorm`` both networks are first made inference networks (each BatchNorm
+folded into the conv before it, ``compact(fold_batchnorm=True)``'s rule). ``conv-widths`` times
+LeNet's conv2 (12 x 12 input, 5 x 5 kernel, batch 256) for a range of input and output channel
+counts, next to their FLOPs relative to 20 -> 50 channels.
 """
 
 from __future__ import annotations
@@ -255,13 +257,19 @@ def _block_conv_flops(net: nn.Module, shape: tuple[int, ...], block: int = 16) -
     return total
 
 
-def ops(run_dir: str, passes: int) -> None:
+def ops(run_dir: str, passes: int, fold_batchnorm: bool = False) -> None:
     _, _, shape, dense, small = _report.dense_and_compact(run_dir)
+    if fold_batchnorm:
+        from constrained_sparsity.compact import fold_batchnorm_
+
+        for net in (dense, small):
+            fold_batchnorm_(net)
     flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
     x = torch.rand(256, *shape)
     times = {"dense": _op_times(dense, x, passes), "compact": _op_times(small, x, passes)}
     names = sorted(set(times["dense"]) | set(times["compact"]), key=lambda k: -times["dense"].get(k, 0.0))
-    print(f"{run_dir}: batch 256, {torch.get_num_threads()} threads, FLOP ratio {flop_ratio:.3f}")
+    folded = ", BatchNorm folded" if fold_batchnorm else ""
+    print(f"{run_dir}: batch 256, {torch.get_num_threads()} threads{folded}, FLOP ratio {flop_ratio:.3f}")
     print(f"  {'operator (self time, ms per pass)':36s} {'dense':>8s} {'compact':>8s}")
     for name in names:
         d, c = times["dense"].get(name, 0.0), times["compact"].get(name, 0.0)
@@ -298,6 +306,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=25, help="passes per median (runtimes: passes in all)")
     parser.add_argument("--compile", action="store_true", help="runtimes: also torch.compile")
+    parser.add_argument("--fold-batchnorm", action="store_true", help="ops: fold each BatchNorm into its conv first")
     parser.add_argument(
         "--widths", nargs="+", metavar="C1-C2-F1", help="lenet-widths: these widths instead of the default set"
     )
@@ -312,7 +321,7 @@ def main() -> int:
     elif args.probe == "conv-widths":
         conv_widths(args.repeats)
     elif args.probe == "ops":
-        ops(args.run_dir, args.repeats)
+        ops(args.run_dir, args.repeats, args.fold_batchnorm)
     elif args.probe == "conv1":
         conv1(args.repeats)
     elif args.probe == "pool":

@@ -569,7 +569,7 @@ class Projectable(ABC):
     def project_(self, target: Target) -> dict[str, int]:
         """Close the units that contribute least -- by the method's own rule -- until ``target``
         holds exactly; return how many were closed per layer. Called by the finishing phase
-        after :meth:`SparsityMethod.freeze_`, only on a target that is over its budget."""
+        after :meth:`Freezable.freeze_`, only on a target that is over its budget."""
 
 
 class Freezable(ABC):
