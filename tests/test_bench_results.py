@@ -155,3 +155,22 @@ def test_the_claim_counts_the_penaltys_seeds_apart_from_the_constrained_rows(ben
     rows += [_row("focuss", "penalized (bisect)", e) for e in (0.11, 0.112, 0.114)]
     (check,) = bench.claim(bench.aggregate(rows))
     assert check["seeds"] == 1 and check["penalty_seeds"] == 3 and check["penalty_feasible"] == 3
+
+
+@pytest.mark.slow
+def test_a_method_can_run_at_fewer_budgets_than_its_setup(bench, tmp_path, monkeypatch):
+    """``budgets_of``: a method runs at the budgets named for it (LeNet-5: every method at 0.1,
+    L0 at 0.05 too), the plan counts those, and the page says who did not run at a budget."""
+    digits = {**bench.SETUPS["digits"], "budgets": [0.3, 0.5], "budgets_of": {"lwc": [0.3]}}
+    monkeypatch.setitem(bench.SETUPS, "digits", digits)
+    assert bench.budgets_of("digits", "l0") == [0.3, 0.5] and bench.budgets_of("digits", "lwc") == [0.3]
+    args = bench.argparse.Namespace(max_runs=2)
+    # dense; l0: two constrained runs and a joint search of 1-4 runs; lwc: one projected run
+    assert bench._planned_runs("digits", ["l0", "lwc"], args) == (1 + 2 * 2 + 1, 1 + 2 * 3 + 1)
+    assert bench.main(_page_args(tmp_path, "--max-runs", "1")) == 0
+    records = set(_records(tmp_path))
+    assert {"digits/seed0/lwc/projected-0.3", "digits/seed0/l0/constrained-0.5"} <= records
+    assert "digits/seed0/lwc/projected-0.5" not in records
+    page = (tmp_path / "results.md").read_text()
+    assert "Not run at this budget, to fit the setup's time: lwc." in page.split("### ε = 0.5")[1]
+    assert "Not run at this budget" not in page.split("### ε = 0.5")[0]
