@@ -481,8 +481,6 @@ class CGES(Proximal, Projectable, SparsityMethod):
         counts = close_fewest_(candidates, shut, lambda: float(self._measure(target.layers)) <= target.epsilon)
         return {layer.name: n for layer, n in zip(selected, counts) if n}
 
-    # -- reporting ---------------------------------------------------------------------------
-
 
 def attach_cges(
     model: nn.Module,

@@ -38,7 +38,6 @@ a dense deployed layer stores them.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +50,6 @@ from ..units import UnitError, UnitGraph, format_unit_rows, on_example, prune_cl
 from .base import (
     BudgetSpec,
     BuildContext,
-    Foldable,
     MethodReport,
     MethodSpec,
     Projectable,
@@ -155,15 +153,14 @@ class CGESUnitsReport(MethodReport):
         return format_unit_rows(table, measures)
 
 
-class CGESUnits(Proximal, Projectable, UnitPruner, Foldable, SparsityMethod):
+class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
     """CGES on dependency-graph units (see the module docstring). Built by :func:`attach_cges_units`;
     the weights are the model's own (nothing is registered on the model)."""
 
     name = "cges_units"
     reporter = CGESUnitsReport
-    spec = MethodSpec(
-        options=CGESUnitsOptions, lambda_range=(1e-6, 1e-1)
-    )  # as for cges: lambda multiplies weight norms
+    # as for cges: lambda multiplies weight norms
+    spec = MethodSpec(options=CGESUnitsOptions, lambda_range=(1e-6, 1e-1))
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: CGESUnitsOptions | None = None) -> None:
         o = options or CGESUnitsOptions()
@@ -311,12 +308,7 @@ class CGESUnits(Proximal, Projectable, UnitPruner, Foldable, SparsityMethod):
         per_group = torch.bincount(self._group_of[closed], minlength=len(self.graph.groups)).tolist()
         return {g.name: c for g, c in zip(self.graph.groups, per_group) if c}
 
-    # -- what the trainer logs and reports -----------------------------------------------------------
-    # -- compaction --------------------------------------------------------------------------------
-    def fold(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model``: the method keeps nothing beside the model's own weights."""
-        return copy.deepcopy(model)
-
+    # -- compaction (the model's own weights are all it keeps: nothing to fold) -------------------
     def closed_units(self) -> dict[str, list[int]]:
         """Group name -> the indices of its closed units (no weight reads them)."""
         open_ = self.open_units()

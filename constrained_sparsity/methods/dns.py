@@ -206,7 +206,7 @@ class DNS(Projectable, Freezable, SparsityMethod):
                 closed[name] = before - int(self._mask(m).sum())
         return closed
 
-    # -- reporting -----------------------------------------------------------------------------
+    # -- state outside the model ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "generator": self.generator.get_state()}
 

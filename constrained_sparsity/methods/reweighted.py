@@ -268,7 +268,7 @@ class _AST(Projectable, Freezable, SparsityMethod):
                 closed[name] = before - after
         return closed
 
-    # -- reporting -----------------------------------------------------------------------------
+    # -- state outside the model ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "iteration": self.iteration, "generator": self.generator.get_state()}
 
