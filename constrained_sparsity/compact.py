@@ -202,10 +202,11 @@ def _compact(
 ) -> CompactModel:
     folded = fold(model, methods)
     unit_methods = [m for m in methods or () if isinstance(m, UnitPruner)]
+    if len(unit_methods) > 1:  # each numbers the units of the network it was attached to
+        names = ", ".join(type(m).name for m in unit_methods)
+        raise ValueError(f"compaction removes the units of one unit method; this model has {names}")
     if unit_methods:  # any traced network: closed units removed through its dependency graph
-        removed: dict[str, int] = {}
-        for method in unit_methods:
-            removed.update(method.prune_units_(folded))
+        removed = unit_methods[0].prune_units_(folded)
         module = folded.eval()
         return CompactModel(module, removed, _sparse_layers(module))
     try:

@@ -408,3 +408,15 @@ def test_on_a_chain_the_units_are_its_hidden_neurons_and_the_gates_leave_its_for
     with torch.no_grad():
         torch.testing.assert_close(small.module(x), mlp(x), rtol=0, atol=1e-6)
     assert count_params(small.module) == units.count()
+
+
+def test_compaction_refuses_two_unit_methods_on_one_model():
+    """Each unit method numbers the units of the network it was attached to: pruning one after the
+    other would cut the wrong channels, so compaction takes one."""
+    model, x = TwoBlocks(c=4), torch.randn(2, 1, 8, 8)
+    groups = cs.attach_cges_units(model, x)  # first: it traces the network alone
+    gates = attach_l0_units(model, x)
+    with pytest.raises(
+        ValueError, match="^compaction removes the units of one unit method; this model has l0_units, cges_units$"
+    ):
+        cs.compact(model, (1, 8, 8), methods=[gates, groups])
