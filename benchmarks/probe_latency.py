@@ -7,6 +7,7 @@
     python benchmarks/probe_latency.py conv1 [--threads 2]            # implementations of LeNet's conv1
     python benchmarks/probe_latency.py ops RUN_DIR [--threads 2] [--fold-batchnorm]  # operators, dense vs compact
     python benchmarks/probe_latency.py conv-widths [--threads 2]      # conv time against channel counts
+    python benchmarks/probe_latency.py latency DENSE_RUN RUN_DIR      # dense run vs compact, BatchNorm kept / folded
 
 All at batch 256, eval mode, no autograd; medians. ``layers`` times each child of the dense
 network (gates folded in, ``fast_pooling``) and of the compact one, as ``bench_compact``
@@ -299,10 +300,42 @@ def ops(run_dir: str, passes: int, fold_batchnorm: bool = False) -> None:
         )
 
 
+def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None:
+    """The dense network of a dense run against the compact network of a sparse run, as
+    trained and as inference networks (BatchNorm folded into the convs), next to their FLOP
+    ratio: medians over ``rounds`` rounds that time the four networks in turn."""
+    from constrained_sparsity.compact import fold_batchnorm_
+
+    _, _, shape, dense, _ = _report.dense_and_compact(dense_run)
+    _, _, _, _, small = _report.dense_and_compact(run_dir)
+    nets = {"dense": dense, "compact": small}
+    for name, net in list(nets.items()):
+        folded = copy.deepcopy(net)
+        fold_batchnorm_(folded)
+        nets[f"{name}, BatchNorm folded"] = folded
+    x = torch.rand(256, *shape)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            times[name].append(_median_ms(lambda net=net: net(x), repeats))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
+    print(f"batch 256, {torch.get_num_threads()} threads, FLOP ratio compact / dense {flop_ratio:.3f}")
+    for name, value in ms.items():
+        print(f"  {name:28s} {value:8.1f} ms")
+    for suffix in ("", ", BatchNorm folded"):
+        ratio = ms[f"compact{suffix}"] / ms[f"dense{suffix}"]
+        how = suffix or " (BatchNorm kept)"
+        print(f"  latency ratio{how}: {ratio:.3f} = {ratio / flop_ratio:.2f} x the FLOP ratio")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["layers", "pool", "lenet-widths", "runtimes", "conv1", "ops", "conv-widths"])
+    parser.add_argument(
+        "probe", choices=["layers", "pool", "lenet-widths", "runtimes", "conv1", "ops", "conv-widths", "latency"]
+    )
     parser.add_argument("run_dir", nargs="?")
+    parser.add_argument("sparse_run", nargs="?", help="latency: the sparse run (run_dir is the dense one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=25, help="passes per median (runtimes: passes in all)")
     parser.add_argument("--compile", action="store_true", help="runtimes: also torch.compile")
@@ -314,7 +347,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.probe in ("layers", "runtimes", "ops") and not args.run_dir:
         parser.error(f"{args.probe} needs RUN_DIR")
-    if args.probe == "layers":
+    if args.probe == "latency":
+        if not (args.run_dir and args.sparse_run):
+            parser.error("latency needs DENSE_RUN and RUN_DIR")
+        latency(args.run_dir, args.sparse_run, args.repeats)
+    elif args.probe == "layers":
         layers(args.run_dir, args.repeats)
     elif args.probe == "runtimes":
         runtimes(args.run_dir, args.repeats, args.compile)
