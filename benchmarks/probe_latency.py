@@ -8,6 +8,7 @@
     python benchmarks/probe_latency.py ops RUN_DIR [--threads 2] [--fold-batchnorm]  # operators, dense vs compact
     python benchmarks/probe_latency.py conv-widths [--threads 2]      # conv time against channel counts
     python benchmarks/probe_latency.py latency DENSE_RUN RUN_DIR      # dense run vs compact, BatchNorm kept / folded
+    python benchmarks/probe_latency.py rounding DENSE_RUN             # channel counts rounded to blocks, or not
 
 All at batch 256, eval mode, no autograd; medians. ``layers`` times each child of the dense
 network (gates folded in, ``fast_pooling``) and of the compact one, as ``bench_compact``
@@ -329,10 +330,48 @@ def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None
         print(f"  latency ratio{how}: {ratio:.3f} = {ratio / flop_ratio:.2f} x the FLOP ratio")
 
 
+def rounding(dense_run: str, repeats: int, rounds: int = 5) -> None:
+    """A dense run's network pruned by Torch-Pruning (group magnitude, every group alike: half
+    its channels) with the kept channel counts as they fall, and rounded to multiples of 8 and of
+    16 (``round_to``): each network's latency and FLOP ratio against dense (BatchNorm folded)."""
+    import torch_pruning as tp
+
+    from constrained_sparsity.compact import count_params, fold_batchnorm_
+
+    _, _, shape, dense, _ = _report.dense_and_compact(dense_run)
+    example = torch.zeros(1, *shape)
+    nets = {"dense": dense}
+    for block in (None, 8, 16):
+        net = copy.deepcopy(dense)
+        tp.pruner.MagnitudePruner(
+            net, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+            ignored_layers=[m for m in net.modules() if isinstance(m, nn.Linear)], round_to=block,
+        ).step()  # fmt: skip
+        nets[f"half the channels, round_to={block}"] = net
+    for net in nets.values():
+        fold_batchnorm_(net.eval())
+    x = torch.rand(256, *shape)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            times[name].append(_median_ms(lambda net=net: net(x), repeats))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    flops = {k: count_flops(net, shape) for k, net in nets.items()}
+    print(f"batch 256, {torch.get_num_threads()} threads, BatchNorm folded")
+    for name, net in nets.items():
+        flop_ratio, ratio = flops[name] / flops["dense"], ms[name] / ms["dense"]
+        widths = sorted({m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)})
+        print(
+            f"  {name:34s} {ms[name]:7.1f} ms  params {count_params(net):7d}  FLOP ratio {flop_ratio:.3f}  "
+            f"latency ratio {ratio:.3f} = {ratio / flop_ratio:.2f} x  conv widths {widths}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "probe", choices=["layers", "pool", "lenet-widths", "runtimes", "conv1", "ops", "conv-widths", "latency"]
+        "probe",
+        choices=["layers", "pool", "lenet-widths", "runtimes", "conv1", "ops", "conv-widths", "latency", "rounding"],
     )
     parser.add_argument("run_dir", nargs="?")
     parser.add_argument("sparse_run", nargs="?", help="latency: the sparse run (run_dir is the dense one)")
@@ -347,7 +386,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.probe in ("layers", "runtimes", "ops") and not args.run_dir:
         parser.error(f"{args.probe} needs RUN_DIR")
-    if args.probe == "latency":
+    if args.probe == "rounding":
+        if not args.run_dir:
+            parser.error("rounding needs DENSE_RUN")
+        rounding(args.run_dir, args.repeats)
+    elif args.probe == "latency":
         if not (args.run_dir and args.sparse_run):
             parser.error("latency needs DENSE_RUN and RUN_DIR")
         latency(args.run_dir, args.sparse_run, args.repeats)
