@@ -301,6 +301,17 @@ def ops(run_dir: str, passes: int, fold_batchnorm: bool = False) -> None:
         )
 
 
+def _interleaved_ms(nets: dict[str, nn.Module], shape: tuple[int, ...], repeats: int, rounds: int) -> dict[str, float]:
+    """Each network's latency on a batch of 256: the median over ``rounds`` rounds, each timing
+    every network in turn (the median of ``repeats`` passes)."""
+    x = torch.rand(256, *shape)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            times[name].append(_median_ms(lambda net=net: net(x), repeats))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None:
     """The dense network of a dense run against the compact network of a sparse run, as
     trained and as inference networks (BatchNorm folded into the convs), next to their FLOP
@@ -314,12 +325,7 @@ def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None
         folded = copy.deepcopy(net)
         fold_batchnorm_(folded)
         nets[f"{name}, BatchNorm folded"] = folded
-    x = torch.rand(256, *shape)
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for _ in range(rounds):
-        for name, net in nets.items():
-            times[name].append(_median_ms(lambda net=net: net(x), repeats))
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    ms = _interleaved_ms(nets, shape, repeats, rounds)
     flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
     print(f"batch 256, {torch.get_num_threads()} threads, FLOP ratio compact / dense {flop_ratio:.3f}")
     for name, value in ms.items():
@@ -350,12 +356,7 @@ def rounding(dense_run: str, repeats: int, rounds: int = 5) -> None:
         nets[f"half the channels, round_to={block}"] = net
     for net in nets.values():
         fold_batchnorm_(net.eval())
-    x = torch.rand(256, *shape)
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for _ in range(rounds):
-        for name, net in nets.items():
-            times[name].append(_median_ms(lambda net=net: net(x), repeats))
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    ms = _interleaved_ms(nets, shape, repeats, rounds)
     flops = {k: count_flops(net, shape) for k, net in nets.items()}
     print(f"batch 256, {torch.get_num_threads()} threads, BatchNorm folded")
     for name, net in nets.items():
