@@ -371,8 +371,11 @@ class WeightsReport(MethodReport):
 
     @torch.no_grad()
     def rows(self) -> list[dict[str, Any]]:
+        return self._rows(self.weights())
+
+    def _rows(self, weights: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         rows = []
-        for name, w in self.weights().items():
+        for name, w in weights.items():
             nonzero, n = int(self.nonzero(w).sum()), w.numel()
             rows.append(
                 {
@@ -387,7 +390,8 @@ class WeightsReport(MethodReport):
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        return weight_metrics(self.rows(), self.weights())
+        weights = self.weights()  # once: for DNS each is a weight times its mask
+        return weight_metrics(self._rows(weights), weights)
 
     def measure_key(self, target: Target) -> str | None:
         return "density/model" if target.layers is None else f"density/{target.layers[0]}"
