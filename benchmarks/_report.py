@@ -117,14 +117,15 @@ def first_feasible(history: list[dict]) -> int | None:
 
 def existing_run(run_dir: Path, cfg, tag: str = "bench") -> str | None:  # type: ignore[no-untyped-def]
     """What ``run_dir`` holds of a run trained from ``cfg``: ``"complete"`` (its summary says
-    so), ``"resumable"`` (stopped with a checkpoint) or ``None`` (nothing, or another config).
+    so), ``"resumable"`` (stopped with a checkpoint: killed, or interrupted) or ``None``
+    (nothing, a run that diverged, or another config).
 
     Its ``config.yaml`` must equal ``cfg`` but for the thread count (the scripts take their
     timings again, interleaved, at the end) and the output directory (a run moved elsewhere
     trains the same)."""
     import yaml
 
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+    config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
     saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
@@ -134,9 +135,16 @@ def existing_run(run_dir: Path, cfg, tag: str = "bench") -> str | None:  # type:
     if saved != wanted:
         print(f"[{tag}] {run_dir.name}: config changed, training again", file=sys.stderr, flush=True)
         return None
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
+    status = _status(run_dir)
+    if status == "complete":
         return "complete"
-    return "resumable" if (run_dir / "checkpoint.pt").is_file() else None
+    stopped = status in (None, "interrupted")  # "failed": it diverged, and would again
+    return "resumable" if stopped and (run_dir / "checkpoint.pt").is_file() else None
+
+
+def _status(run_dir: Path) -> str | None:
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("status") if summary.is_file() else None
 
 
 def load_result(run_dir: str | Path):  # type: ignore[no-untyped-def]
@@ -164,16 +172,43 @@ def load_result(run_dir: str | Path):  # type: ignore[no-untyped-def]
 
 
 class KeptRuns:
-    """A store of finished runs for a :class:`constrained_sparsity.jobs.Runner` (``store=``): each
-    run trained under ``out`` is copied whole into ``keep`` (the same relative path), and a kept
-    run of the same config (:func:`existing_run`) is copied back instead of trained again -- so
-    a ``csparse compare`` that starts its directory over keeps its runs across invocations."""
+    """A store of runs for a :class:`constrained_sparsity.jobs.Runner` (``store=``): each run
+    trained under ``out`` is copied whole into ``keep`` (the same relative path), and a kept run
+    of the same config (:func:`existing_run`) is copied back instead of trained again -- so a
+    ``csparse compare`` that starts its directory over keeps its runs across invocations.
+
+    With ``reuse``, a run that stopped under ``out`` (a checkpoint, no complete summary: the
+    script was killed) is moved into ``keep`` when the store is made, before anything starts
+    ``out`` over, and continued from its checkpoint when the same config (threads included) is
+    asked for again."""
 
     def __init__(self, out: Path, keep: Path, reuse: bool, tag: str = "bench") -> None:
         self.out, self.keep, self.reuse, self.tag = Path(out), Path(keep), reuse, tag
+        if reuse:
+            self._stash_stopped()
 
     def _kept(self, run_dir: Path) -> Path:
         return self.keep / Path(run_dir).resolve().relative_to(self.out.resolve())
+
+    def _stash_stopped(self) -> None:
+        import shutil
+
+        if not self.out.is_dir():
+            return
+        keep = self.keep.resolve()
+        for checkpoint in sorted(self.out.rglob("checkpoint.pt")):
+            run_dir = checkpoint.parent
+            if not (run_dir / "config.yaml").is_file() or run_dir.resolve().is_relative_to(keep):
+                continue  # not a run's directory, or kept already
+            if _status(run_dir) not in (None, "interrupted"):
+                continue
+            kept = self._kept(run_dir)
+            if _status(kept) == "complete":
+                continue  # a finished run of that name is worth more than a stopped one
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(run_dir), str(kept))
+            print(f"[{self.tag}] {run_dir.name}: stopped at its checkpoint, kept to continue", file=sys.stderr)
 
     def get(self, cfg, run_dir: Path):  # type: ignore[no-untyped-def]
         import shutil
@@ -184,6 +219,21 @@ class KeptRuns:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(kept, run_dir)
         return load_result(run_dir)
+
+    def resume(self, cfg, run_dir: Path) -> bool:  # type: ignore[no-untyped-def]
+        import shutil
+
+        import yaml
+
+        kept = self._kept(run_dir)
+        if not (self.reuse and existing_run(kept, cfg, self.tag) == "resumable"):
+            return False
+        saved = yaml.safe_load((kept / "config.yaml").read_text())
+        if saved.get("train", {}).get("threads") != cfg.train.threads:
+            return False  # its threads cannot change on resume: trained anew at these
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(kept, run_dir)
+        return True
 
     def put(self, cfg, run_dir: Path, result):  # type: ignore[no-untyped-def]
         import shutil
@@ -239,6 +289,52 @@ def budget_row(name: str, result, budget: float | None) -> dict:  # type: ignore
         "feasible": result.feasible,
         "run_dir": str(run_dir),
     }
+
+
+def budget_runs(runner, config: Callable, budgets: list[float], max_runs: int, out: Path, tag: str) -> dict:  # type: ignore[no-untyped-def]
+    """The runs of a benchmark at deployable budgets, played by ``runner``: the first budget as
+    ``csparse compare --bisect`` runs it (its constrained run, and the penalised twin's λ search
+    in ``OUT/<tag>-compare``), the dense run and the constrained runs at the later budgets (in
+    ``OUT/runs/<tag>-dense``, ``OUT/runs/<tag>-constrained-<ε>``). ``config(overrides, dense)``
+    makes a run's config.
+
+    Returns ``dense`` and ``penalised`` (``RunResult``), ``constrained`` (budget: ``RunResult``),
+    ``search`` (the search's row: ``lambda``, ``runs_used``, ``wall_time_s``) and ``rows`` (dense,
+    then :func:`budget_row` of each constrained run and of the penalised one)."""
+    from constrained_sparsity.compare import prepare_methods
+
+    first, later = budgets[0], budgets[1:]
+    prepared = prepare_methods(
+        [config([])], [first], bisect=True, max_runs=max_runs, out_dir=out / f"{tag}-compare", overwrite=True,
+        jobs=runner.jobs,
+    )  # fmt: skip
+    (plan,) = prepared.plans(runner)
+    searched = plan.tasks()
+    runs = out / "runs"
+    runner.progress.plan(1 + len(later))
+    tasks = [*searched, lambda: runner.train(config([], dense=True), runs / f"{tag}-dense")]
+    tasks += [
+        lambda b=b: runner.train(config([f"sparsity.targets={b}"]), runs / f"{tag}-constrained-{b:g}") for b in later
+    ]
+    made = runner.play(tasks)
+    found = plan.finish(made[: len(searched)])
+    dense, *others = made[len(searched) :]
+    (own,) = [r for r in found.rows if r["mode"] == "constrained"]
+    (search,) = [r for r in found.rows if r["mode"] == "penalized"]
+    constrained = {first: load_result(own["run_dir"]), **dict(zip(later, others))}
+    penalised = load_result(search["run_dir"])
+    rows = [{"run": "dense", "test_error": dense.test_error, "run_dir": str(dense.run_dir)}]
+    rows += [budget_row(f"l0_units constrained, ε = {b:g}", result, b) for b, result in constrained.items()]
+    name = f"l0_units penalised, λ = {search['lambda']:.4g} (bisected to ε = {first:g})"
+    rows.append(
+        {
+            **budget_row(name, penalised, first),
+            "lambda": search["lambda"],
+            "search_runs": search["runs_used"],
+            "search_s": search["wall_time_s"],
+        }
+    )
+    return {"dense": dense, "constrained": constrained, "penalised": penalised, "search": search, "rows": rows}
 
 
 def budget_table(rows: list[dict]) -> list[str]:

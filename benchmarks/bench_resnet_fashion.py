@@ -19,17 +19,21 @@ Seconds per epoch of the gated run against dense, timed interleaved on the same 
 network against the dense one, next to their FLOP ratio (goal: latency ratio ≤ 1.2 × FLOP
 ratio), as trained and with BatchNorm folded into the convs (the inference networks).
 
-    python benchmarks/bench_resnet_fashion.py --threads 2 --epochs 10 --reuse
+    python benchmarks/bench_resnet_fashion.py --jobs 2 --threads 1 --epochs 12 --reuse
     python benchmarks/bench_resnet_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
 
-Writes ``OUT/resnet_fashion.{json,md}``; runs live in ``OUT/runs/<run>`` (``--reuse`` keeps a
-complete one of the same config, resumes a stopped one).
+``--jobs 2`` trains the λ search beside the dense and the other budgets' runs. Writes
+``OUT/resnet_fashion.{json,md}``. Every finished run is kept whole in ``OUT/kept``: ``--reuse``
+copies back a kept run of the same config instead of training it, and continues a run that
+stopped (the script killed) from its last checkpoint; the baseline's fine-tuning is kept in
+``OUT/magnitude`` the same way. The script can so be stopped and started again at any time.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +43,7 @@ import torch
 
 import constrained_sparsity as cs
 from constrained_sparsity.compact import count_flops, count_params, fold_batchnorm_
-from constrained_sparsity.compare import compare
+from constrained_sparsity.jobs import Runner, default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINED = ROOT / "configs" / "fashion_resnet20_l0_units_constrained.yaml"
@@ -53,12 +57,21 @@ def _say(msg: str) -> None:
     print(f"[resnet] {msg}", file=sys.stderr, flush=True)
 
 
-def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: int) -> dict:
-    """The dense network pruned by group magnitude to at most ``params`` parameters, fine-tuned."""
+def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: int, out: Path, reuse: bool) -> dict:
+    """The dense network pruned by group magnitude to at most ``params`` parameters, fine-tuned.
+
+    Kept in ``out``: ``result.json`` once done, ``checkpoint.pt`` after every epoch (the pruned
+    network is rebuilt from the dense run, then its weights and Adam's state are loaded), both
+    under the key of what they were trained from; with ``reuse`` the same key is not trained again."""
     import torch_pruning as tp
 
     from constrained_sparsity.runs import load_trained
 
+    key = {"dense": str(Path(dense_dir).resolve()), "params": params, "epochs": epochs, "lr": cfg.optim.primal.lr}
+    done, ckpt_path = out / "result.json", out / "checkpoint.pt"
+    if reuse and done.is_file() and (saved := json.loads(done.read_text())).get("key") == key:
+        _say("magnitude baseline: kept")
+        return saved["row"]
     _, model, dataset = load_trained(dense_dir)
     shape = tuple(dataset.input_shape)
     example = torch.zeros(1, *shape)
@@ -78,29 +91,43 @@ def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: in
         lo, hi = (lo, mid) if count_params(pruned(mid)) <= params else (mid, hi)
     model = pruned(hi)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.primal.lr)
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
+    start, seconds = 0, 0.0
+    if reuse and ckpt_path.is_file() and (ckpt := torch.load(ckpt_path, weights_only=True))["key"] == key:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, seconds = ckpt["epoch"], ckpt["seconds"]
+        _say(f"magnitude baseline: continuing after epoch {start}")
+    out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
         model.train()
         gen = torch.Generator().manual_seed(epoch)
         for x, y in cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
+        seconds += time.perf_counter() - t0
+        state = {"key": key, "epoch": epoch + 1, "seconds": seconds}
+        torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
+        _say(f"magnitude baseline: epoch {epoch + 1}/{epochs} ({seconds:.0f} s)")
     model.eval()
-    return {
+    row = {
         "run": "magnitude (Torch-Pruning, group norm) + fine-tuning",
         "pruning_ratio": hi,
         "test_error": cs.error_rate(model, dataset.test_x, dataset.test_y),
         "params": count_params(model),
         "flops": count_flops(model, shape),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "latency_ms": _report.latency_ms(model, shape),
     }
+    done.write_text(json.dumps({"key": key, "row": row}, indent=2))
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="threads per training (default: cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (the λ search's stay in order)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--max-runs", type=int, default=5)
@@ -108,48 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
-    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "resnet"))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs of OUT/kept, continue stopped ones")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or not all(0 < b < 1 for b in args.budgets):
+        parser.error("--epochs, --max-runs and --jobs should be >= 1, --budgets in (0, 1)")
+    threads = args.threads or default_threads(args.jobs)
+    torch.set_num_threads(threads)
     out = Path(args.out)
-    runs = out / "runs"
-    common = [*_report.run_overrides(args.epochs, args.threads, root=args.root), f"data.name={args.data}"]
-    report = {**_report.header(args.threads), "epochs": args.epochs, "data": args.data, "rows": []}
-
-    dense_cfg = _config(common, dense=True)
-    dense, how = _report.train_or_reuse(dense_cfg, runs / "resnet-dense", args.reuse, "resnet")
-    _say(f"dense: {how}, test error {100 * dense.test_error:.2f} %")
-    rows = [{"run": "dense", "test_error": dense.test_error, "run_dir": str(dense.run_dir)}]
-    # the first budget: its constrained run and the penalised twin's λ search, as csparse compare runs them
+    common = [*_report.run_overrides(args.epochs, threads, root=args.root), f"data.name={args.data}"]
+    report = {**_report.header(threads), "epochs": args.epochs, "jobs": args.jobs, "data": args.data, "rows": []}
     first = args.budgets[0]
-    found = compare(
-        _config(common), [first], bisect=True, max_runs=args.max_runs, out_dir=out / "resnet-compare",
-        overwrite=True, progress=_say,
-    )  # fmt: skip
-    (own,) = [r for r in found.rows if r["mode"] == "constrained"]
-    (penalised,) = [r for r in found.rows if r["mode"] == "penalized"]
-    constrained = {first: _report.load_result(own["run_dir"])}
-    for budget in args.budgets[1:]:
-        cfg = _config([*common, f"sparsity.targets={budget}"])
-        result, how = _report.train_or_reuse(cfg, runs / f"resnet-constrained-{budget:g}", args.reuse, "resnet")
-        _say(f"constrained {budget:g}: {how}, test error {100 * result.test_error:.2f} %")
-        constrained[budget] = result
-    for budget, result in constrained.items():
-        rows.append(_report.budget_row(f"l0_units constrained, ε = {budget:g}", result, budget))
-    pen_result = _report.load_result(penalised["run_dir"])
-    rows.append(
-        {
-            **_report.budget_row(
-                f"l0_units penalised, λ = {penalised['lambda']:.4g} (bisected to ε = {first:g})", pen_result, first
-            ),
-            "lambda": penalised["lambda"],
-            "search_runs": penalised["runs_used"],
-            "search_s": penalised["wall_time_s"],
-        }
-    )
+    store = _report.KeptRuns(out, out / "kept", args.reuse, "resnet")
+    with Runner(args.jobs, threads, store=store, say=_say) as runner:
+        made = _report.budget_runs(
+            runner, lambda o, dense=False: _config([*common, *o], dense), args.budgets, args.max_runs, out, "resnet"
+        )
+    dense, constrained, search, rows = made["dense"], made["constrained"], made["search"], made["rows"]
     target_params = rows[1]["params"]
-    rows.append(_magnitude_baseline(Path(dense.run_dir), target_params, dense_cfg, args.epochs))
+    torch.set_num_threads(threads * args.jobs)  # the fine-tuning runs alone: every training's threads
+    dense_cfg = _config(common, dense=True)
+    rows.append(
+        _magnitude_baseline(dense.run_dir, target_params, dense_cfg, args.epochs, out / "magnitude", args.reuse)
+    )
+    torch.set_num_threads(threads)  # the timings at the trainings' threads
     # speed: the gated run against dense, interleaved on the same batches
     timing = _report.interleaved_timing(
         {"dense": {"run_dir": dense.run_dir}, "gated": {"run_dir": constrained[first].run_dir}}, args.rounds, args.steps
@@ -171,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     gated = timing["gated/end"] / timing["dense/end"]
     lines += [
+        "",
+        f"The penalised twin's λ search took {search['runs_used']} runs ({search['wall_time_s']:.0f} s in all).",
         "",
         f"Seconds per epoch (interleaved, end states): dense {timing['dense/end']:.2f}, gated "
         f"{timing['gated/end']:.2f} (**{gated:.2f}×**; goal ≤ 1.15×).",

@@ -188,6 +188,9 @@ class ResultsFolder:
             raise cs.TrainingDiverged(saved["failed"])
         return _load(record.parent)
 
+    def resume(self, cfg: cs.Config, run_dir: Path) -> bool:
+        return False  # the folder keeps no checkpoints: a stopped run starts anew
+
     def fail(self, cfg: cs.Config, run_dir: Path, message: str) -> None:
         """Record a run that diverged (its key, commit and message): ``--reuse`` does not train it again."""
         kept = self.record_dir(run_dir)

@@ -22,7 +22,8 @@ FLOP ratio.
 
 ``--jobs 2`` trains the λ search beside the dense and the other budgets' runs. Writes
 ``OUT/vit_fashion.{json,md}`` and the picture; every finished run is kept whole in
-``OUT/kept`` (``--reuse`` copies back a kept run of the same config instead of training it).
+``OUT/kept`` (``--reuse`` copies back a kept run of the same config instead of training it, and
+continues a run that stopped from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import torch
 
 import constrained_sparsity as cs
 from constrained_sparsity.compact import count_flops
-from constrained_sparsity.compare import prepare_methods
 from constrained_sparsity.jobs import Runner, default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,60 +96,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "vit"))
-    parser.add_argument("--reuse", action="store_true", help="keep the finished runs of OUT/kept")
+    parser.add_argument("--reuse", action="store_true", help="keep the runs of OUT/kept, continue stopped ones")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or not all(0 < b < 1 for b in args.budgets):
         parser.error("--epochs, --max-runs and --jobs should be >= 1, --budgets in (0, 1)")
     threads = args.threads or default_threads(args.jobs)
     torch.set_num_threads(threads)  # this process times the runs and the compact networks
     out = Path(args.out)
-    runs = out / "runs"
     common = [
         *_report.run_overrides(args.epochs, threads, root=args.root),
         f"data.name={args.data}",
         "tracking.group=vit-bench",  # one group across invocations: --reuse compares configs
     ]
     report = {**_report.header(threads), "epochs": args.epochs, "jobs": args.jobs, "data": args.data, "rows": []}
-    first, later = args.budgets[0], args.budgets[1:]
+    first = args.budgets[0]
     store = _report.KeptRuns(out, out / "kept", args.reuse, "vit")
     with Runner(args.jobs, threads, store=store, say=_say) as runner:
-        # the first budget as csparse compare runs it: its constrained run and the λ search
-        prepared = prepare_methods(
-            [_config(common)], [first], bisect=True, max_runs=args.max_runs, out_dir=out / "vit-compare",
-            overwrite=True, jobs=args.jobs,
-        )  # fmt: skip
-        (plan,) = prepared.plans(runner)
-        searched = plan.tasks()
-
-        def constrained_run(budget: float):  # type: ignore[no-untyped-def]
-            cfg = _config([*common, f"sparsity.targets={budget}"])
-            return runner.train(cfg, runs / f"vit-constrained-{budget:g}")
-
-        runner.progress.plan(1 + len(later))
-        tasks = [*searched, lambda: runner.train(_config(common, dense=True), runs / "vit-dense")]
-        tasks += [lambda b=b: constrained_run(b) for b in later]
-        made = runner.play(tasks)
-    found = plan.finish(made[: len(searched)])
-    dense, *others = made[len(searched) :]
-    (own,) = [r for r in found.rows if r["mode"] == "constrained"]
-    (penalised,) = [r for r in found.rows if r["mode"] == "penalized"]
-    constrained = {first: _report.load_result(own["run_dir"]), **dict(zip(later, others))}
-    rows = [{"run": "dense", "test_error": dense.test_error, "run_dir": str(dense.run_dir)}]
-    kept = {}
-    for budget, result in constrained.items():
-        rows.append(_report.budget_row(f"l0_units constrained, ε = {budget:g}", result, budget))
-        kept[f"constrained ε = {budget:g}"] = kept_units(result.run_dir)
-    pen_result = _report.load_result(penalised["run_dir"])
-    name = f"l0_units penalised, λ = {penalised['lambda']:.4g} (bisected to ε = {first:g})"
-    rows.append(
-        {
-            **_report.budget_row(name, pen_result, first),
-            "lambda": penalised["lambda"],
-            "search_runs": penalised["runs_used"],
-            "search_s": penalised["wall_time_s"],
-        }
-    )
-    kept[f"penalised λ = {penalised['lambda']:.3g}"] = kept_units(pen_result.run_dir)
+        made = _report.budget_runs(
+            runner, lambda o, dense=False: _config([*common, *o], dense), args.budgets, args.max_runs, out, "vit"
+        )
+    dense, constrained, search, rows = made["dense"], made["constrained"], made["search"], made["rows"]
+    kept = {f"constrained ε = {b:g}": kept_units(result.run_dir) for b, result in constrained.items()}
+    kept[f"penalised λ = {search['lambda']:.3g}"] = kept_units(made["penalised"].run_dir)
     timing = _report.interleaved_timing(
         {"dense": {"run_dir": dense.run_dir}, "gated": {"run_dir": constrained[first].run_dir}}, args.rounds, args.steps
     )
@@ -167,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         *_report.markdown_header(report),
         *_report.budget_table(rows),
         "",
-        f"The penalised twin's λ search took {penalised['runs_used']} runs ({penalised['wall_time_s']:.0f} s in all).",
+        f"The penalised twin's λ search took {search['runs_used']} runs ({search['wall_time_s']:.0f} s in all).",
         "",
         "| run | heads kept per block | MLP neurons kept per block |",
         "|---|---|---|",

@@ -11,7 +11,9 @@ in order, as a plain loop would.
 
 Two runs give the same result whichever way they run: a run depends on its config alone (its
 seed; ``train.deterministic`` for bit-identical kernels), not on the process that trains it.
-A :class:`RunStore` lets a caller keep finished runs (a results folder) and skip them.
+A :class:`RunStore` lets a caller keep finished runs (a results folder) and skip them, and
+continue a stopped one. A worker whose starting process is gone (killed, or crashed) stops its
+training with a checkpoint of the current step instead of training on unseen.
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ def default_threads(jobs: int) -> int:
 
 class RunStore(Protocol):
     """Finished runs kept somewhere (a results folder): ``get`` returns a kept run of the same
-    config, or ``None`` (or raises ``TrainingDiverged`` for a kept failure); ``put`` records a run
-    just trained and returns its result as kept; ``fail`` records a run that diverged."""
+    config, or ``None`` (or raises ``TrainingDiverged`` for a kept failure); ``resume`` puts a
+    stopped run of the same config back into ``run_dir`` to be continued there (``True``), or
+    does nothing (``False``: the run starts anew); ``put`` records a run just trained and returns
+    its result as kept; ``fail`` records a run that diverged."""
 
     def get(self, cfg: Config, run_dir: Path) -> RunResult | None: ...
+
+    def resume(self, cfg: Config, run_dir: Path) -> bool: ...
 
     def put(self, cfg: Config, run_dir: Path, result: RunResult) -> RunResult: ...
 
@@ -143,12 +149,39 @@ def _densities(result: RunResult) -> str:
     return ", ".join(exact) if exact else "no budget"
 
 
-def _train_in_worker(cfg_dict: dict[str, Any], run_dir: str, threads: int | None) -> RunResult:
+def _train_in_worker(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, resume: bool) -> RunResult:
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
-    return run(config_from_dict(cfg_dict), run_dir=run_dir)
+    try:
+        return run(resume=run_dir) if resume else run(config_from_dict(cfg_dict), run_dir=run_dir)
+    finally:
+        if _parent is not None and os.getppid() != _parent:
+            os._exit(1)  # its run stopped with a checkpoint, and no one waits for its result
+
+
+_parent: int | None = None  # in a worker: the process that started it
+
+
+def _watch_parent(parent: int, poll_s: float = 1.0, grace_s: float = 300.0) -> None:
+    """A worker's initializer: a thread that stops the worker's training when the process that
+    started it is gone (killed, or crashed). It sends the worker SIGTERM, which a run turns into
+    a checkpoint of its current step (``TrainingInterrupted``), after which the worker exits; an
+    idle worker ends at once, one that does not stop within ``grace_s`` is ended outright."""
+    import signal
+
+    global _parent
+    _parent = parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 class Runner:
@@ -158,7 +191,8 @@ class Runner:
         jobs: trainings at once (1: in this process, in order).
         threads: threads per training, set as ``train.threads`` on every run whose config
             leaves it unset (default with ``jobs > 1``: :func:`default_threads`).
-        store: keeps finished runs; a run it holds is not trained again.
+        store: keeps finished runs; a run it holds is not trained again, a stopped run it
+            holds is continued.
         say: where progress lines go (``None``: nowhere).
     """
 
@@ -201,13 +235,16 @@ class Runner:
         if self.store is not None and (kept := self.store.get(cfg, Path(run_dir))) is not None:
             self.progress.finished(label, kept, True, kept.wall_time_s)
             return kept
+        resume = self.store is not None and self.store.resume(cfg, Path(run_dir))
+        if resume:
+            self.progress.say(f"{label}: continuing the stopped run")
         t0 = time.perf_counter()
         try:
             if self.jobs == 1:
-                result = run(cfg, run_dir=run_dir)
+                result = run(resume=run_dir) if resume else run(cfg, run_dir=run_dir)
             else:
-                job = self._workers().submit(_train_in_worker, cfg.to_dict(), str(run_dir), cfg.train.threads)
-                result = job.result()
+                args = (cfg.to_dict(), str(run_dir), cfg.train.threads, resume)
+                result = self._workers().submit(_train_in_worker, *args).result()
         except TrainingDiverged as exc:  # kept too: the same config diverges again
             if self.store is not None:
                 self.store.fail(cfg, Path(run_dir), str(exc))
@@ -220,7 +257,10 @@ class Runner:
     def _workers(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn")
+                max_workers=self.jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_watch_parent,
+                initargs=(os.getpid(),),
             )
         return self._pool
 

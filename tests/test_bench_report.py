@@ -1,6 +1,13 @@
-"""What the benchmark scripts share (benchmarks/_report.py): reading a run's log, reusing a run."""
+"""What the benchmark scripts share (benchmarks/_report.py): reading a run's log, reusing a run,
+continuing a run whose script was killed."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -43,7 +50,89 @@ def test_a_run_is_reused_only_with_the_same_config(report, tmp_path):
     assert report.existing_run(run, cfg) == "resumable"
     (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     assert report.existing_run(run, cfg) == "resumable"
+    (run / "summary.json").write_text(json.dumps({"status": "failed"}))
+    assert report.existing_run(run, cfg) is None  # it diverged: it would again
     (run / "summary.json").write_text(json.dumps({"status": "complete"}))
     assert report.existing_run(run, cfg) == "complete"
     other = load_config(DIGITS, ["train.epochs=3"])
     assert report.existing_run(run, other) is None  # another config: trained again
+
+
+KILLED_SCRIPT = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {bench!r})
+import _report
+from constrained_sparsity import load_config
+from constrained_sparsity.jobs import Runner
+
+out = Path({out!r})
+cfg = load_config({config!r}, {overrides!r})
+with Runner(2, 1, store=_report.KeptRuns(out, out / "kept", True)) as runner:
+    runner.train(cfg, out / "runs" / "long")
+"""
+
+
+def _wait_for(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.2)
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
+def test_a_benchmark_killed_mid_run_continues_the_run_where_it_stopped(report, tmp_path):
+    """A script killed outright (SIGKILL, as when a session ends): its worker stops the training
+    with a checkpoint instead of training on unseen, and a second invocation with ``--reuse``
+    continues that run from the checkpoint instead of starting it over."""
+    overrides = ["train.epochs=60", "train.threads=1", "tracking.wandb=disabled", "tracking.progress=false"]
+    bench = str(Path(report.__file__).parent)
+    script = KILLED_SCRIPT.format(bench=bench, out=str(tmp_path), config=str(DIGITS), overrides=overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    run_dir = tmp_path / "runs" / "long"
+    log = run_dir / "metrics.jsonl"
+    try:
+        _wait_for(lambda: (run_dir / "checkpoint.pt").is_file() or parent.poll() is not None, 180, "a checkpoint")
+        assert parent.poll() is None, parent.stderr.read().decode()
+        workers = _children(parent.pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    summary = run_dir / "summary.json"
+    _wait_for(lambda: summary.is_file() and json.loads(summary.read_text())["status"] == "interrupted", 60,
+              "the orphaned worker to stop its run")  # fmt: skip
+    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers), 60,
+              "the orphaned workers to exit")  # fmt: skip
+    stopped_at = max(json.loads(line)["epoch"] for line in log.read_text().splitlines() if "train/loss" in line)
+    assert 1 <= stopped_at < 60
+
+    cfg = load_config(DIGITS, overrides)
+    store = report.KeptRuns(tmp_path, tmp_path / "kept", True)  # a second invocation
+    assert not run_dir.exists() and (tmp_path / "kept" / "runs" / "long" / "checkpoint.pt").is_file()
+    from constrained_sparsity.jobs import Runner
+
+    said = []
+    result = Runner(1, 1, store=store, say=said.append).train(cfg, run_dir)
+    assert any("continuing the stopped run" in line for line in said)
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines() if "train/loss" in line]
+    assert epochs == list(range(1, 61))  # the log cut back to the checkpoint, then carried on: each epoch once
+    assert result.epochs == 60 and json.loads(summary.read_text())["status"] == "complete"
+    assert report.existing_run(tmp_path / "kept" / "runs" / "long", cfg) == "complete"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].splitlines()[0].lower()
+    except (FileNotFoundError, IndexError):
+        return "zombie"
