@@ -291,6 +291,33 @@ def budget_row(name: str, result, budget: float | None) -> dict:  # type: ignore
     }
 
 
+def budget_args(doc: str, out: Path, max_runs: int, argv: list[str] | None):  # type: ignore[no-untyped-def]
+    """The arguments of a benchmark at deployable budgets (:func:`budget_runs`), checked, with
+    ``threads`` filled in (cores / jobs) and set for this process."""
+    import argparse
+
+    from constrained_sparsity.jobs import default_threads
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="threads per training (default: cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (the λ search's stay in order)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--max-runs", type=int, default=max_runs)
+    parser.add_argument("--data", choices=["fashion_mnist", "digits"], default="fashion_mnist")
+    parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs of OUT/kept, continue stopped ones")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or not all(0 < b < 1 for b in args.budgets):
+        parser.error("--epochs, --max-runs and --jobs should be >= 1, --budgets in (0, 1)")
+    args.threads = args.threads or default_threads(args.jobs)
+    torch.set_num_threads(args.threads)  # this process times the runs and the compact networks
+    return args
+
+
 def budget_runs(runner, config: Callable, budgets: list[float], max_runs: int, out: Path, tag: str) -> dict:  # type: ignore[no-untyped-def]
     """The runs of a benchmark at deployable budgets, played by ``runner``: the first budget as
     ``csparse compare --bisect`` runs it (its constrained run, and the penalised twin's λ search

@@ -31,7 +31,6 @@ stopped (the script killed) from its last checkpoint; the baseline's fine-tuning
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -43,7 +42,7 @@ import torch
 
 import constrained_sparsity as cs
 from constrained_sparsity.compact import count_flops, count_params, fold_batchnorm_
-from constrained_sparsity.jobs import Runner, default_threads
+from constrained_sparsity.jobs import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINED = ROOT / "configs" / "fashion_resnet20_l0_units_constrained.yaml"
@@ -125,23 +124,8 @@ def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="threads per training (default: cores / jobs)")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (the λ search's stay in order)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
-    parser.add_argument("--max-runs", type=int, default=5)
-    parser.add_argument("--data", choices=["fashion_mnist", "digits"], default="fashion_mnist")
-    parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "resnet"))
-    parser.add_argument("--reuse", action="store_true", help="keep the runs of OUT/kept, continue stopped ones")
-    args = parser.parse_args(argv)
-    if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or not all(0 < b < 1 for b in args.budgets):
-        parser.error("--epochs, --max-runs and --jobs should be >= 1, --budgets in (0, 1)")
-    threads = args.threads or default_threads(args.jobs)
-    torch.set_num_threads(threads)
+    args = _report.budget_args(__doc__, ROOT / "benchmarks" / "out" / "resnet", 5, argv)
+    threads = args.threads
     out = Path(args.out)
     common = [*_report.run_overrides(args.epochs, threads, root=args.root), f"data.name={args.data}"]
     report = {**_report.header(threads), "epochs": args.epochs, "jobs": args.jobs, "data": args.data, "rows": []}

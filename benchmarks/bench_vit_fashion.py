@@ -28,17 +28,15 @@ continues a run that stopped from its last checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import _report
-import torch
 
 import constrained_sparsity as cs
 from constrained_sparsity.compact import count_flops
-from constrained_sparsity.jobs import Runner, default_threads
+from constrained_sparsity.jobs import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINED = ROOT / "configs" / "fashion_vit_l0_constrained.yaml"
@@ -85,23 +83,8 @@ def _plot(kept: dict[str, dict[str, dict[str, int]]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="threads per training (default: cores / jobs)")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (the λ search's stay in order)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
-    parser.add_argument("--max-runs", type=int, default=4)
-    parser.add_argument("--data", choices=["fashion_mnist", "digits"], default="fashion_mnist")
-    parser.add_argument("--root", default=None, help="data.root: a directory with the Fashion-MNIST IDX files")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "vit"))
-    parser.add_argument("--reuse", action="store_true", help="keep the runs of OUT/kept, continue stopped ones")
-    args = parser.parse_args(argv)
-    if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or not all(0 < b < 1 for b in args.budgets):
-        parser.error("--epochs, --max-runs and --jobs should be >= 1, --budgets in (0, 1)")
-    threads = args.threads or default_threads(args.jobs)
-    torch.set_num_threads(threads)  # this process times the runs and the compact networks
+    args = _report.budget_args(__doc__, ROOT / "benchmarks" / "out" / "vit", 4, argv)
+    threads = args.threads
     out = Path(args.out)
     common = [
         *_report.run_overrides(args.epochs, threads, root=args.root),
