@@ -5,6 +5,7 @@ training batches, and its dense and compact networks."""
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import platform
 import statistics
@@ -104,6 +105,18 @@ def latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 2
             module(x)
             times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def inference_network(net: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
+    """A copy of ``net`` in eval mode with each BatchNorm folded into the conv before it
+    (``csparse compact --fold-batchnorm``); ``channels_last``: its 4-d weights stored NHWC
+    (``.to(memory_format=torch.channels_last)``), so that its convolutions run in that layout
+    whatever the input's."""
+    from constrained_sparsity.compact import fold_batchnorm_
+
+    folded = copy.deepcopy(net).eval()
+    fold_batchnorm_(folded)
+    return folded.to(memory_format=torch.channels_last) if channels_last else folded
 
 
 def first_feasible(history: list[dict]) -> int | None:

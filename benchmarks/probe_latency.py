@@ -7,7 +7,7 @@
     python benchmarks/probe_latency.py conv1 [--threads 2]            # implementations of LeNet's conv1
     python benchmarks/probe_latency.py ops RUN_DIR [--threads 2] [--fold-batchnorm]  # operators, dense vs compact
     python benchmarks/probe_latency.py conv-widths [--threads 2]      # conv time against channel counts
-    python benchmarks/probe_latency.py latency DENSE_RUN RUN_DIR      # dense run vs compact, BatchNorm kept / folded
+    python benchmarks/probe_latency.py latency DENSE_RUN RUN_DIR      # dense vs compact: kept, folded, channels-last
     python benchmarks/probe_latency.py rounding DENSE_RUN             # channel counts rounded to blocks, or not
 
 All at batch 256, eval mode, no autograd; medians. ``layers`` times each child of the dense
@@ -314,23 +314,22 @@ def _interleaved_ms(nets: dict[str, nn.Module], shape: tuple[int, ...], repeats:
 
 def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None:
     """The dense network of a dense run against the compact network of a sparse run, as
-    trained and as inference networks (BatchNorm folded into the convs), next to their FLOP
-    ratio: medians over ``rounds`` rounds that time the four networks in turn."""
-    from constrained_sparsity.compact import fold_batchnorm_
-
+    trained, as inference networks (BatchNorm folded into the convs), and as inference networks
+    in the channels-last layout (``net.to(memory_format=torch.channels_last)``: the conv weights
+    stored NHWC, the layout oneDNN computes in; the input stays as it is), next to their FLOP
+    ratio: medians over ``rounds`` rounds that time the six networks in turn."""
     _, _, shape, dense, _ = _report.dense_and_compact(dense_run)
     _, _, _, _, small = _report.dense_and_compact(run_dir)
     nets = {"dense": dense, "compact": small}
     for name, net in list(nets.items()):
-        folded = copy.deepcopy(net)
-        fold_batchnorm_(folded)
-        nets[f"{name}, BatchNorm folded"] = folded
+        nets[f"{name}, BatchNorm folded"] = _report.inference_network(net)
+        nets[f"{name}, folded, channels-last"] = _report.inference_network(net, channels_last=True)
     ms = _interleaved_ms(nets, shape, repeats, rounds)
     flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
     print(f"batch 256, {torch.get_num_threads()} threads, FLOP ratio compact / dense {flop_ratio:.3f}")
     for name, value in ms.items():
-        print(f"  {name:28s} {value:8.1f} ms")
-    for suffix in ("", ", BatchNorm folded"):
+        print(f"  {name:34s} {value:8.1f} ms")
+    for suffix in ("", ", BatchNorm folded", ", folded, channels-last"):
         ratio = ms[f"compact{suffix}"] / ms[f"dense{suffix}"]
         how = suffix or " (BatchNorm kept)"
         print(f"  latency ratio{how}: {ratio:.3f} = {ratio / flop_ratio:.2f} x the FLOP ratio")
