@@ -36,6 +36,29 @@ def test_a_run_without_a_budget_has_no_first_feasible_epoch(report):
     assert report.first_feasible([{"epoch": e, "test/error": 0.1} for e in (1, 2)]) is None
 
 
+def test_the_channels_last_inference_network_computes_the_same_outputs(report):
+    """BatchNorm folded, conv weights stored NHWC: the eval network's outputs (1e-5), for any input layout."""
+    import torch
+
+    from constrained_sparsity.models import ResNet
+
+    torch.manual_seed(0)
+    net = ResNet(blocks=1, in_channels=1)
+    for m in net.modules():  # running statistics away from 0 / 1, so that folding changes the weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        want = net.eval()(x)
+        nhwc = report.inference_network(net, channels_last=True)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in nhwc.modules())
+        convs = [m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        assert torch.allclose(nhwc(x), want, atol=1e-5)
+        assert torch.allclose(nhwc(x.to(memory_format=torch.channels_last)), want, atol=1e-5)
+
+
 def test_a_run_is_reused_only_with_the_same_config(report, tmp_path):
     cfg = load_config(DIGITS, ["train.threads=2"])
     run = tmp_path / "run"
