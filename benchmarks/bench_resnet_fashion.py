@@ -19,7 +19,7 @@ Seconds per epoch of the gated run against dense, timed interleaved on the same 
 network against the dense one, next to their FLOP ratio (goal: latency ratio ≤ 1.2 × FLOP
 ratio), as trained and with BatchNorm folded into the convs (the inference networks).
 
-    python benchmarks/bench_resnet_fashion.py --jobs 2 --threads 1 --epochs 12 --reuse
+    python benchmarks/bench_resnet_fashion.py --jobs 2 --threads 1 --epochs 12 --max-runs 4 --reuse
     python benchmarks/bench_resnet_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
 
 ``--jobs 2`` trains the λ search beside the dense and the other budgets' runs. Writes

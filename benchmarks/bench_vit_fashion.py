@@ -17,7 +17,7 @@ per epoch of the gated run against dense, timed interleaved on the same batches 
 latency (batch 256, eval, median) of the compact model against the dense one, next to their
 FLOP ratio.
 
-    python benchmarks/bench_vit_fashion.py --jobs 2 --threads 1 --epochs 10 --reuse
+    python benchmarks/bench_vit_fashion.py --jobs 2 --threads 1 --epochs 20 --reuse
     python benchmarks/bench_vit_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
 
 ``--jobs 2`` trains the λ search beside the dense and the other budgets' runs. Writes
