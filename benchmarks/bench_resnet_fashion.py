@@ -66,7 +66,8 @@ def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: in
 
     from constrained_sparsity.runs import load_trained
 
-    key = {"dense": str(Path(dense_dir).resolve()), "params": params, "epochs": epochs, "lr": cfg.optim.primal.lr}
+    dense_config = (Path(dense_dir) / "config.yaml").read_text()
+    key = {"dense": dense_config, "params": params, "epochs": epochs, "lr": cfg.optim.primal.lr}
     done, ckpt_path = out / "result.json", out / "checkpoint.pt"
     if reuse and done.is_file() and (saved := json.loads(done.read_text())).get("key") == key:
         _say("magnitude baseline: kept")
