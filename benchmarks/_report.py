@@ -193,7 +193,8 @@ class KeptRuns:
     With ``reuse``, a run that stopped under ``out`` (a checkpoint, no complete summary: the
     script was killed) is moved into ``keep`` when the store is made, before anything starts
     ``out`` over, and continued from its checkpoint when the same config (threads included) is
-    asked for again."""
+    asked for again. Whatever else a run's directory under ``out`` holds (a run of another
+    config) is cleared before the run is trained there or put back."""
 
     def __init__(self, out: Path, keep: Path, reuse: bool, tag: str = "bench") -> None:
         self.out, self.keep, self.reuse, self.tag = Path(out), Path(keep), reuse, tag
@@ -227,9 +228,9 @@ class KeptRuns:
         import shutil
 
         kept = self._kept(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)  # what is there is not this run: trained anew, or put back
         if not (self.reuse and existing_run(kept, cfg, self.tag) == "complete"):
             return None
-        shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(kept, run_dir)
         return load_result(run_dir)
 

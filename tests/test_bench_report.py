@@ -159,3 +159,17 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].splitlines()[0].lower()
     except (FileNotFoundError, IndexError):
         return "zombie"
+
+
+def test_a_stale_run_directory_is_cleared_before_its_run_is_trained_there(report, tmp_path):
+    """A run of another config where the script trains (an earlier invocation's): cleared, so
+    that the training does not refuse a directory that holds a run."""
+    cfg = load_config(DIGITS)
+    run_dir = tmp_path / "runs" / "dense"
+    run_dir.mkdir(parents=True)
+    saved = load_config(DIGITS, ["train.epochs=2"]).to_dict()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "complete"}))
+    store = report.KeptRuns(tmp_path, tmp_path / "kept", True)
+    assert store.get(cfg, run_dir) is None and not store.resume(cfg, run_dir)
+    assert not run_dir.exists()
