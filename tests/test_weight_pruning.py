@@ -76,6 +76,24 @@ def test_greedy_reweighting_keeps_q_and_recomputes_omega_from_theta(cls, device)
 
 
 @pytest.mark.parametrize("cls", AST, ids=lambda c: c.name)
+def test_weights_that_overflow_omega_stop_the_run_with_the_cause_before_a_nan_step(cls, device):
+    """FOCUSS's omega = |theta|^1.5 overflows float32 once a weight passes about 1e25 (seen in
+    constrained FOCUSS runs with Adam at lr 0.01): the re-weighting says so, and changes nothing."""
+    model = _mlp(device)
+    method = cls(model, tau=0.01, init="noisy", sigma=0.0)
+    layer = method.layers["fc2"]
+    if cls is FOCUSS:  # theta finite (about 1e28), omega = |theta|^1.5 is not
+        layer.parametrizations.weight.original.data[0, 0] = 1e30
+    else:  # omega grows like |theta|: only a weight that is itself infinite overflows it
+        layer.parametrizations.weight.original.data[0, 0] = 3e38
+        layer.parametrizations.weight[0].omega[0, 0] = 10.0
+    omega_before = layer.parametrizations.weight[0].omega.clone()
+    with pytest.raises(cs.TrainingDiverged, match=f"{cls.name}: omega of layer 'fc2' overflowed .* lower optim"):
+        method.reweight_(list(method.layers))
+    assert torch.equal(layer.parametrizations.weight[0].omega, omega_before)
+
+
+@pytest.mark.parametrize("cls", AST, ids=lambda c: c.name)
 def test_noisy_reweighting_starts_q_from_theta_over_omega_plus_noise(cls, device):
     model = _mlp(device)
     x = torch.rand(5, 12, device=device)

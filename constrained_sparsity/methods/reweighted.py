@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError, OptionError
+from ..errors import ConfigError, OptionError, TrainingDiverged
 from ..numbers import within
 from .base import (
     BudgetSpec,
@@ -201,7 +201,15 @@ class _AST(Projectable, Freezable, SparsityMethod):
             m = self.layers[name]
             scale, q = self._scale(m), self._q(m)
             theta = q * scale.omega
-            scale.omega.copy_(self.omega_of(theta, tau))
+            omega = self.omega_of(theta, tau)
+            if not bool(torch.isfinite(omega).all()):
+                raise TrainingDiverged(
+                    f"{self.name}: omega of layer {name!r} overflowed at re-weighting {self.iteration} (largest "
+                    f"|theta| {float(theta.abs().max()):.3g}): the weights grew faster than the re-weighting "
+                    "can follow (a step of q moves theta by about lr x omega, and omega grows with |theta|); "
+                    "lower optim.primal.lr"
+                )
+            scale.omega.copy_(omega)
             scale.theta0.copy_(theta)
             if self.init == "noisy":  # eq. 11: the same network, plus noise
                 noise = torch.randn(q.shape, generator=self.generator, device=q.device, dtype=q.dtype) * self.sigma
