@@ -128,14 +128,14 @@ def first_feasible(history: list[dict]) -> int | None:
     return None
 
 
-def existing_run(run_dir: Path, cfg, tag: str = "bench") -> str | None:  # type: ignore[no-untyped-def]
+def existing_run(run_dir: Path, cfg, tag: str = "bench", same_threads: bool = False) -> str | None:  # type: ignore[no-untyped-def]
     """What ``run_dir`` holds of a run trained from ``cfg``: ``"complete"`` (its summary says
-    so), ``"resumable"`` (stopped with a checkpoint: killed, or interrupted) or ``None``
-    (nothing, a run that diverged, or another config).
+    so), ``"resumable"`` (:func:`_stopped`) or ``None`` (nothing, a run that diverged, or
+    another config).
 
-    Its ``config.yaml`` must equal ``cfg`` but for the thread count (the scripts take their
-    timings again, interleaved, at the end) and the output directory (a run moved elsewhere
-    trains the same)."""
+    Its ``config.yaml`` must equal ``cfg`` but for the output directory (a run moved elsewhere
+    trains the same) and, unless ``same_threads`` (a run continues at its own threads), the
+    thread count (the scripts take their timings again, interleaved, at the end)."""
     import yaml
 
     config_path = run_dir / "config.yaml"
@@ -143,21 +143,26 @@ def existing_run(run_dir: Path, cfg, tag: str = "bench") -> str | None:  # type:
         return None
     saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
     for d in (saved, wanted):
-        d.get("train", {}).pop("threads", None)
+        if not same_threads:
+            d.get("train", {}).pop("threads", None)
         d.get("tracking", {}).pop("out_dir", None)
     if saved != wanted:
         print(f"[{tag}] {run_dir.name}: config changed, training again", file=sys.stderr, flush=True)
         return None
-    status = _status(run_dir)
-    if status == "complete":
+    if _status(run_dir) == "complete":
         return "complete"
-    stopped = status in (None, "interrupted")  # "failed": it diverged, and would again
-    return "resumable" if stopped and (run_dir / "checkpoint.pt").is_file() else None
+    return "resumable" if _stopped(run_dir) else None
 
 
 def _status(run_dir: Path) -> str | None:
     summary = run_dir / "summary.json"
     return json.loads(summary.read_text()).get("status") if summary.is_file() else None
+
+
+def _stopped(run_dir: Path) -> bool:
+    """A run that stopped before its end with a checkpoint: killed (no summary yet) or
+    interrupted; not one that failed (it diverged, and would again)."""
+    return _status(run_dir) in (None, "interrupted") and (run_dir / "checkpoint.pt").is_file()
 
 
 def load_result(run_dir: str | Path):  # type: ignore[no-untyped-def]
@@ -214,7 +219,7 @@ class KeptRuns:
             run_dir = checkpoint.parent
             if not (run_dir / "config.yaml").is_file() or run_dir.resolve().is_relative_to(keep):
                 continue  # not a run's directory, or kept already
-            if _status(run_dir) not in (None, "interrupted"):
+            if not _stopped(run_dir):
                 continue
             kept = self._kept(run_dir)
             if _status(kept) == "complete":
@@ -237,14 +242,10 @@ class KeptRuns:
     def resume(self, cfg, run_dir: Path) -> bool:  # type: ignore[no-untyped-def]
         import shutil
 
-        import yaml
-
         kept = self._kept(run_dir)
-        if not (self.reuse and existing_run(kept, cfg, self.tag) == "resumable"):
+        # its threads cannot change on resume: at other threads it is trained anew
+        if not (self.reuse and existing_run(kept, cfg, self.tag, same_threads=True) == "resumable"):
             return False
-        saved = yaml.safe_load((kept / "config.yaml").read_text())
-        if saved.get("train", {}).get("threads") != cfg.train.threads:
-            return False  # its threads cannot change on resume: trained anew at these
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(kept, run_dir)
         return True

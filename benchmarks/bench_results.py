@@ -562,13 +562,13 @@ def _plan(args: argparse.Namespace, results: Path) -> None:
     for setup in args.setups:
         methods = args.methods or list(SETUPS[setup]["methods"])
         least, most = _planned_runs(setup, methods, args)
+        seeds = seeds_of(setup, args)
         kept = sum(
             1
-            for seed in seeds_of(setup, args)
+            for seed in seeds
             for part in ("dense", *methods)
             for _ in (results / setup / f"seed{seed}" / part).rglob("record.json")
         )
-        seeds = seeds_of(setup, args)
         todo = [max(0, n * len(seeds) - kept) for n in (least, most)]
         seconds, how = _seconds_per_epoch(setup, args, results)
         per_run = seconds * args.epochs * 1.05  # and the finishing phase's few epochs

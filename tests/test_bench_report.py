@@ -71,6 +71,7 @@ def test_a_run_is_reused_only_with_the_same_config(report, tmp_path):
     assert report.existing_run(run, cfg) is None  # no summary, no checkpoint
     (run / "checkpoint.pt").write_bytes(b"")
     assert report.existing_run(run, cfg) == "resumable"
+    assert report.existing_run(run, cfg, same_threads=True) is None  # continued, it would run at 1 thread, not 2
     (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     assert report.existing_run(run, cfg) == "resumable"
     (run / "summary.json").write_text(json.dumps({"status": "failed"}))
