@@ -285,23 +285,40 @@ def config_of(path: Path, overrides: list[str], dense: bool = False):  # type: i
     return config_from_dict(apply_overrides(data, overrides))
 
 
+def unit_counts(run_dir: str | Path) -> dict[str, int] | None:
+    """The parameters and FLOPs per example that a finished run's unit method counts for its
+    end state (``count(weighting)`` of ``l0_units`` / ``cges_units``: what compaction should
+    leave), or None for a run without one."""
+    from constrained_sparsity.runs import load_run
+
+    counting = [m for m in load_run(run_dir).methods if callable(getattr(m, "count", None))]
+    if not counting:
+        return None
+    return {w: sum(m.count(w) for m in counting) for w in ("params", "flops")}
+
+
 def budget_row(name: str, result, budget: float | None) -> dict:  # type: ignore[no-untyped-def]
     """A run at a deployable budget: test error, the exact measure times the dense count, the
-    compact network's parameters and FLOPs, the first epoch within the budget, feasible."""
+    unit method's own parameter and FLOP counts (:func:`unit_counts`) next to the compact
+    network's, the first epoch within the budget, feasible, the units the finishing phase closed."""
     run_dir = Path(result.run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     compaction = summary.get("compaction") or {}
     main = [row for row in result.history if "train/loss" in row]
+    counted = unit_counts(run_dir) or {}
     return {
         "run": name,
         "budget": budget,
         "test_error": result.test_error,
         "density": result.density.get("model"),
         "measure_params": None if budget is None else result.density.get("model", 1.0) * compaction["params_before"],
+        "counted_params": counted.get("params"),
+        "counted_flops": counted.get("flops"),
         "params": compaction.get("params_after"),
         "flops": compaction.get("flops_after"),
         "first_feasible_epoch": first_feasible(main),
         "feasible": result.feasible,
+        "finish_closed": (summary.get("finish") or {}).get("units_closed"),
         "run_dir": str(run_dir),
     }
 
@@ -382,18 +399,22 @@ def budget_runs(runner, config: Callable, budgets: list[float], max_runs: int, o
 def budget_table(rows: list[dict]) -> list[str]:
     """The Markdown table of :func:`budget_row` rows (and the dense row)."""
     lines = [
-        "| run | test error | exact measure × dense params | compact params | compact FLOPs | first epoch ≤ ε "
-        "| feasible |",
-        "|---|---|---|---|---|---|---|",
+        "| run | test error | exact measure × dense params | counted params | compact params | counted FLOPs "
+        "| compact FLOPs | first epoch ≤ ε | feasible |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f}"
+
     for r in rows:
-        measure = "-" if r.get("measure_params") is None else f"{r['measure_params']:,.0f}"
-        params = "-" if r.get("params") is None else f"{r['params']:,}"
-        flops = "-" if r.get("flops") is None else f"{r['flops']:,}"
         feasible = {True: "yes", False: "no", None: "-"}[r.get("feasible")]
+        if r.get("finish_closed"):
+            feasible += f" (the finishing phase closed {r['finish_closed']} units)"
         lines.append(
-            f"| {r['run']} | {100 * r['test_error']:.2f} % | {measure} | {params} | {flops} | "
-            f"{r.get('first_feasible_epoch') or '-'} | {feasible} |"
+            f"| {r['run']} | {100 * r['test_error']:.2f} % | {number(r.get('measure_params'))} | "
+            f"{number(r.get('counted_params'))} | {number(r.get('params'))} | {number(r.get('counted_flops'))} | "
+            f"{number(r.get('flops'))} | {r.get('first_feasible_epoch') or '-'} | {feasible} |"
         )
     return lines
 

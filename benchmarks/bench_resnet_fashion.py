@@ -13,7 +13,9 @@ Runs (``--epochs`` each, from scratch; the configs ``fashion_resnet20_l0_units_*
   the first budget, then fine-tuned for ``--epochs`` epochs (Adam at the configs' lr).
 
 Per run: test error; the exact measure times the dense count against the compact network's
-parameters and FLOPs (goal: equal); the first epoch within the budget; feasible at the end.
+parameters and FLOPs, and the unit method's own counts of both at the end state (goal: all
+equal); the first epoch within the budget; feasible at the end (and the units the finishing
+phase closed to get there).
 Seconds per epoch of the gated run against dense, timed interleaved on the same batches
 (``_report.interleaved_timing``, goal ≤ 1.15×); latency (batch 256, eval, median) of the compact
 network against the dense one, next to their FLOP ratio (goal: latency ratio ≤ 1.2 × FLOP

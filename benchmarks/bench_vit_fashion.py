@@ -11,7 +11,9 @@ per-kind head budget, so that the budget is the parameters alone):
   (``--max-runs`` runs at most; the λ and the runs it took).
 
 Per run: test error; the exact measure times the dense count against the compact model's
-parameters and FLOPs (goal: equal); the first epoch within the budget; feasible at the end;
+parameters and FLOPs, and the unit method's own counts of both at the end state (goal: all
+equal); the first epoch within the budget; feasible at the end (and the units the finishing
+phase closed to get there);
 the heads and MLP neurons each block keeps (a picture, ``OUT/vit_fashion_units.png``). Seconds
 per epoch of the gated run against dense, timed interleaved on the same batches (goal ≤ 1.2×);
 latency (batch 256, eval, median) of the compact model against the dense one, next to their

@@ -137,6 +137,8 @@ class UnitGraph:
         open as ``open_units`` says: one value per unit, 1 open, 0 closed, or a probability --
         then the count is the expected one (a weight needs its output and its input unit open;
         the gates of two units are independent). Differentiable in ``open_units``."""
+        if weighting not in ("params", "flops"):
+            raise ValueError(f"weighting={weighting!r}: should be params or flops")
         ext = torch.cat([open_units, open_units.new_ones(1)])  # index -1: an index no unit removes
         total = open_units.new_zeros(()) + (self.constant_params if weighting == "params" else 0)
         for layer in self.layers:

@@ -174,3 +174,24 @@ def test_a_stale_run_directory_is_cleared_before_its_run_is_trained_there(report
     store = report.KeptRuns(tmp_path, tmp_path / "kept", True)
     assert store.get(cfg, run_dir) is None and not store.resume(cfg, run_dir)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("method", ["l0_units", "l0"])
+def test_a_budget_row_counts_what_compaction_left(report, method, tmp_path):
+    """The unit method's own parameter and FLOP counts of the end state are the compact
+    network's; a run without a unit method has none."""
+    from constrained_sparsity import run
+
+    overrides = ["train.epochs=1", "train.threads=1", f"sparsity.method={method}", "sparsity.targets=0.4"]
+    overrides += ["tracking.wandb=disabled", "tracking.progress=false"]
+    result = run(load_config(DIGITS, overrides), run_dir=tmp_path / "run")
+    row = report.budget_row("run", result, 0.4)
+    assert row["params"] < 17610 and row["flops"] > 0
+    if method == "l0_units":
+        assert (row["counted_params"], row["counted_flops"]) == (row["params"], row["flops"])
+        assert row["measure_params"] == pytest.approx(row["params"], abs=0.5)
+    else:
+        assert row["counted_params"] is None and row["counted_flops"] is None
+    table = report.budget_table([row])
+    assert table[-1].startswith(f"| run | {100 * result.test_error:.2f} % |")
+    assert table[-1].count("|") == table[0].count("|")

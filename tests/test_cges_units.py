@@ -95,6 +95,10 @@ def test_compaction_removes_the_zero_groups_keeps_the_outputs_and_counts_what_th
         torch.testing.assert_close(small.module(x), before, rtol=0, atol=1e-5)
     counted = count_params(small.module) if weighting == "params" else count_flops(small.module, shape)
     assert counted == method.count() and sum(small.removed.values()) > 0
+    assert (method.count("params"), method.count("flops")) == (
+        count_params(small.module),
+        count_flops(small.module, shape),
+    )
     if which == "resnet20":  # saved, loaded back without the original object, and exported
         small.rebuild = {"name": "resnet20", "kwargs": {}, "input_shape": list(shape), "num_classes": 10}
         paths = save_compact(small, tmp_path, shape)

@@ -83,6 +83,8 @@ def test_the_coupled_groups_of_two_residual_blocks_are_the_hand_checked_ones():
         "b2.bn2": "stem",
     }
     assert graph.count(torch.ones(18)) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="weighting='macs'"):
+        graph.count(torch.ones(18), "macs")
 
 
 def _slice_conv(conv, out=None, inp=None):
@@ -197,6 +199,11 @@ def test_compaction_keeps_the_outputs_and_counts_what_the_measure_reported(which
         torch.testing.assert_close(small.module(x), gated, rtol=0, atol=1e-5)
     counted = count_params(small.module) if weighting == "params" else count_flops(small.module, shape)
     assert counted == gates.count()  # exactly what the exact measure counted
+    # and both counts, whichever the budget weighs
+    assert (gates.count("params"), gates.count("flops")) == (
+        count_params(small.module),
+        count_flops(small.module, shape),
+    )
     dense = count_params(model) if weighting == "params" else count_flops(model, shape)
     assert float(gates.densities()[1]) * dense == pytest.approx(counted, abs=0.5)
     assert sum(small.removed.values()) > 0 and count_params(small.module) < count_params(model)

@@ -254,10 +254,11 @@ class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
         if target.measure != "exact":
             raise ValueError(f"measure={target.measure!r}: cges_units has no differentiable surrogate; use 'exact'")
 
-    def count(self) -> int:
-        """The compact network's parameters (or FLOPs per example) now: what compaction reports."""
+    def count(self, weighting: str | None = None) -> int:
+        """The compact network's parameters (or FLOPs per example) now: what compaction reports.
+        ``weighting``: ``params`` or ``flops`` (default: the budget's own)."""
         with torch.no_grad():
-            return round(float(self.graph.count(self._counted(), self.weighting)))
+            return round(float(self.graph.count(self._counted(), weighting or self.weighting)))
 
     # -- proximal steps ----------------------------------------------------------------------------
     @torch.no_grad()

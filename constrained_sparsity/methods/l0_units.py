@@ -297,10 +297,11 @@ class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
         expected, exact = self.densities(target.layers)
         return expected, exact.detach()
 
-    def count(self) -> int:
-        """The compact network's parameters (or FLOPs per example) now: what compaction reports."""
+    def count(self, weighting: str | None = None) -> int:
+        """The compact network's parameters (or FLOPs per example) now: what compaction reports.
+        ``weighting``: ``params`` or ``flops`` (default: the budget's own)."""
         with torch.no_grad():
-            return round(float(self.graph.count(self._open(True), self.weighting)))
+            return round(float(self.graph.count(self._open(True), weighting or self.weighting)))
 
     # -- finishing -----------------------------------------------------------------------------
     def freeze_(self) -> None:
