@@ -76,17 +76,19 @@ def train_batches(dataset, batch_size: int) -> list:  # type: ignore[no-untyped-
 def dense_and_compact(run_dir: str | Path):  # type: ignore[no-untyped-def]
     """``(cfg, dataset, input_shape, dense, compact)`` of a finished run, both in eval mode.
 
-    Dense is the trained architecture with the gates folded in and ``fast_pooling``;
-    compact is ``compact(..., select_inputs=True)`` with the run's methods folded in
-    (merging layers when the run had layer sparsity), as ``csparse compact`` writes it.
+    Dense is the trained architecture with the gates folded in (unit gates too: into the
+    BatchNorms and layers they scale, no hook left) and ``fast_pooling``; compact is
+    ``compact(..., select_inputs=True)`` with the run's methods folded in (merging layers when
+    the run had layer sparsity), as ``csparse compact`` writes it.
     """
-    from constrained_sparsity.compact import fast_pooling
-    from constrained_sparsity.graph import bake
+    from constrained_sparsity.compact import fast_pooling, fold
+    from constrained_sparsity.methods.base import UnitPruner
     from constrained_sparsity.runs import compact_trained, load_run
 
     trained = load_run(run_dir)
     shape = tuple(trained.dataset.input_shape)
-    dense = fast_pooling(bake(trained.model)).float().eval()
+    units = [m for m in trained.methods if isinstance(m, UnitPruner)]  # they fold without changing the layers
+    dense = fast_pooling(fold(trained.model, units)).float().eval()
     small = compact_trained(trained).module.float().eval()
     return trained.cfg, trained.dataset, shape, dense, small
 

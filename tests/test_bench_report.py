@@ -195,3 +195,20 @@ def test_a_budget_row_counts_what_compaction_left(report, method, tmp_path):
     table = report.budget_table([row])
     assert table[-1].startswith(f"| run | {100 * result.test_error:.2f} % |")
     assert table[-1].count("|") == table[0].count("|")
+
+
+def test_the_dense_network_of_a_unit_gated_run_has_its_gates_folded_in(report, tmp_path):
+    """No gate hook is left on the dense network that the latency is timed on, and it computes
+    what the gated network and the compact one compute."""
+    import torch
+
+    from constrained_sparsity import run
+
+    overrides = ["train.epochs=1", "train.threads=1", "sparsity.method=l0_units", "sparsity.targets=0.4"]
+    overrides += ["tracking.wandb=disabled", "tracking.progress=false"]
+    run(load_config(DIGITS, overrides), run_dir=tmp_path / "run")
+    _, dataset, _, dense, small = report.dense_and_compact(tmp_path / "run")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in dense.modules())
+    x = dataset.test_x[:64]
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), small(x), rtol=0, atol=1e-5)
