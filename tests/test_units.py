@@ -182,6 +182,53 @@ def _close_at_random(gates, share=0.4):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_gate_on_a_batchnorm_scales_gamma_and_beta_as_its_output_would_be_scaled(momentum, device):
+    """The fused BatchNorm (gamma z, beta z) against the BatchNorm's output times z (a hook):
+    the same outputs, gradients (log_alpha's included) and running statistics, training and eval."""
+    import copy
+
+    from constrained_sparsity.methods.l0_units import _GATE_ATTR, _fusable, _ScaleOutput, _unfuse
+
+    model = _randomise(TwoBlocks(c=8, classes=5)).to(device)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    x = torch.randn(6, 1, 12, 12, device=device)
+    gates = attach_l0_units(model, x)
+    _close_at_random(gates, share=0.3)
+    fused = [m for m in model.modules() if _GATE_ATTR in m.__dict__]
+    assert len(fused) == 5 and all(_fusable(m) for m in fused)  # every gate site is a BatchNorm here
+    hooked = copy.deepcopy(model)
+    for m in hooked.modules():
+        if _GATE_ATTR in m.__dict__:
+            gate = m.__dict__[_GATE_ATTR]
+            _unfuse(m)
+            m.register_forward_hook(_ScaleOutput(gate))
+    for training in (True, False):
+        model.train(training)
+        hooked.train(training)
+        outputs = []
+        for net in (model, hooked):
+            torch.manual_seed(5)  # the same gate samples
+            out = net(x)
+            (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+            outputs.append(out)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-5)
+        for (name, a), (_, b) in zip(model.named_parameters(), hooked.named_parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+        for (name, a), (_, b) in zip(model.named_buffers(), hooked.named_buffers()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+        model.zero_grad()
+        hooked.zero_grad()
+    assert not _fusable(nn.SyncBatchNorm(4))  # its own forward: the gate stays a hook on its output
+    gates.detach()
+    assert not any("forward" in m.__dict__ or _GATE_ATTR in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("which", ["resnet20", "user"])
 @pytest.mark.parametrize("weighting", ["params", "flops"])
 def test_compaction_keeps_the_outputs_and_counts_what_the_measure_reported(which, weighting, device, tmp_path):

@@ -10,6 +10,9 @@ inputs that read the stream; gated once, closed everywhere.
 A gate scales the outputs of the layers that write its unit, *after* their BatchNorm (or
 after the layer where none follows), so a closed unit is exactly zero downstream, in training
 and at test time (a gate before a BatchNorm would leave its shift beta - gamma mu / sigma).
+On a BatchNorm the gate scales its affine parameters, ``batch_norm(x, gamma z, beta z)`` --
+the same output as ``batch_norm(x, gamma, beta) z``, without a pass over the activations
+for the product, forward and backward (see :func:`_gated_batchnorm_forward`).
 
 The measure counts the network that compaction leaves (Gallego-Posada et al. 2022's
 "feasible is a property of the deployed network"): model-wise, the parameters -- or, with
@@ -29,6 +32,7 @@ through the same graph; the result is an ordinary module of the model's class.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +108,47 @@ class _ScaleOutput:
         if isinstance(module, nn.Linear) or out.dim() == 2:
             return out * z
         return out * z.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+_GATE_ATTR = "l0_unit_gate"  # a gated BatchNorm's gate, kept out of its state_dict
+_BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+def _fusable(module: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's own (not SyncBatchNorm's): its gate can scale gamma and beta."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward is _BATCHNORM_FORWARD
+
+
+def _gated_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """torch's ``_BatchNorm.forward`` with ``weight * z`` and ``bias * z`` (``z`` the unit gate).
+
+    Bound as the instance's ``forward`` by :class:`L0Units`. ``(gamma z) x_hat + beta z`` is the
+    BatchNorm's output times ``z``; the product then costs two vectors of the channels' size
+    instead of a pass over the activations, and autograd reaches ``z`` through the BatchNorm's
+    own gradients of ``gamma`` and ``beta``. The running statistics are updated as torch does."""
+    z = self.__dict__[_GATE_ATTR]()
+    self._check_input_dim(input)
+    factor = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    track = not self.training or self.track_running_stats
+    return nn.functional.batch_norm(
+        input,
+        self.running_mean if track else None,
+        self.running_var if track else None,
+        self.weight * z,
+        self.bias * z,
+        batch_stats,
+        factor,
+        self.eps,
+    )
+
+
+def _unfuse(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)
+    module.__dict__.pop(_GATE_ATTR, None)
 
 
 class _ScaleInput:
@@ -223,10 +268,16 @@ class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
         dict(model.named_modules())[self.host].add_module(GATES, gates)
         self.gates = gates
         modules = dict(model.named_modules())
-        self._handles = [
-            modules[site].register_forward_hook(_ScaleOutput(gates[_key(group)]))
-            for site, group in self.graph.gate_sites.items()
-        ]
+        self._handles = []
+        self._fused: list[nn.Module] = []  # BatchNorms whose forward scales gamma and beta
+        for site, group in self.graph.gate_sites.items():
+            module = modules[site]
+            if _fusable(module):
+                module.__dict__[_GATE_ATTR] = gates[_key(group)]
+                module.forward = types.MethodType(_gated_batchnorm_forward, module)
+                self._fused.append(module)
+            else:
+                self._handles.append(module.register_forward_hook(_ScaleOutput(gates[_key(group)])))
         self._handles += [
             modules[site].register_forward_pre_hook(_ScaleInput(gates[_key(group)], per_unit))
             for site, (group, per_unit) in self.graph.input_sites.items()
@@ -348,6 +399,8 @@ class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
             z = gates[_key(group)].deterministic().repeat_interleave(per_unit)
             modules[site].weight.mul_(z.view(1, -1))  # column j of the next layer reads unit j's output
         for module in folded.modules():
+            if _GATE_ATTR in module.__dict__:
+                _unfuse(module)
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key in [k for k, h in hooks.items() if isinstance(h, (_ScaleOutput, _ScaleInput, _Resample))]:
                     del hooks[key]
@@ -370,7 +423,9 @@ class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
         """Remove the gates' hooks from the model (its ``unit_gates`` stay, for their state)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for module in self._fused:
+            _unfuse(module)
+        self._handles, self._fused = [], []
 
 
 def attach_l0_units(
