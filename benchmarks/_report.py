@@ -109,6 +109,19 @@ def latency_ms(module: torch.nn.Module, shape: tuple[int, ...], repeats: int = 2
     return 1e3 * statistics.median(times)
 
 
+def interleaved_latency_ms(
+    nets: dict[str, torch.nn.Module], shape: tuple[int, ...], repeats: int, rounds: int, batch: int = 256
+) -> dict[str, float]:
+    """Each network's latency (eval, a batch of ``batch``): the median over ``rounds`` rounds,
+    each timing every network in turn (the median of ``repeats`` passes, after 3 warm-up passes):
+    drift on a shared machine hits every network alike."""
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for _ in range(rounds):
+        for name, net in nets.items():
+            times[name].append(latency_ms(net, shape, repeats, batch))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def inference_network(net: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
     """A copy of ``net`` in eval mode with each BatchNorm folded into the conv before it
     (``csparse compact --fold-batchnorm``); ``channels_last``: its 4-d weights stored NHWC

@@ -19,7 +19,9 @@ phase closed to get there).
 Seconds per epoch of the gated run against dense, timed interleaved on the same batches
 (``_report.interleaved_timing``, goal ≤ 1.15×); latency (batch 256, eval, median) of the compact
 network against the dense one, next to their FLOP ratio (goal: latency ratio ≤ 1.2 × FLOP
-ratio), as trained and with BatchNorm folded into the convs (the inference networks).
+ratio): as trained, with BatchNorm folded into the convs (the inference networks), folded and
+channels-last, folded and compiled (``torch.compile``); the eight networks timed in turn in
+each of ``--rounds`` rounds (``_report.interleaved_latency_ms``).
 
     python benchmarks/bench_resnet_fashion.py --jobs 2 --threads 1 --epochs 12 --max-runs 4 --reuse
     python benchmarks/bench_resnet_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
@@ -152,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     _, _, shape, dense_net, _ = _report.dense_and_compact(dense.run_dir)
     _, _, _, _, small = _report.dense_and_compact(constrained[first].run_dir)
-    latency = {"dense": _report.latency_ms(dense_net, shape), "compact": _report.latency_ms(small, shape)}
-    for name, net in (("dense", dense_net), ("compact", small)):  # the inference networks: BatchNorm folded
-        latency[f"{name}_folded"] = _report.latency_ms(_report.inference_network(net), shape)
-        latency[f"{name}_nhwc"] = _report.latency_ms(_report.inference_network(net, channels_last=True), shape)
+    nets = {}
+    for name, net in (("dense", dense_net), ("compact", small)):
+        folded = _report.inference_network(net)  # BatchNorm folded into the convs
+        nets.update({name: net, f"{name}_folded": folded})
+        nets[f"{name}_nhwc"] = _report.inference_network(net, channels_last=True)
+        nets[f"{name}_compiled"] = torch.compile(folded)  # compiled at its first (warm-up) pass
+    latency = _report.interleaved_latency_ms(nets, shape, 10, args.rounds)
     flop_ratio = count_flops(small, shape) / count_flops(dense_net, shape)
     report.update(rows=rows, timing_s_per_epoch=timing, latency_ms=latency, flop_ratio=flop_ratio)
     lines = [
@@ -171,16 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Seconds per epoch (interleaved, end states): dense {timing['dense/end']:.2f}, gated "
         f"{timing['gated/end']:.2f} (**{gated:.2f}×**; goal ≤ 1.15×).",
-        f"Latency, batch 256: dense {latency['dense']:.1f} ms, compact (ε = {first:g}) {latency['compact']:.1f} ms "
-        f"(ratio {latency['compact'] / latency['dense']:.2f}; FLOP ratio {flop_ratio:.2f}; goal: latency ratio ≤ "
-        f"{1.2 * flop_ratio:.2f}).",
-        f"BatchNorm folded into the convs (`csparse compact --fold-batchnorm`), both networks: dense "
-        f"{latency['dense_folded']:.1f} ms, compact {latency['compact_folded']:.1f} ms (ratio "
-        f"{latency['compact_folded'] / latency['dense_folded']:.2f}).",
-        f"Folded and channels-last (`.to(memory_format=torch.channels_last)`), both networks: dense "
-        f"{latency['dense_nhwc']:.1f} ms, compact {latency['compact_nhwc']:.1f} ms (ratio "
-        f"{latency['compact_nhwc'] / latency['dense_nhwc']:.2f}).",
+        "",
+        f"Latency, batch 256, eval, compact (ε = {first:g}) against dense, medians of {args.rounds} interleaved "
+        f"rounds; FLOP ratio {flop_ratio:.3f}, goal: latency ratio ≤ {1.2 * flop_ratio:.3f}:",
+        "",
+        "| network | dense | compact | ratio | ratio / FLOP ratio |",
+        "|---|---|---|---|---|",
     ]
+    for suffix, how in (
+        ("", "as trained (BatchNorm kept)"),
+        ("_folded", "BatchNorm folded (`csparse compact --fold-batchnorm`)"),
+        ("_nhwc", "folded, channels-last (`.to(memory_format=torch.channels_last)`)"),
+        ("_compiled", "folded, `torch.compile`"),
+    ):
+        d, c = latency[f"dense{suffix}"], latency[f"compact{suffix}"]
+        lines.append(f"| {how} | {d:.1f} ms | {c:.1f} ms | {c / d:.3f} | {c / d / flop_ratio:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
     _report.write(out, "resnet_fashion", report, lines)
     return 0

@@ -301,17 +301,6 @@ def ops(run_dir: str, passes: int, fold_batchnorm: bool = False) -> None:
         )
 
 
-def _interleaved_ms(nets: dict[str, nn.Module], shape: tuple[int, ...], repeats: int, rounds: int) -> dict[str, float]:
-    """Each network's latency on a batch of 256: the median over ``rounds`` rounds, each timing
-    every network in turn (the median of ``repeats`` passes)."""
-    x = torch.rand(256, *shape)
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for _ in range(rounds):
-        for name, net in nets.items():
-            times[name].append(_median_ms(lambda net=net: net(x), repeats))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None:
     """The dense network of a dense run against the compact network of a sparse run, as
     trained, as inference networks (BatchNorm folded into the convs), and as inference networks
@@ -324,7 +313,7 @@ def latency(dense_run: str, run_dir: str, repeats: int, rounds: int = 5) -> None
     for name, net in list(nets.items()):
         nets[f"{name}, BatchNorm folded"] = _report.inference_network(net)
         nets[f"{name}, folded, channels-last"] = _report.inference_network(net, channels_last=True)
-    ms = _interleaved_ms(nets, shape, repeats, rounds)
+    ms = _report.interleaved_latency_ms(nets, shape, repeats, rounds)
     flop_ratio = count_flops(small, shape) / count_flops(dense, shape)
     print(f"batch 256, {torch.get_num_threads()} threads, FLOP ratio compact / dense {flop_ratio:.3f}")
     for name, value in ms.items():
@@ -355,7 +344,7 @@ def rounding(dense_run: str, repeats: int, rounds: int = 5) -> None:
         nets[f"half the channels, round_to={block}"] = net
     for net in nets.values():
         fold_batchnorm_(net.eval())
-    ms = _interleaved_ms(nets, shape, repeats, rounds)
+    ms = _report.interleaved_latency_ms(nets, shape, repeats, rounds)
     flops = {k: count_flops(net, shape) for k, net in nets.items()}
     print(f"batch 256, {torch.get_num_threads()} threads, BatchNorm folded")
     for name, net in nets.items():
