@@ -115,8 +115,13 @@ _BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
 
 
 def _fusable(module: nn.Module) -> bool:
-    """A BatchNorm whose forward is torch's own (not SyncBatchNorm's): its gate can scale gamma and beta."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward is _BATCHNORM_FORWARD
+    """A BatchNorm whose forward is torch's own (not SyncBatchNorm's, nor one set on the instance):
+    its gate can scale gamma and beta."""
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and type(module).forward is _BATCHNORM_FORWARD
+        and "forward" not in module.__dict__
+    )
 
 
 def _gated_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
