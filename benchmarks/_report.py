@@ -481,7 +481,8 @@ def interleaved_ms(fns: dict[str, Callable[[int], None]], rounds: int, steps: in
 def interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int | None = None) -> dict:
     """Median seconds per training epoch of each run, at its start and end state, interleaved.
 
-    ``results`` maps a name to a dict with the ``run_dir`` of a finished run.
+    ``results`` maps a name to a dict with the ``run_dir`` of a finished run, and optionally
+    ``adjust``: a function called with the rebuilt model before it is timed (a probe's variant).
 
     On batches of ``batch_size`` (default: the runs' own); an epoch is as many steps as
     that batch size needs to cover the training set.
@@ -493,7 +494,9 @@ def interleaved_timing(results: dict, rounds: int, steps: int, batch_size: int |
     flush = set()
     for key, r in results.items():
         for phase in ("start", "end"):
-            cfg, dataset, _, _, problem, optimizers = rebuild_trainer(r["run_dir"], phase == "end", dataset)
+            cfg, dataset, model, _, problem, optimizers = rebuild_trainer(r["run_dir"], phase == "end", dataset)
+            if "adjust" in r:
+                r["adjust"](model)
             flush.add(cfg.train.flush_denormal)
             setups[(key, phase)] = (problem, optimizers, cfg.sparsity.dual_restarts, cfg.data.batch_size)
     assert dataset is not None
