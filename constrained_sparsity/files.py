@@ -89,6 +89,14 @@ def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], int, int]:
     return rows, good, len(data)
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler objected to: its line naming a GLOBAL (an object it
+    would not build) or an unsupported operand (bytes that are no pickle), else the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or line.startswith("Unsupported operand")]
+    return named[0] if named else first_line(exc)
+
+
 def load_torch_file(path: str | Path, what: str) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``, refused in one line on failure.
 
@@ -103,8 +111,11 @@ def load_torch_file(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if reason.startswith("Unsupported operand"):  # not an object it refused: bytes that are no pickle
+            raise CheckpointError(f"{path}: not a readable {what}; truncated or corrupt? ({reason})") from None
         raise CheckpointError(
-            f"{path}: {what} holds more than tensors, refused (weights_only loading: {first_line(exc)})"
+            f"{path}: {what} holds more than tensors, refused (weights_only loading: {reason})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file; all mean the same
         raise CheckpointError(f"{path}: not a readable {what}; truncated or corrupt? ({first_line(exc)})") from None

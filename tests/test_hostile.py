@@ -143,6 +143,10 @@ def test_pt_files_holding_objects_are_refused_and_run_no_code(run_copy, tmp_path
     _refused(capsys, "train", "--resume", run_copy, "train.epochs=3", contains="holds more than tensors")
     _refused(capsys, "compact", run_copy, contains="checkpoint.pt")
     assert not marker.exists()
+    # bytes that are no pickle at all: said to be corrupt, not to hold objects
+    (run_copy / "compact" / "model.pt").write_text("garbage")
+    line = _refused(capsys, "eval", run_copy / "compact" / "model.pt", contains="truncated or corrupt")
+    assert "Unsupported operand" in line and "weights_only" not in line
 
 
 def test_a_config_with_python_tags_is_refused_and_runs_no_code(tmp_path, capsys):
@@ -455,3 +459,18 @@ def test_more_hostile_inputs_are_refused_in_one_line(run_copy, tmp_path, capsys)
     (run_copy / "metrics.jsonl").unlink()
     (run_copy / "metrics.jsonl").mkdir()
     _refused(capsys, "train", "--resume", run_copy, "train.epochs=4", contains="cannot write the log")
+
+
+def test_a_run_of_zero_epochs_keeps_a_checkpoint_and_compacts(tmp_path):
+    """``train.epochs: 0`` (the finishing phase alone, e.g. after ``train.init_from``): the run
+    directory still holds the state the finishing phase started from, so that ``csparse
+    compact`` / ``eval`` load the network the run returned (refused before: "not a run directory")."""
+    from constrained_sparsity.runs import compact_trained, load_run
+
+    config = cs.load_config(DIGITS, ["train.epochs=0", "sparsity.targets=0.3", *QUIET])
+    result = cs.run(config, run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and result.feasible
+    trained = load_run(tmp_path / "run")
+    assert cs.error_rate(trained.model, trained.dataset.test_x, trained.dataset.test_y) == result.test_error
+    small = compact_trained(trained).module
+    assert cs.error_rate(small, trained.dataset.test_x, trained.dataset.test_y) == result.test_error

@@ -276,6 +276,8 @@ class _Game(Hooks):
             dist=run.ctx,
         )
         play(plan, pos, stop)
+        if not (run.out / CHECKPOINT).is_file():  # no epoch ran (train.epochs: 0): the state the next phases start from
+            self.save(pos)
 
     # -- the hooks ---------------------------------------------------------------------------
     def lr(self, step: int) -> float | None:  # the weights' group; the methods' own parameters keep gate_lr
