@@ -75,6 +75,10 @@ USER_MODULE = textwrap.dedent(
         def forward(self, x):
             return x
 
+    class NoParameters(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10]
+
     class NotAModule:
         pass
     """
@@ -103,6 +107,7 @@ def test_a_user_model_class_is_built_with_its_kwargs_and_the_datas_sizes(user_mo
         (["model.name=nomodule_here:Net"], "cannot import module 'nomodule_here'"),
         (["model.name=mymodels:NotAModule"], "is not a torch.nn.Module class"),
         (["model.name=mymodels:WrongOutput"], r"expected \(1, 10\) logits"),
+        (["model.name=mymodels:NoParameters"], "the model has no trainable parameter"),
         (["model.name=mymodels:TinyChain", "model.kwargs={depth: 3}"], "TinyChain\\(...\\) failed"),
     ],
 )

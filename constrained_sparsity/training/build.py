@@ -81,6 +81,8 @@ def _user_model(cfg: Config, dataset: Dataset) -> nn.Module:
     if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (1, dataset.num_classes)):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model.name={spec!r}: one example gives {got}, expected (1, {dataset.num_classes}) logits")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.name={spec!r}: the model has no trainable parameter")
     return model
 
 
