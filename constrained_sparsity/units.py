@@ -60,11 +60,20 @@ class UnitError(TypeError):
     """The network cannot be traced, or holds a layer whose units are not supported."""
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the gates and examples go there); a model without
+    any has no unit to gate."""
+    first = next(model.parameters(), None)
+    if first is None:
+        raise UnitError(f"the {type(model).__name__} has no parameter: no unit to gate")
+    return first.device
+
+
 def on_example(build: Any, model: nn.Module, input_shape: Sequence[int], where: str) -> Any:
     """``build(model, example)`` with a zero example of ``input_shape`` on the model's device (a
     unit method traces its graph on it); a network it cannot trace is the config's error,
     named by ``where`` (``sparsity.method=l0_units``)."""
-    example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    example = torch.zeros(1, *input_shape, device=model_device(model))
     try:
         return build(model, example)
     except UnitError as exc:
@@ -366,7 +375,7 @@ def prune_closed(
     if graph.input_sites:
         prune_transformer(model, closed)
     else:
-        prune(model, example.to(next(model.parameters()).device), closed)
+        prune(model, example.to(model_device(model)), closed)
     sizes = {g.name: g.size for g in graph.groups}
     return {name: min(len(idxs), sizes[name] - 1) for name, idxs in closed.items() if idxs}
 

@@ -370,6 +370,7 @@ class TupleOutput(nn.Module):
         (WithLayerNorm(), "layer 'norm' \\(LayerNorm\\) has parameters of a kind units do not support"),
         (TupleOutput(), "cannot tell which layer gives the network's output"),
         (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), "grouped convolutions other than depthwise"),
+        (nn.Sequential(nn.Flatten()), "the Sequential has no parameter: no unit to gate"),
     ],
 )
 def test_unsupported_networks_are_refused_in_one_line(model, match):

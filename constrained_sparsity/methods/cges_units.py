@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import OptionError
 from ..numbers import within
-from ..units import UnitError, UnitGraph, format_unit_rows, on_example, prune_closed, units_of
+from ..units import UnitError, UnitGraph, format_unit_rows, model_device, on_example, prune_closed, units_of
 from .base import (
     BudgetSpec,
     BuildContext,
@@ -164,7 +164,7 @@ class CGESUnits(Proximal, Projectable, UnitPruner, SparsityMethod):
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: CGESUnitsOptions | None = None) -> None:
         o = options or CGESUnitsOptions()
-        device = next(model.parameters()).device
+        device = model_device(model)
         self.model = model
         self.example = example[:1].detach().to(device).clone()
         self.graph: UnitGraph = units_of(model, self.example, o.output_layers)

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import ConfigError, OptionError
 from ..numbers import finite, within
-from ..units import GATES, UnitError, UnitGraph, format_unit_rows, on_example, prune_closed, units_of
+from ..units import GATES, UnitError, UnitGraph, format_unit_rows, model_device, on_example, prune_closed, units_of
 from .base import (
     BudgetSpec,
     BuildContext,
@@ -253,7 +253,7 @@ class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine:
                 raise UnitError(f"layer {name!r}: a BatchNorm without affine parameters cannot fold a gate")
-        device = next(model.parameters()).device  # where the gates live: with the model
+        device = model_device(model)  # where the gates live: with the model
         self.example = example[:1].detach().to(device).clone()
         self.graph: UnitGraph = units_of(model, self.example, o.output_layers)
         if not self.graph.groups:
