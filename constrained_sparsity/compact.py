@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import NetworkError
 from .graph import ChainError, bake, layer_output_shapes, parse_chain, plain_layer_like
 from .methods.base import Foldable, SparsityMethod, UnitPruner
 from .units import GATES
@@ -239,8 +240,8 @@ def fold_batchnorm_(module: nn.Module) -> dict[str, str]:
 
     A pair is folded only where the layer's output goes to the BatchNorm alone and each module
     is called once (found in the ``torch.fx`` graph of ``module``). Returns ``{BatchNorm:
-    layer}`` for the folded pairs. Raises ``TypeError`` (one line) for a network ``torch.fx``
-    cannot trace.
+    layer}`` for the folded pairs. Raises ``NetworkError`` (a ``TypeError``; one line) for a
+    network ``torch.fx`` cannot trace.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
@@ -248,7 +249,7 @@ def fold_batchnorm_(module: nn.Module) -> dict[str, str]:
         graph = torch.fx.symbolic_trace(module).graph
     except Exception as exc:  # noqa: BLE001 - whatever tracing raises, the message is the reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TypeError(f"folding BatchNorm needs a network torch.fx can trace ({reason})") from None
+        raise NetworkError(f"folding BatchNorm needs a network torch.fx can trace ({reason})") from None
     modules = dict(module.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -444,9 +445,10 @@ def active_inputs(module: nn.Module, input_shape: Sequence[int]) -> list[int]:
     can be fewer than the kept channels' positions that the compact layer holds.
     """
     try:
-        small = compact(module, input_shape, select_inputs=True).module
+        _chain(bake(module))
     except TypeError:  # not a chain: the paper's widths are those of chains
         return []
+    small = compact(module, input_shape, select_inputs=True).module
     return [int((m.weight != 0).any(dim=0).sum()) for m in small.modules() if isinstance(m, nn.Linear)]
 
 

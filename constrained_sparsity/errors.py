@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "NetworkError",
     "OptionError",
     "TrainingDiverged",
     "TrainingInterrupted",
@@ -42,6 +43,11 @@ class DataError(CSparseError, ValueError):
 
 class CheckpointError(CSparseError, ValueError):
     """A checkpoint or saved model cannot be used (another format version, not such a file)."""
+
+
+class NetworkError(CSparseError, TypeError):
+    """A network cannot be traced or transformed as asked (its units, folding its BatchNorms):
+    the message names the module or the reason."""
 
 
 class TrainingDiverged(CSparseError, RuntimeError):

@@ -18,13 +18,16 @@ no code is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
 import math
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from torch import nn
 
 from .compact import CompactModel, SelectInputs, fast_pooling
 from .errors import CheckpointError
-from .files import load_torch_file
+from .files import first_line, load_torch_file
 from .models import RESNETS, Attention, ViT, user_model
 
 __all__ = [
@@ -210,6 +213,8 @@ def save_compact(
     """Write ``model.pt`` (architecture + state_dict), ``model.pt2`` (torch.export) and ``architecture.json``.
 
     Weights of layers with per-weight zeros are stored as CSR tensors when that is smaller.
+    A network ``torch.export`` cannot export (a branch on its data, say) gets no ``model.pt2``
+    (a warning says why, and the returned paths have no ``"program"``); ``model.pt`` loads it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,8 +266,34 @@ def _write(
     torch.save({**info, "state_dict": state}, tmp)
     tmp.replace(paths["model"])
     paths["architecture"].write_text(json.dumps(info, indent=2))
-    _export(module, paths["program"], input_shape)
+    try:
+        with _held_back():
+            _export(module, paths["program"], input_shape)
+    except Exception as exc:  # noqa: BLE001 - torch.export refuses networks in many ways; each is a reason
+        paths.pop("program").unlink(missing_ok=True)  # no program of another network left beside model.pt
+        warnings.warn(
+            f"model.pt2 not written: torch.export cannot export the {type(module).__name__} ({first_line(exc)}); "
+            "model.pt holds the network",
+            stacklevel=3,
+        )
     return paths
+
+
+@contextlib.contextmanager
+def _held_back() -> Iterator[None]:
+    """What ``torch.export`` prints (the graph of a network it cannot export) and logs (through
+    torch's own handlers), held back: a failure is said in one line."""
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _export(module: nn.Module, path: Path, input_shape: Sequence[int]) -> None:

@@ -190,8 +190,14 @@ def format_compact_report(r: dict[str, Any]) -> str:
     lines = [
         f"compacted: {r['source']}",
         f"architecture: {r['architecture_before']}  ->  {r['architecture_after']}",
-        "active inputs per linear layer (features that can vary, the L0 paper's widths): "
-        + "-".join(map(str, r["active_inputs_before"])),
+        *(
+            [
+                "active inputs per linear layer (features that can vary, the L0 paper's widths): "
+                + "-".join(map(str, r["active_inputs_before"]))
+            ]
+            if r["active_inputs_before"]
+            else []  # a network that is not a chain
+        ),
         f"parameters: {r['params_before']} -> {r['params_after']} ({r['nonzero_params_after']} non-zero)",
         f"FLOPs per example: {r['flops_before']} -> {r['flops_after']} "
         f"(ratio {r['flops_after'] / max(r['flops_before'], 1):.3f})",
@@ -205,7 +211,9 @@ def format_compact_report(r: dict[str, Any]) -> str:
             f"layers {r['unstructured_layers']} keep per-weight zeros: stored as CSR where smaller, but dense "
             "kernels multiply the zeros, so they gain no speed from them"
         )
-    lines.append(f"written: {r['paths']['model']} (state_dict + architecture), {r['paths']['program']} (torch.export)")
+    program = r["paths"].get("program")
+    exported = f"{program} (torch.export)" if program else "no model.pt2 (torch.export cannot export this network)"
+    lines.append(f"written: {r['paths']['model']} (state_dict + architecture), {exported}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, NetworkError
 from .graph import layer_output_shapes, observe
 from .models import Attention, FeedForward
 
@@ -56,7 +56,7 @@ GATES = "unit_gates"  # where a method keeps the gates of its units on the model
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-class UnitError(TypeError):
+class UnitError(NetworkError):
     """The network cannot be traced, or holds a layer whose units are not supported."""
 
 

@@ -79,6 +79,18 @@ USER_MODULE = textwrap.dedent(
         def forward(self, x):
             return x.flatten(1)[:, :10]
 
+    class Branchy(nn.Module):  # a BatchNorm, and a branch on the data: no torch.fx graph
+        def __init__(self, in_channels, num_classes):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x)))
+            if h.sum() > 0:
+                h = 2 * h
+            return self.fc(h.mean((2, 3)))
+
     class NotAModule:
         pass
     """
@@ -160,3 +172,29 @@ def test_l0_on_a_network_that_is_not_a_chain_says_its_budget_is_not_the_deployab
     cfg = cs.load_config("digits_mlp_l0", ["model.name=resnet20", *QUIET])
     with pytest.warns(UserWarning, match="its density is not the deployable network's.*l0_units"):
         cs.training.build_trainer(cfg, cs.load_dataset("digits"))
+
+
+def test_a_network_with_a_branch_on_its_data_compacts_without_a_program_and_refuses_folding(user_module, capsys):
+    """It trains and compacts (its units come from the dependency graph): ``model.pt`` is written
+    and loads; ``torch.export`` cannot export it, so there is no ``model.pt2`` and a warning says
+    why; folding its BatchNorm needs a torch.fx graph, and the command says so in one line."""
+    from constrained_sparsity.cli import main
+
+    overrides = ["model.name=mymodels:Branchy", "sparsity.method=l0_units", "train.epochs=1", *QUIET]
+    run_dir = user_module / "run"
+    cs.run(cs.load_config("digits_mlp_l0", overrides), run_dir=run_dir)
+    (run_dir / "compact").mkdir()
+    (run_dir / "compact" / "model.pt2").write_text("a program of another network")
+    assert main(["compact", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert "no model.pt2 (torch.export cannot export this network)" in out
+    # one line each: the reason, neither torch.export's graph dump nor a spurious "removes no unit"
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(
+        "warning: model.pt2 not written: torch.export cannot export the Branchy (Could not guard on data-dependent"
+    ), err
+    assert not (run_dir / "compact" / "model.pt2").exists()  # nothing stale beside model.pt
+    loaded, _ = cs.load_compact(run_dir / "compact" / "model.pt")
+    assert type(loaded).__name__ == "Branchy"
+    assert main(["compact", str(run_dir), "--fold-batchnorm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "folding BatchNorm needs a network torch.fx can trace" in err[0], err
