@@ -268,7 +268,7 @@ def _write(
     paths["architecture"].write_text(json.dumps(info, indent=2))
     try:
         with _held_back():
-            _export(module, paths["program"], input_shape)
+            program = _exported(module, input_shape)
     except Exception as exc:  # noqa: BLE001 - torch.export refuses networks in many ways; each is a reason
         paths.pop("program").unlink(missing_ok=True)  # no program of another network left beside model.pt
         warnings.warn(
@@ -276,6 +276,8 @@ def _write(
             "model.pt holds the network",
             stacklevel=3,
         )
+        return paths
+    torch.export.save(program, paths["program"])
     return paths
 
 
@@ -296,11 +298,10 @@ def _held_back() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export(module: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
+def _exported(module: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
     example = torch.zeros(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, path)
+    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
 
 
 def _widths(module: nn.Module) -> dict[str, dict[str, int]]:
