@@ -304,9 +304,10 @@ def unit_counts(run_dir: str | Path) -> dict[str, int] | None:
     """The parameters and FLOPs per example that a finished run's unit method counts for its
     end state (``count(weighting)`` of ``l0_units`` / ``cges_units``: what compaction should
     leave), or None for a run without one."""
+    from constrained_sparsity.methods.base import UnitPruner
     from constrained_sparsity.runs import load_run
 
-    counting = [m for m in load_run(run_dir).methods if callable(getattr(m, "count", None))]
+    counting = [m for m in load_run(run_dir).methods if isinstance(m, UnitPruner)]  # as dense_and_compact
     if not counting:
         return None
     return {w: sum(m.count(w) for m in counting) for w in ("params", "flops")}
