@@ -18,7 +18,8 @@ after the pool), dense and pruned alternately, and prints latency ratio / FLOP r
 several ways of running them: eager (as ``bench_compact``), eager with in-place ReLUs,
 TorchScript (traced, ``torch.jit.freeze``, ``torch.jit.optimize_for_inference``) and, with
 ``--compile``, ``torch.compile`` (inductor; needs a C++ compiler), plain and with
-inductor's ``freezing`` (weights as constants, prepacked oneDNN kernels). ``conv1`` times
+inductor's ``freezing`` (weights as constants, prepacked oneDNN kernels), and of the
+inference networks (BatchNorm folded): plain, channels-last and ``mode="max-autotune"``. ``conv1`` times
 ways of computing a 1-input-channel 5x5 convolution (LeNet's conv1) and checks they agree.
 ``ops`` profiles both networks (``torch.profiler``, self time of each PyTorch operator per
 pass) and splits the time into the operators that do the FLOPs (matrix products,
@@ -152,8 +153,12 @@ def runtimes(run_dir: str, passes: int, use_compile: bool) -> None:
         "TorchScript, frozen, optimize_for_inference": (_torchscript(dense, shape), _torchscript(small, shape)),
     }
     if use_compile:
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
+        # twelve compiled networks share ResNet.forward's code: past dynamo's limit of
+        # recompilations per code object (8) the later ones would silently run eager
+        dynamo_config.recompile_limit = 64
         pairs["torch.compile"] = (torch.compile(dense), torch.compile(small))
         with torch.inference_mode():  # compiled at the first call, under the setting
             with inductor_config.patch(freezing=True):
@@ -161,6 +166,14 @@ def runtimes(run_dir: str, passes: int, use_compile: bool) -> None:
                 for net in frozen:
                     net(torch.rand(256, *shape))
         pairs["torch.compile, freezing"] = frozen
+        folded = [_report.inference_network(net) for net in (dense, small)]
+        pairs["torch.compile, BatchNorm folded"] = tuple(torch.compile(net) for net in folded)
+        pairs["torch.compile, folded, channels-last"] = tuple(
+            torch.compile(_report.inference_network(net, channels_last=True)) for net in (dense, small)
+        )
+        pairs["torch.compile, folded, max-autotune"] = tuple(
+            torch.compile(copy.deepcopy(net), mode="max-autotune") for net in folded
+        )
     x = torch.rand(256, *shape)
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
