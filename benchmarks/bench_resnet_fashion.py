@@ -10,7 +10,9 @@ Runs (``--epochs`` each, from scratch; the configs ``fashion_resnet20_l0_units_*
   (``--max-runs`` runs at most; the λ and the runs it took);
 * magnitude pruning: the trained dense network pruned with Torch-Pruning's group-norm
   importance (``MagnitudePruner``, global) to the parameter count of the constrained run at
-  the first budget, then fine-tuned for ``--epochs`` epochs (Adam at the configs' lr).
+  the first budget, then fine-tuned for ``--epochs`` epochs (Adam at the configs' lr), once
+  at that constant lr and once with it annealed to 0 on a cosine (as the constrained runs'
+  finishing phase anneals its fine-tuning).
 
 Per run: test error; the exact measure times the dense count against the compact network's
 parameters and FLOPs, and the unit method's own counts of both at the end state (goal: all
@@ -29,14 +31,16 @@ each of ``--rounds`` rounds (``_report.interleaved_latency_ms``).
 ``--jobs 2`` trains the λ search beside the dense and the other budgets' runs. Writes
 ``OUT/resnet_fashion.{json,md}``. Every finished run is kept whole in ``OUT/kept``: ``--reuse``
 copies back a kept run of the same config instead of training it, and continues a run that
-stopped (the script killed) from its last checkpoint; the baseline's fine-tuning is kept in
-``OUT/magnitude`` the same way. The script can so be stopped and started again at any time.
+stopped (the script killed) from its last checkpoint; the baselines' fine-tunings are kept in
+``OUT/magnitude`` and ``OUT/magnitude-cosine`` the same way. The script can so be stopped and
+started again at any time.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -47,6 +51,7 @@ import torch
 import constrained_sparsity as cs
 from constrained_sparsity.compact import count_flops, count_params
 from constrained_sparsity.jobs import Runner
+from constrained_sparsity.problem import scheduled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINED = ROOT / "configs" / "fashion_resnet20_l0_units_constrained.yaml"
@@ -60,8 +65,11 @@ def _say(msg: str) -> None:
     print(f"[resnet] {msg}", file=sys.stderr, flush=True)
 
 
-def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: int, out: Path, reuse: bool) -> dict:
-    """The dense network pruned by group magnitude to at most ``params`` parameters, fine-tuned.
+def _magnitude_baseline(
+    dense_dir: Path, params: int, cfg: cs.Config, epochs: int, out: Path, reuse: bool, schedule: str = "constant"
+) -> dict:
+    """The dense network pruned by group magnitude to at most ``params`` parameters, fine-tuned
+    with Adam at ``cfg``'s lr, constant or (``schedule="cosine"``) annealed to 0 over its steps.
 
     Kept in ``out``: ``result.json`` once done, ``checkpoint.pt`` after every epoch (the pruned
     network is rebuilt from the dense run, then its weights and Adam's state are loaded), both
@@ -72,6 +80,8 @@ def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: in
 
     dense_config = (Path(dense_dir) / "config.yaml").read_text()
     key = {"dense": dense_config, "params": params, "epochs": epochs, "lr": cfg.optim.primal.lr}
+    if schedule != "constant":
+        key["schedule"] = schedule
     done, ckpt_path = out / "result.json", out / "checkpoint.pt"
     if reuse and done.is_file() and (saved := json.loads(done.read_text())).get("key") == key:
         _say("magnitude baseline: kept")
@@ -102,21 +112,26 @@ def _magnitude_baseline(dense_dir: Path, params: int, cfg: cs.Config, epochs: in
         start, seconds = ckpt["epoch"], ckpt["seconds"]
         _say(f"magnitude baseline: continuing after epoch {start}")
     out.mkdir(parents=True, exist_ok=True)
+    per_epoch = math.ceil(len(dataset.train_y) / cfg.data.batch_size)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
         gen = torch.Generator().manual_seed(epoch)
-        for x, y in cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen):
+        for i, (x, y) in enumerate(cs.data.batches(dataset.train_x, dataset.train_y, cfg.data.batch_size, gen)):
+            lr = scheduled_lr(cfg.optim.primal.lr, epoch * per_epoch + i, epochs * per_epoch, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
         seconds += time.perf_counter() - t0
         state = {"key": key, "epoch": epoch + 1, "seconds": seconds}
         torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
-        _say(f"magnitude baseline: epoch {epoch + 1}/{epochs} ({seconds:.0f} s)")
+        _say(f"magnitude baseline ({schedule} lr): epoch {epoch + 1}/{epochs} ({seconds:.0f} s)")
     model.eval()
     row = {
-        "run": "magnitude (Torch-Pruning, group norm) + fine-tuning",
+        "run": "magnitude (Torch-Pruning, group norm) + fine-tuning"
+        + ("" if schedule == "constant" else f", {schedule} lr"),
         "pruning_ratio": hi,
         "test_error": cs.error_rate(model, dataset.test_x, dataset.test_y),
         "params": count_params(model),
@@ -144,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     target_params = rows[1]["params"]
     torch.set_num_threads(threads * args.jobs)  # the fine-tuning runs alone: every training's threads
     dense_cfg = _config(common, dense=True)
-    rows.append(
-        _magnitude_baseline(dense.run_dir, target_params, dense_cfg, args.epochs, out / "magnitude", args.reuse)
-    )
+    for schedule, kept in (("constant", "magnitude"), ("cosine", "magnitude-cosine")):
+        rows.append(
+            _magnitude_baseline(dense.run_dir, target_params, dense_cfg, args.epochs, out / kept, args.reuse, schedule)
+        )
     torch.set_num_threads(threads)  # the timings at the trainings' threads
     # speed: the gated run against dense, interleaved on the same batches
     timing = _report.interleaved_timing(
