@@ -150,13 +150,20 @@ def existing_run(run_dir: Path, cfg, tag: str = "bench", same_threads: bool = Fa
 
     Its ``config.yaml`` must equal ``cfg`` but for the output directory (a run moved elsewhere
     trains the same) and, unless ``same_threads`` (a run continues at its own threads), the
-    thread count (the scripts take their timings again, interleaved, at the end)."""
+    thread count (the scripts take their timings again, interleaved, at the end). It is read
+    as a run reads it, so a key added to the configs since, at its default, is no change."""
     import yaml
+
+    from constrained_sparsity.config import ConfigError, config_from_dict
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
-    saved, wanted = yaml.safe_load(config_path.read_text()), cfg.to_dict()
+    try:
+        saved = config_from_dict(yaml.safe_load(config_path.read_text())).to_dict()
+    except ConfigError:  # a config this version refuses: not the same run
+        return None
+    wanted = cfg.to_dict()
     for d in (saved, wanted):
         if not same_threads:
             d.get("train", {}).pop("threads", None)
@@ -358,6 +365,9 @@ def budget_args(doc: str, out: Path, max_runs: int, argv: list[str] | None):  # 
     parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
     parser.add_argument("--out", default=str(out))
     parser.add_argument("--reuse", action="store_true", help="keep the runs of OUT/kept, continue stopped ones")
+    parser.add_argument(
+        "--equality", action="store_true", help="also train each budget as an equality (sparsity.equality=true)"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.max_runs < 1 or args.jobs < 1 or not all(0 < b < 1 for b in args.budgets):
         parser.error("--epochs, --max-runs and --jobs should be >= 1, --budgets in (0, 1)")
@@ -366,16 +376,20 @@ def budget_args(doc: str, out: Path, max_runs: int, argv: list[str] | None):  # 
     return args
 
 
-def budget_runs(runner, config: Callable, budgets: list[float], max_runs: int, out: Path, tag: str) -> dict:  # type: ignore[no-untyped-def]
+def budget_runs(  # type: ignore[no-untyped-def]
+    runner, config: Callable, budgets: list[float], max_runs: int, out: Path, tag: str, equality: bool = False
+) -> dict:
     """The runs of a benchmark at deployable budgets, played by ``runner``: the first budget as
     ``csparse compare --bisect`` runs it (its constrained run, and the penalised twin's λ search
     in ``OUT/<tag>-compare``), the dense run and the constrained runs at the later budgets (in
-    ``OUT/runs/<tag>-dense``, ``OUT/runs/<tag>-constrained-<ε>``). ``config(overrides, dense)``
-    makes a run's config.
+    ``OUT/runs/<tag>-dense``, ``OUT/runs/<tag>-constrained-<ε>``); with ``equality``, every
+    budget's constrained run again with ``sparsity.equality=true`` (``OUT/runs/<tag>-equality-<ε>``).
+    ``config(overrides, dense)`` makes a run's config.
 
-    Returns ``dense`` and ``penalised`` (``RunResult``), ``constrained`` (budget: ``RunResult``),
-    ``search`` (the search's row: ``lambda``, ``runs_used``, ``wall_time_s``) and ``rows`` (dense,
-    then :func:`budget_row` of each constrained run and of the penalised one)."""
+    Returns ``dense`` and ``penalised`` (``RunResult``), ``constrained`` and ``equality``
+    (budget: ``RunResult``), ``search`` (the search's row: ``lambda``, ``runs_used``,
+    ``wall_time_s``) and ``rows`` (dense, then :func:`budget_row` of each constrained run, of
+    each equality run and of the penalised one)."""
     from constrained_sparsity.compare import prepare_methods
 
     first, later = budgets[0], budgets[1:]
@@ -386,20 +400,29 @@ def budget_runs(runner, config: Callable, budgets: list[float], max_runs: int, o
     (plan,) = prepared.plans(runner)
     searched = plan.tasks()
     runs = out / "runs"
-    runner.progress.plan(1 + len(later))
+    equal = budgets if equality else []
+    runner.progress.plan(1 + len(later) + len(equal))
     tasks = [*searched, lambda: runner.train(config([], dense=True), runs / f"{tag}-dense")]
     tasks += [
         lambda b=b: runner.train(config([f"sparsity.targets={b}"]), runs / f"{tag}-constrained-{b:g}") for b in later
     ]
+    tasks += [
+        lambda b=b: runner.train(
+            config([f"sparsity.targets={b}", "sparsity.equality=true"]), runs / f"{tag}-equality-{b:g}"
+        )
+        for b in equal
+    ]
     made = runner.play(tasks)
     found = plan.finish(made[: len(searched)])
-    dense, *others = made[len(searched) :]
+    dense, *others = made[len(searched) : len(made) - len(equal)]
+    equalities = dict(zip(equal, made[len(made) - len(equal) :]))
     (own,) = [r for r in found.rows if r["mode"] == "constrained"]
     (search,) = [r for r in found.rows if r["mode"] == "penalized"]
     constrained = {first: load_result(own["run_dir"]), **dict(zip(later, others))}
     penalised = load_result(search["run_dir"])
     rows = [{"run": "dense", "test_error": dense.test_error, "run_dir": str(dense.run_dir)}]
     rows += [budget_row(f"l0_units constrained, ε = {b:g}", result, b) for b, result in constrained.items()]
+    rows += [budget_row(f"l0_units constrained, equality, ε = {b:g}", r, b) for b, r in equalities.items()]
     name = f"l0_units penalised, λ = {search['lambda']:.4g} (bisected to ε = {first:g})"
     rows.append(
         {
@@ -409,7 +432,14 @@ def budget_runs(runner, config: Callable, budgets: list[float], max_runs: int, o
             "search_s": search["wall_time_s"],
         }
     )
-    return {"dense": dense, "constrained": constrained, "penalised": penalised, "search": search, "rows": rows}
+    return {
+        "dense": dense,
+        "constrained": constrained,
+        "equality": equalities,
+        "penalised": penalised,
+        "search": search,
+        "rows": rows,
+    }
 
 
 def budget_table(rows: list[dict]) -> list[str]:

@@ -8,6 +8,8 @@ Runs (``--epochs`` each, from scratch; the configs ``fashion_resnet20_l0_units_*
   first budget's run is that of ``csparse compare``);
 * the penalised twin at the λ that ``csparse compare --bisect`` finds for the first budget
   (``--max-runs`` runs at most; the λ and the runs it took);
+* with ``--equality``, the constrained run at each budget again with ``sparsity.equality=true``
+  (the game aims at the budget from both sides; docs/method.md);
 * magnitude pruning: the trained dense network pruned with Torch-Pruning's group-norm
   importance (``MagnitudePruner``, global) to the parameter count of the constrained run at
   the first budget, then fine-tuned for ``--epochs`` epochs (Adam at the configs' lr), once
@@ -25,7 +27,7 @@ ratio): as trained, with BatchNorm folded into the convs (the inference networks
 channels-last, folded and compiled (``torch.compile``); the eight networks timed in turn in
 each of ``--rounds`` rounds (``_report.interleaved_latency_ms``).
 
-    python benchmarks/bench_resnet_fashion.py --jobs 2 --threads 1 --epochs 12 --max-runs 4 --reuse
+    python benchmarks/bench_resnet_fashion.py --jobs 2 --threads 1 --epochs 12 --max-runs 4 --reuse --equality
     python benchmarks/bench_resnet_fashion.py --data digits --epochs 2 --max-runs 2   # checks the script
 
 ``--jobs 2`` trains the λ search beside the dense and the other budgets' runs. Writes
@@ -153,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     store = _report.KeptRuns(out, out / "kept", args.reuse, "resnet")
     with Runner(args.jobs, threads, store=store, say=_say) as runner:
         made = _report.budget_runs(
-            runner, lambda o, dense=False: _config([*common, *o], dense), args.budgets, args.max_runs, out, "resnet"
+            runner,
+            lambda o, dense=False: _config([*common, *o], dense),
+            args.budgets,
+            args.max_runs,
+            out,
+            "resnet",
+            args.equality,
         )
     dense, constrained, search, rows = made["dense"], made["constrained"], made["search"], made["rows"]
     target_params = rows[1]["params"]

@@ -8,7 +8,8 @@ per-kind head budget, so that the budget is the parameters alone):
 * constrained ``l0_units`` at each ``--budgets`` (shares of the compact transformer's
   parameters; the first budget's run is that of ``csparse compare``);
 * the penalised twin at the λ that ``csparse compare --bisect`` finds for the first budget
-  (``--max-runs`` runs at most; the λ and the runs it took).
+  (``--max-runs`` runs at most; the λ and the runs it took);
+* with ``--equality``, the constrained run at each budget again with ``sparsity.equality=true``.
 
 Per run: test error; the exact measure times the dense count against the compact model's
 parameters and FLOPs, and the unit method's own counts of both at the end state (goal: all
@@ -98,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     store = _report.KeptRuns(out, out / "kept", args.reuse, "vit")
     with Runner(args.jobs, threads, store=store, say=_say) as runner:
         made = _report.budget_runs(
-            runner, lambda o, dense=False: _config([*common, *o], dense), args.budgets, args.max_runs, out, "vit"
+            runner,
+            lambda o, dense=False: _config([*common, *o], dense),
+            args.budgets,
+            args.max_runs,
+            out,
+            "vit",
+            args.equality,
         )
     dense, constrained, search, rows = made["dense"], made["constrained"], made["search"], made["rows"]
     kept = {f"constrained ε = {b:g}": kept_units(result.run_dir) for b, result in constrained.items()}

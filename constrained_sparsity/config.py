@@ -171,6 +171,9 @@ class SparsityConfig:
     measure: str | list[str] = "exact"
     lambda_init: float = 0.0
     dual_restarts: bool = True
+    # Every budget an equality in the game (``Target.equality``): under the budget the
+    # multiplier turns negative and reopens units; the run still ends at most at the budget.
+    equality: bool = False
     options: Any = None
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -205,6 +208,16 @@ class SparsityConfig:
             raise _fail("sparsity.measure", self.measure, f"needs one entry per target ({len(self.target_list())})")
         if not (finite(self.lambda_init) and self.lambda_init >= 0):
             raise _fail("sparsity.lambda_init", self.lambda_init, "should be a finite number >= 0")
+        if self.equality and self.mode != "constrained":
+            raise _fail("sparsity.equality", True, f"needs mode constrained (the mode is {self.mode})")
+        for declared in self.declarations() if self.equality else ():
+            if not declared.cls.spec.equality:
+                raise _fail(
+                    "sparsity.equality",
+                    True,
+                    f"method {declared.cls.name!r} cannot aim at its budget from below "
+                    "(a negative multiplier does not reopen what it prunes)",
+                )
 
     def method_class(self) -> type[SparsityMethod] | None:
         """The class ``method`` names (``None`` for ``none``)."""
@@ -261,7 +274,7 @@ class SparsityConfig:
         return out
 
 
-_GENERIC = ("method", "mode", "targets", "lambdas", "measure", "lambda_init", "dual_restarts")
+_GENERIC = ("method", "mode", "targets", "lambdas", "measure", "lambda_init", "dual_restarts", "equality")
 
 
 def _method_class(key: str, spec: Any) -> type[SparsityMethod]:

@@ -61,7 +61,8 @@ def _as_methods(methods: SparsityMethod | Sequence[SparsityMethod] | None) -> li
 
 
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
-    """Cooper CMP: task loss plus one inequality constraint per :class:`Target`.
+    """Cooper CMP: task loss plus one constraint per :class:`Target`: an inequality, or an
+    equality where the target asks for one (``Target.equality``).
 
     Args:
         model: the network (with its sparsity methods attached).
@@ -113,6 +114,14 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                     else f"it runs in mode {' or '.join(modes)}"
                 )
                 raise ValueError(f"mode={mode!r}: method {method.name!r} has no such mode; {how}")
+        for target in self.targets:
+            if target.equality and mode != "constrained":
+                raise ValueError(f"target {target.name!r}: an equality target needs mode='constrained', not {mode!r}")
+            if target.equality and not type(target.method).spec.equality:
+                raise ValueError(
+                    f"target {target.name!r}: method {target.method.name!r} cannot aim at its budget from below "
+                    "(a negative multiplier does not reopen what it prunes); use an inequality (equality=False)"
+                )
         for method in self.methods:
             method.on_targets([t for t in self.targets if t.method is method])
         self._constraints_in_order: list[cooper.Constraint] = []
@@ -124,7 +133,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             else:
                 init = lambda_init if mode == "constrained" else 0.0
             constraint = cooper.Constraint(
-                constraint_type=cooper.ConstraintType.INEQUALITY,
+                constraint_type=cooper.ConstraintType.EQUALITY if target.equality else cooper.ConstraintType.INEQUALITY,
                 formulation_type=cooper.formulations.Lagrangian,
                 multiplier=cooper.multipliers.DenseMultiplier(init=torch.tensor([float(init)])),
             )
@@ -256,6 +265,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
         Dual restarts (Gallego-Posada et al. 2021; removed from Cooper 1.0): once a budget is
         met, the pressure it put on the parameters is released at once instead of decaying.
+        An equality's multiplier is negative under its budget by design: it is reset when it
+        pushes the wrong way, once the measure has crossed the budget (λ > 0 under it, λ < 0
+        over it), so that the pressure that carried it across does not carry it further.
         Targets with ``restarts=False`` are left alone. Returns the names of the constraints
         that were restarted.
         """
@@ -269,7 +281,11 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             if state is None:
                 continue
             _, strict = state.extract_violations()
-            if bool((strict < 0).all()):
+            if target.equality:
+                crossed = bool((strict * constraint.multiplier.weight < 0).all())
+            else:
+                crossed = bool((strict < 0).all())
+            if crossed:
                 weight = constraint.multiplier.weight
                 weight.zero_()
                 if dual_optimizer is not None:

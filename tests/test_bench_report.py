@@ -212,3 +212,19 @@ def test_the_dense_network_of_a_unit_gated_run_has_its_gates_folded_in(report, t
     x = dataset.test_x[:64]
     with torch.no_grad():
         torch.testing.assert_close(dense(x), small(x), rtol=0, atol=1e-5)
+
+
+def test_a_run_saved_before_a_config_key_existed_is_the_same_run(report, tmp_path):
+    """A key the configs gained since (``sparsity.equality``), at its default, is no change."""
+    cfg = load_config(DIGITS)
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = cfg.to_dict()
+    del saved["sparsity"]["equality"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "summary.json").write_text(json.dumps({"status": "complete"}))
+    assert report.existing_run(run, cfg) == "complete"
+    assert report.existing_run(run, load_config(DIGITS, ["sparsity.equality=true"])) is None
+    saved["sparsity"]["targets"] = 7.0  # no longer a valid config: not the same run
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert report.existing_run(run, cfg) is None

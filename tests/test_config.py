@@ -71,6 +71,13 @@ BAD = [
     ({"model": {"name": "lenet5"}}, r"model.name='lenet5': needs 28x28 images"),
     ({"optim": {"primal": {"schedule": "step"}}}, r"optim.primal.schedule='step': should be one of constant, cosine"),
     ({"optim": {"primal": {"final_lr_factor": 2}}}, r"optim.primal.final_lr_factor=2: should be in \[0, 1\]"),
+    (
+        {"sparsity": {"equality": True, "mode": "penalized", "lambdas": 1}},
+        r"sparsity.equality=True: needs mode constrained \(the mode is penalized\)",
+    ),
+    ({"sparsity": {"equality": True, "method": "cges"}}, r"sparsity.equality=True: method 'cges' cannot aim at"),
+    ({"sparsity": {"equality": True, "layers": {"max_layers": 2}}}, r"method 'layers' cannot aim at its budget"),
+    ({"sparsity": {"equality": "yes"}}, r"sparsity.equality='yes': should be bool"),
 ]
 
 
@@ -124,3 +131,19 @@ def test_cli_missing_config_file(tmp_path):
     proc = _cli("train", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_an_equality_config_gives_equality_targets_and_its_penalised_twin_none():
+    from constrained_sparsity.compare.method import ComparedMethod
+    from constrained_sparsity.config import apply_overrides
+    from constrained_sparsity.training import build_trainer, dataset_for
+
+    cfg = load_config(ROOT / "configs" / "digits_mlp_l0.yaml", ["sparsity.equality=true"])
+    dataset = dataset_for(cfg)
+    _, _, problem, _ = build_trainer(cfg, dataset)
+    assert [t.equality for t in problem.targets] == [True]
+    twin = ComparedMethod(cfg.sparsity.declarations()[0]).penalized(0.3, [1.0])
+    penalised = config_from_dict(apply_overrides(cfg.to_dict(), twin))
+    assert (penalised.sparsity.mode, penalised.sparsity.equality) == ("penalized", False)
+    _, _, problem, _ = build_trainer(penalised, dataset)
+    assert [t.equality for t in problem.targets] == [False]

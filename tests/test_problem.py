@@ -2,6 +2,7 @@
 
 import copy
 
+import cooper
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,3 +338,62 @@ def test_a_problem_refuses_a_mode_its_method_does_not_have(attach, mode, match):
     mlp = cs.MLP(8, [6], 3)
     with pytest.raises(ValueError, match=match):
         cs.SparsityProblem(mlp, attach(mlp), [cs.Target(epsilon=0.5, lam=0.1)], mode=mode)
+
+
+def _under_budget(equality: bool, **kw):
+    """The test model with its first-layer gates closed (exact density 24 / 72), budget 0.5."""
+    model, gates = _model()
+    with torch.no_grad():
+        model[0].l0_gate.log_alpha.fill_(-10.0)
+    problem = SparsityProblem(model, gates, [Target(0.5, equality=equality)], mode="constrained", **kw)
+    return model, gates, problem
+
+
+@pytest.mark.parametrize("equality", [False, True])
+def test_under_the_budget_an_equality_multiplier_turns_negative_and_is_never_restarted(equality):
+    model, gates, problem = _under_budget(equality)
+    kind = cooper.ConstraintType.EQUALITY if equality else cooper.ConstraintType.INEQUALITY
+    assert problem.l0_model.constraint_type == kind
+    opt = build_optimizer(problem, dual=DualOptimizer("sgd", lr=0.5))
+    result = train_step(problem, opt, *_batch(), dual_restarts=True)
+    # alternating (dual first): lambda_1 = 0 + lr * (exact - eps), projected on >= 0 for an inequality
+    step = 0.5 * (24 / 72 - 0.5)
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(step if equality else 0.0)
+    assert result["restarted"] == ([] if equality else ["l0_model"])
+
+
+def test_a_negative_multiplier_enters_the_primal_step_as_lambda_times_g():
+    """One alternating step of an equality under its budget is SGD on loss + lambda_1 * g with
+    lambda_1 < 0 (the same hand-written loss as the penalised test): it opens gates."""
+    lr, dual_lr = 0.1, 0.5
+    x, y = _batch()
+    model, gates, problem = _under_budget(True)
+    reference = copy.deepcopy(model)
+    ref_gates = [m.l0_gate for m in (reference[0], reference[2])]
+    opt = build_optimizer(problem, PrimalOptimizer("sgd", lr=lr), DualOptimizer("sgd", lr=dual_lr))
+    torch.manual_seed(42)
+    train_step(problem, opt, x, y)
+    lam = dual_lr * (24 / 72 - 0.5)
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(lam)
+
+    torch.manual_seed(42)
+    reference.train()
+    loss = F.cross_entropy(reference(x), y)
+    density = sum(g.prob_nonzero().sum() * k for g, k in zip(ref_gates, (8, 3))) / (6 * 8 + 8 * 3)
+    (loss + lam * density).backward()
+    assert all((g.log_alpha.grad < 0).all() for g in ref_gates[:1])  # descent raises the closed gates' log alpha
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= lr * p.grad
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_an_equality_target_is_refused_where_it_means_nothing():
+    model, gates = _model()
+    with pytest.raises(ValueError, match="needs mode='constrained'"):
+        SparsityProblem(model, gates, [Target(0.5, lam=1.0, equality=True)], mode="penalized")
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    cges = cs.attach_cges(net)
+    with pytest.raises(ValueError, match="'cges' cannot aim at its budget from below"):
+        SparsityProblem(net, cges, [Target(0.5, equality=True)])

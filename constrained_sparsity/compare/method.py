@@ -81,6 +81,7 @@ class ComparedMethod:
         lams = json.dumps(lam if isinstance(budget, list) else lam[0])
         return [
             "sparsity.mode=penalized",
+            "sparsity.equality=false",  # the penalty has a fixed lambda: no side to aim from
             f"{self.prefix}{self.cls.spec.budget_key}={self._budget(budget)}",
             f"{self.prefix}{self.cls.spec.lambda_key}={lams}",
         ]

@@ -171,6 +171,11 @@ class Target:
             ``None`` for the problem's first method.
         restarts: whether dual restarts may reset this multiplier (when the training step
             asks for restarts).
+        equality: the game aims at the budget from both sides (``measure(layers) = epsilon``,
+            a Cooper equality constraint: the multiplier turns negative while under the
+            budget and reopens units). The budget the run is held to stays ``<= epsilon``:
+            feasibility and the finishing phase are unchanged. Constrained mode, methods whose
+            spec allows it (``MethodSpec.equality``); dual restarts never reset it.
     """
 
     epsilon: float
@@ -180,6 +185,7 @@ class Target:
     name: str | None = None
     method: Any = None
     restarts: bool = True
+    equality: bool = False
 
     def __post_init__(self) -> None:
         eps = self.epsilon
@@ -275,6 +281,10 @@ class MethodSpec:
       multiplier that moves it has ``constrained`` and ``penalized``; one that meets its
       budget by construction (a top-k mask) has only ``projected`` (no penalty to search:
       ``compare`` runs it once per budget).
+    * ``equality``: its targets may be equalities (``Target.equality``, ``sparsity.equality``):
+      its surrogate is an expected count of open units, so a negative multiplier reopens the
+      units nearest to opening. Not for a norm penalty (a negative one grows the weights
+      without bound) nor a proximal step (it has no negative strength).
     """
 
     options: type | None = None
@@ -286,6 +296,7 @@ class MethodSpec:
     lambda_range: tuple[float, float] = (1e-3, 1e2)
     finishes: bool = False
     modes: tuple[str, ...] = ("constrained", "penalized")
+    equality: bool = False
 
     @property
     def budget_mode(self) -> str:

@@ -772,7 +772,7 @@ class L0Gates(Projectable, Freezable, SparsityMethod):
     """
 
     name = "l0"
-    spec = MethodSpec(options=L0Options)
+    spec = MethodSpec(options=L0Options, equality=True)
     reporter = L0Report
 
     def __init__(self, layers: list[_GatedLayer]) -> None:

@@ -243,7 +243,7 @@ class L0Units(Projectable, Freezable, UnitPruner, Foldable, SparsityMethod):
     """L0 gates on dependency-graph units (see the module docstring). Built by :func:`attach_l0_units`."""
 
     name = "l0_units"
-    spec = MethodSpec(options=L0UnitsOptions)
+    spec = MethodSpec(options=L0UnitsOptions, equality=True)
     reporter = L0UnitsReport
 
     def __init__(self, model: nn.Module, example: torch.Tensor, options: L0UnitsOptions | None = None) -> None:

@@ -127,6 +127,8 @@ def build_methods(cfg: Config, model: nn.Module, dataset: Dataset) -> tuple[list
         method, method_targets = built
         methods.append(method)
         targets.extend(method_targets)
+    if cfg.sparsity.equality:
+        targets = [replace(t, equality=True) for t in targets]
     return methods, targets
 
 
