@@ -46,6 +46,20 @@ def test_game_step_on_the_models_device_and_dtype(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_equality_game_step_and_its_restart_on_the_models_device(device, dtype):
+    model, gates = _gated(cs.MLP(12, [10, 8], 3), device, dtype)
+    problem = cs.SparsityProblem(model, gates, [cs.Target(0.99, equality=True)], lambda_init=1.0).to(device)
+    opt = cs.build_optimizer(problem, dual=cs.DualOptimizer("sgd", lr=0.01))
+    x = torch.rand(16, 12, device=device, dtype=dtype)
+    y = torch.randint(0, 3, (16,), device=device)
+    result = cs.train_step(problem, opt, x, y, dual_restarts=True)  # under 0.99 with lambda > 0: crossed
+    assert result["restarted"] == ["l0_model"] and problem.multiplier_values()["l0_model"] == 0.0
+    cs.train_step(problem, opt, x, y, dual_restarts=True)  # then negative, and kept
+    assert problem.multiplier_values()["l0_model"] < 0
+    assert problem.l0_model.multiplier.weight.device.type == device.type
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compaction_flops_and_export_follow_the_model(device, dtype, tmp_path):
     model, _ = _gated(cs.LeNet5Caffe(), device, dtype)
     model.eval()

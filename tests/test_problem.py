@@ -397,3 +397,16 @@ def test_an_equality_target_is_refused_where_it_means_nothing():
     cges = cs.attach_cges(net)
     with pytest.raises(ValueError, match="'cges' cannot aim at its budget from below"):
         SparsityProblem(net, cges, [Target(0.5, equality=True)])
+
+
+@pytest.mark.parametrize("restarts", [False, True])
+def test_an_equality_multiplier_is_restarted_once_the_measure_has_crossed_the_budget(restarts):
+    """lambda > 0 pushed the density under the budget: a restart resets it (lambda < 0 under
+    the budget is the equality at work, and is kept: the test above)."""
+    model, gates, problem = _under_budget(True, lambda_init=1.0)
+    opt = build_optimizer(problem, dual=DualOptimizer("sgd", lr=0.5))
+    result = train_step(problem, opt, *_batch(), dual_restarts=restarts)
+    after_dual_step = 1.0 + 0.5 * (24 / 72 - 0.5)
+    assert after_dual_step > 0
+    assert problem.multiplier_values()["l0_model"] == pytest.approx(0.0 if restarts else after_dual_step)
+    assert result["restarted"] == (["l0_model"] if restarts else [])

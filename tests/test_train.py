@@ -66,6 +66,24 @@ def test_layer_wise_targets_are_each_met(quiet):
         assert result.density[layer] <= e + TOL, (layer, result.density)
 
 
+def test_an_equality_budget_reopens_the_gates_an_inequality_leaves_closed(quiet):
+    """A dual step too large (SGD lr 0.5) closes nearly every gate by epoch 3. Under the
+    inequality the multiplier is then 0 and nothing reopens them; under the equality it turns
+    negative and the density comes back over the budget."""
+    ends = {}
+    for equality in (False, True):
+        over = ["sparsity.targets=0.5", "optim.dual.lr=0.5", "train.epochs=6", "finish.enabled=false"]
+        result = _run([*quiet, *over, f"sparsity.equality={str(equality).lower()}", "train.threads=1"])
+        density = [row["density/model"] for row in result.history]
+        multiplier = [row["constraint/l0_model/multiplier"] for row in result.history]
+        assert density[2] < 0.05, density  # the collapse, in both runs
+        ends[equality] = (density[3:], multiplier[2:])
+    density, multiplier = ends[False]
+    assert max(density) < 0.05 and min(multiplier) == 0.0
+    density, multiplier = ends[True]
+    assert max(density) >= 0.5 and min(multiplier) < 0
+
+
 def test_penalized_run_keeps_multiplier_frozen(quiet):
     result = _run([*quiet, "sparsity.mode=penalized", "sparsity.lambdas=0.25", "train.epochs=3"])
     assert [row["constraint/l0_model/multiplier"] for row in result.history] == [0.25] * 3
