@@ -208,16 +208,17 @@ class SparsityConfig:
             raise _fail("sparsity.measure", self.measure, f"needs one entry per target ({len(self.target_list())})")
         if not (finite(self.lambda_init) and self.lambda_init >= 0):
             raise _fail("sparsity.lambda_init", self.lambda_init, "should be a finite number >= 0")
-        if self.equality and self.mode != "constrained":
-            raise _fail("sparsity.equality", True, f"needs mode constrained (the mode is {self.mode})")
-        for declared in self.declarations() if self.equality else ():
-            if not declared.cls.spec.equality:
-                raise _fail(
-                    "sparsity.equality",
-                    True,
-                    f"method {declared.cls.name!r} cannot aim at its budget from below "
-                    "(a negative multiplier does not reopen what it prunes)",
-                )
+        if self.equality:
+            if self.mode != "constrained":
+                raise _fail("sparsity.equality", True, f"needs mode constrained (the mode is {self.mode})")
+            for declared in self.declarations():
+                if not declared.cls.spec.equality:
+                    raise _fail(
+                        "sparsity.equality",
+                        True,
+                        f"method {declared.cls.name!r} cannot aim at its budget from below "
+                        "(a negative multiplier does not reopen what it prunes)",
+                    )
 
     def method_class(self) -> type[SparsityMethod] | None:
         """The class ``method`` names (``None`` for ``none``)."""

@@ -175,7 +175,8 @@ class Target:
             a Cooper equality constraint: the multiplier turns negative while under the
             budget and reopens units). The budget the run is held to stays ``<= epsilon``:
             feasibility and the finishing phase are unchanged. Constrained mode, methods whose
-            spec allows it (``MethodSpec.equality``); dual restarts never reset it.
+            spec allows it (``MethodSpec.equality``); a dual restart resets its multiplier
+            once the measure has crossed the budget (``SparsityProblem.dual_restart_``).
     """
 
     epsilon: float
